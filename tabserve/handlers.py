@@ -124,6 +124,14 @@ class JsonHandler(RequestHandler):
         self.set_status(status)
         self.finish(json.dumps(value))
 
+    @_reject_oversized
+    async def get(self, *args: str) -> None:
+        raise MethodNotAllowed(
+            "Method not allowed", f"{self.request.method} is not supported on {self.request.path}"
+        )
+
+    post = put = delete = patch = get
+
     def options(self, *args: str) -> None:
         """CORS preflight: the configured headers and an empty answer."""
         self.add_cors_headers()
@@ -149,8 +157,6 @@ def _as_tabserve_error(status_code: int, exc_info: Any) -> TabserveError:
     value = exc_info[1] if exc_info else None
     if isinstance(value, TabserveError):
         return value
-    if status_code == 405:
-        return MethodNotAllowed("Method not allowed", "This route does not support the method")
     if isinstance(value, HTTPError) and status_code < 500:
         try:
             reason = HTTPStatus(status_code).phrase
@@ -216,8 +222,10 @@ class RootHandler(JsonHandler):
 class NotFoundHandler(JsonHandler):
     """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page."""
 
-    def prepare(self) -> Awaitable[None]:  # type: ignore[override]
+    async def get(self, *args: str) -> None:
         raise NotFound("Not found", f"No route for {self.request.method} {self.request.path}")
+
+    post = put = delete = patch = get
 
 
 def log_request(handler: RequestHandler) -> None:

@@ -34,13 +34,14 @@ def compile_script(script: str, arg_names: tuple[str, ...]) -> CodeType:
 
     Cached because Tableau sends the same script text for every partition and every refresh.
     """
-    lines = _LINE_BREAK.split(script)
     # A common indent (scripts pasted from an indented block) is not an error.
-    body = textwrap.dedent("\n".join(lines))
+    body = textwrap.dedent("\n".join(_LINE_BREAK.split(script)))
     if not body.strip():
         body = "pass"
     params = ", ".join(("tabpy", *arg_names))
-    source = f"def {FUNCTION_NAME}({params}):\n" + textwrap.indent(body, " ", lambda _: True)
+    # Not textwrap.indent: it would break lines at \u2028 and friends inside literals.
+    indented = "\n".join(" " + line for line in body.split("\n"))
+    source = f"def {FUNCTION_NAME}({params}):\n{indented}"
     try:
         tree = ast.parse(source, SCRIPT_FILENAME)
     except SyntaxError as exc:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pandas as pd
+from pandas.api.extensions import ExtensionArray
 
 from .errors import BadRequest, PayloadTooLarge, ScriptError, UnsupportedEncoding
 
@@ -98,7 +99,7 @@ def _json_type(value: Any) -> str:
 
 def check_result_length(data: Mapping[str, Any], result: Any) -> None:
     """Tableau wants 1 value or one per row; say so before Tableau fails obscurely."""
-    if not data or not isinstance(result, list | tuple | np.ndarray | pd.Series):
+    if not data or not isinstance(result, list | tuple | np.ndarray | pd.Series | ExtensionArray):
         return
     if isinstance(result, np.ndarray) and result.ndim != 1:
         return
@@ -119,9 +120,12 @@ def _fallback(value: Any) -> Any:
     """Turn what orjson cannot encode natively into something it can."""
     if isinstance(value, pd.DataFrame):
         return {str(name): value[name] for name in value.columns}
-    if isinstance(value, pd.Series | pd.Index):
-        array = value.to_numpy()
-        return array if array.dtype != object else array.tolist()
+    if isinstance(value, pd.Series | pd.Index | ExtensionArray):
+        if isinstance(value.dtype, np.dtype):
+            array = value.to_numpy()  # orjson writes numeric numpy arrays without a Python loop
+            return array if array.dtype != object else array.tolist()
+        # Nullable extension types (Int64, string, boolean): NA becomes None, ints stay ints.
+        return value.to_numpy(dtype=object, na_value=None).tolist()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
