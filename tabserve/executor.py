@@ -108,6 +108,7 @@ class WorkerProcess:
         self.process = process
         self.pid = process.pid
         self.jobs = 0
+        self.context_generation = -1
 
     @classmethod
     async def spawn(cls, config: PoolConfig, env: Mapping[str, str]) -> WorkerProcess:
@@ -195,6 +196,17 @@ class Executor:
         self._busy = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._context: dict[str, Any] = {}
+        self._context_generation = 0
+
+    def set_context(self, context: dict[str, Any]) -> None:
+        """Data every worker must see before its next job (e.g. the deployed endpoints).
+
+        It travels in the header of a worker's next job, so each job sees one consistent
+        version of it: the one current when the job was dispatched.
+        """
+        self._context = context
+        self._context_generation += 1
 
     @property
     def queued(self) -> int:
@@ -244,6 +256,9 @@ class Executor:
         worker = await self._acquire(deadline, timeout)
         queue_ms = (time.perf_counter() - enqueued) * 1000
         header = {"kind": kind, **(options or {})}
+        if worker.context_generation != self._context_generation:
+            header["context"] = self._context
+            worker.context_generation = self._context_generation
         self._busy += 1
         try:
             reply, body = await asyncio.wait_for(
