@@ -362,4 +362,3 @@ def _read_docstring(raw: str | None) -> str:
         except json.JSONDecodeError:
             pass
     return raw  # TabPy's plain format
-
