@@ -165,9 +165,10 @@ def _load_key(path: str) -> Any:
 
 
 def _public_der(key: Any) -> bytes:
-    return key.public_bytes(
+    der: bytes = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    return der
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

@@ -630,13 +630,13 @@ class CredentialCache:
         self._hits: OrderedDict[bytes, User] = OrderedDict()
         self.last_error: PasswordFileError | None = None
         # Startup must fail loudly on a bad file, so the first read is allowed to raise.
-        self._file = read_password_file(self.path)
+        self._entries = read_password_file(self.path).users
         self._signature = _signature(self.path)
         self._next_check = clock() + recheck_interval
 
     @property
     def users(self) -> dict[str, User]:
-        return {name: entry.user for name, entry in self._file.users.items()}
+        return {name: entry.user for name, entry in self._entries.items()}
 
     def _key_for(self, username: str, password: str) -> bytes:
         name = username.encode("utf-8", "surrogatepass")
@@ -663,7 +663,7 @@ class CredentialCache:
             log.error("Password file not reloaded, keeping the previous users: %s", exc)
             return False
         with self._lock:
-            self._file = new_file
+            self._entries = new_file.users
             self._hits.clear()
             self.last_error = None
         log.info("Password file reloaded: %d user(s)", len(new_file))
@@ -689,8 +689,8 @@ class CredentialCache:
             if user is not None:
                 self._hits.move_to_end(key)
                 return AuthResult(user, "ok", cached=True)
-            parsed = self._file
-        entry = parsed.get(name)
+            entries = self._entries
+        entry = entries.get(name)
         if entry is None:
             self._verify(_DUMMY_ENTRY, password)
             return AuthResult(None, "unknown user")
@@ -699,7 +699,7 @@ class CredentialCache:
         user = entry.user
         with self._lock:
             # A reload while we were hashing may have changed this user; do not cache then.
-            if self._file is parsed:
+            if self._entries is entries:
                 self._hits[key] = user
                 while len(self._hits) > self._max_entries:
                     self._hits.popitem(last=False)
@@ -780,7 +780,7 @@ class FailureThrottle:
         count = self.failures(addr)
         if count < self.threshold:
             return 0.0
-        return min(self.max_delay, self.base_delay * 2 ** (count - self.threshold))
+        return min(self.max_delay, self.base_delay * 2.0 ** (count - self.threshold))
 
     def reset(self, addr: str) -> None:
         with self._lock:
