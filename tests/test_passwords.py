@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -444,3 +445,24 @@ def test_throttle_bounds_memory() -> None:
 def test_throttle_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         FailureThrottle(threshold=0)
+
+
+def test_cache_is_thread_safe(tmp_path: Path) -> None:
+    cache, counter, _ = make_cache(tmp_path, f"user1 {USER1_HASH}\n")
+    results: list[bool] = []
+
+    def worker(password: str) -> None:
+        for _ in range(20):
+            results.append(cache.check("user1", password) is not None)
+
+    threads = [
+        threading.Thread(target=worker, args=("P@ssw0rd" if index % 2 else "wrong",))
+        for index in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results.count(True) == 80 and results.count(False) == 80
+    # Every wrong attempt hashed; the right one hashed at most once per racing thread.
+    assert 80 < counter.calls <= 84
