@@ -20,6 +20,11 @@ File format (a superset of TabPy's ``TABPY_PWD_FILE``)::
 * ``permissions`` is optional: a comma-separated subset of ``evaluate``, ``query``, ``manage``.
   A line without it grants every permission, which is what a TabPy file means.
 
+Every file TabPy accepts with well-formed hashes loads unchanged. Deliberate differences:
+a hash that is neither 128 hex digits nor a valid ``$scrypt$`` token is an error (TabPy
+loads it and that user can never log in); a UTF-8 BOM, CRLF line ends, whitespace-only lines
+and indented ``#`` comments are tolerated; errors name the file and line.
+
 Everything here is pure (no HTTP); the server wires :class:`CredentialCache` and
 :class:`FailureThrottle` into its auth check, and ``tabserve user`` uses the file editors.
 """
