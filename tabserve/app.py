@@ -18,7 +18,6 @@ from tornado.web import Application
 from . import __version__
 from .config import Settings
 from .endpoints import EndpointService
-from .executor import Executor, PoolConfig
 from .handlers import (
     EndpointHandler,
     EndpointsHandler,
@@ -33,6 +32,7 @@ from .handlers import (
     log_request,
 )
 from .registry import EndpointRegistry
+from .sandbox import SandboxReport, start_pool
 from .store import ensure_state_dir, read_state, service_info
 
 log = logging.getLogger("tabserve")
@@ -65,19 +65,7 @@ def make_app(services: Services) -> Application:
     )
 
 
-def pool_config(settings: Settings) -> PoolConfig:
-    return PoolConfig(
-        workers=settings.workers,
-        request_limit=settings.max_request_bytes,
-        memory_mb=settings.worker_memory_mb,
-        queue_length=settings.queue_length,
-        env_allow=settings.worker_env,
-        gzip_enabled=settings.gzip_enabled,
-        log_level=settings.log_level,
-    )
-
-
-def banner(settings: Settings, port: int) -> str:
+def banner(settings: Settings, port: int, sandbox: SandboxReport | None = None) -> str:
     scheme = "https" if settings.tls_enabled else "http"
     host = settings.bind_address
     shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
@@ -87,24 +75,32 @@ def banner(settings: Settings, port: int) -> str:
     def on(flag: bool) -> str:
         return "on" if flag else "off"
 
-    return (
+    text = (
         f"tabserve {__version__} listening on {scheme}://{shown}:{port}\n"
         f"  bind {host}:{port} | TLS {on(settings.tls_enabled)} | "
         f"auth {on(settings.auth_enabled)} | evaluate {on(settings.evaluate_enabled)} | "
         f"{settings.workers} workers | state {settings.state_path}"
     )
+    if sandbox is not None:
+        text += f"\n  sandbox {sandbox.mode} | self-check {sandbox.info()['self_check']}"
+        for problem in sandbox.problems:
+            text += f"\n  sandbox problem: {problem}"
+    return text
 
 
 async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
     """Run the server until SIGTERM or SIGINT, then stop workers and return."""
-    # Workers start first, before anything secret is loaded into this process.
-    executor = Executor(pool_config(settings))
-    await executor.start()
+    # Workers start first, before anything secret is loaded into this process; the sandbox
+    # self-check runs before any deployed code is loaded.
+    executor, sandbox = await start_pool(settings)
     endpoints: EndpointService | None = None
     try:
         state_file = ensure_state_dir(settings.state_path)
         endpoints = EndpointService(
-            EndpointRegistry(settings.state_path), executor, settings.evaluate_timeout
+            EndpointRegistry(settings.state_path),
+            executor,
+            settings.evaluate_timeout,
+            guard=sandbox.require_deployed,
         )
         await endpoints.start()
         services = Services(
@@ -113,6 +109,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             endpoints=endpoints,
             service=service_info(read_state(state_file)),
             state_path=os.path.realpath(settings.state_path),
+            sandbox=sandbox,
         )
         server = HTTPServer(
             make_app(services),
@@ -123,7 +120,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         sockets = bind_sockets(settings.port, settings.bind_address or None)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
-        print(banner(settings, port), file=out, flush=True)
+        print(banner(settings, port, sandbox), file=out, flush=True)
         await _wait_for_signal()
         log.info("shutting down")
         server.stop()

@@ -57,6 +57,9 @@ def run_server(config: str | None) -> int:
     _setup_logging(settings.log_level)
     try:
         asyncio.run(_serve(settings))
+    except ConfigError as exc:  # found only when resolved, e.g. an unknown worker user
+        print(f"tabserve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"tabserve: cannot start: {exc}", file=sys.stderr)
         return 1

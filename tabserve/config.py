@@ -95,6 +95,17 @@ def _parse_log_level(raw: str) -> str:
     return value
 
 
+def _parse_sandbox(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("none", "bubblewrap"):
+        raise ValueError("expected none or bubblewrap")
+    return value
+
+
+def _parse_path_list(raw: str) -> tuple[Path, ...]:
+    return tuple(_parse_path(item) for item in raw.split(",") if item.strip())
+
+
 def _parse_log_format(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("text", "json"):
@@ -278,6 +289,67 @@ class Settings:
         _WORKER_ENV,
         doc="`" + ",".join(_WORKER_ENV) + "`",
     )
+    sandbox: str = setting(
+        "TABSERVE_SANDBOX",
+        _parse_sandbox,
+        "Isolation of worker processes: `none` (separate processes, limits, unprivileged user) "
+        "or `bubblewrap` (also namespaces: no network, read-only filesystem, secrets hidden). "
+        "See docs/security.md.",
+        "none",
+    )
+    sandbox_network: bool = setting(
+        "TABSERVE_SANDBOX_NETWORK",
+        _parse_bool,
+        "With `TABSERVE_SANDBOX = bubblewrap`: let scripts use the network.",
+        False,
+    )
+    sandbox_hide: tuple[Path, ...] = setting(
+        "TABSERVE_SANDBOX_HIDE",
+        _parse_path_list,
+        "Comma-separated extra files or directories workers must not see in `bubblewrap` mode "
+        "(the password file, the TLS key and the state directory are always hidden).",
+        (),
+        doc="empty",
+    )
+    worker_user: str = setting(
+        "TABSERVE_WORKER_USER",
+        str.strip,
+        "When the server runs as root: the user (name or uid) that runs user code. `root` "
+        "keeps root (not recommended). Ignored when the server is not root.",
+        "nobody",
+    )
+    trust_deployed_code: bool = setting(
+        "TABSERVE_TRUST_DEPLOYED_CODE",
+        _parse_bool,
+        "Keep `/query` and deploys working when the sandbox self-check fails.",
+        False,
+    )
+    worker_cpu_seconds: int = setting(
+        "TABSERVE_WORKER_CPU_SECONDS",
+        _parse_non_negative_int,
+        "CPU-time backstop per request (`RLIMIT_CPU`); a worker over it is killed (0: none).",
+        0,
+        doc="2 × `TABPY_EVALUATE_TIMEOUT` + 10",
+    )
+    worker_file_size_mb: int = setting(
+        "TABSERVE_WORKER_FILE_SIZE_MB",
+        _parse_non_negative_int,
+        "Largest file a worker may write, in MiB (`RLIMIT_FSIZE`; 0: no limit).",
+        1024,
+    )
+    worker_open_files: int = setting(
+        "TABSERVE_WORKER_OPEN_FILES",
+        _parse_non_negative_int,
+        "Open file descriptors per worker (`RLIMIT_NOFILE`; 0: no limit).",
+        1024,
+    )
+    worker_processes: int = setting(
+        "TABSERVE_WORKER_PROCESSES",
+        _parse_non_negative_int,
+        "Processes and threads per worker (`RLIMIT_NPROC`; 0: no limit). Not applied when "
+        "workers run as the server's own user; see docs/security.md.",
+        64,
+    )
     log_level: str = setting(
         "TABSERVE_LOG_LEVEL",
         _parse_log_level,
@@ -391,6 +463,8 @@ def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
             "TABPY_TRANSFER_PROTOCOL = 'https': TLS is not supported yet by this version "
             "of tabserve"
         )
+    if "worker_cpu_seconds" not in given:
+        settings = replace(settings, worker_cpu_seconds=int(2 * settings.evaluate_timeout) + 10)
     if "worker_memory_mb" not in given:
         per_worker = physical_memory_bytes() // (settings.workers + 1) // (1024 * 1024)
         settings = replace(settings, worker_memory_mb=per_worker)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +33,16 @@ class LoadState:
 class EndpointService:
     """What the /endpoints, /status and /query handlers call."""
 
-    def __init__(self, registry: EndpointRegistry, executor: Executor, timeout: float) -> None:
+    def __init__(
+        self,
+        registry: EndpointRegistry,
+        executor: Executor,
+        timeout: float,
+        guard: Callable[[], None] = lambda: None,
+    ) -> None:
         self.registry = registry
+        # Raises when deployed code must not run (a failed sandbox self-check, untrusted).
+        self.guard = guard
         self.executor = executor
         self.timeout = timeout
         self._states: dict[str, LoadState] = {}
@@ -52,6 +60,11 @@ class EndpointService:
                 task.add_done_callback(self._checks.discard)
 
     async def _check_on_start(self, endpoint: Endpoint) -> None:
+        try:
+            self.guard()
+        except TabserveError as exc:
+            self._states[endpoint.name] = LoadState(LOAD_FAILED, f"Load failed: {exc.info}")
+            return
         error = await self._load_error(endpoint)
         self._states[endpoint.name] = LoadState(
             LOAD_FAILED if error else LOAD_SUCCESSFUL, f"Load failed: {error}" if error else None
@@ -108,12 +121,14 @@ class EndpointService:
     # -- changing --------------------------------------------------------------------------
 
     async def add(self, request: Mapping[str, Any]) -> Endpoint:
+        self.guard()  # a deploy unpickles the archive in a worker: that runs its code
         async with self._lock:
             endpoint, _ = await asyncio.to_thread(self.registry.add, request)
             await self._accept(endpoint, previous=None)
             return endpoint
 
     async def update(self, name: str, request: Mapping[str, Any]) -> Endpoint:
+        self.guard()
         async with self._lock:
             previous = self.registry.get(name)
             endpoint, archive = await asyncio.to_thread(self.registry.update, name, request)
@@ -143,6 +158,7 @@ class EndpointService:
 
     async def query(self, name: str, body: bytes, encoding: str) -> JobResult:
         self.registry.resolve(name)  # an unknown name is a 404 without using a worker
+        self.guard()
         return await self.executor.run(
             "query", body, self.timeout, {"name": name, "encoding": encoding}
         )

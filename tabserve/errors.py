@@ -19,7 +19,8 @@ them over the pipe with ``to_wire``/``from_wire``; the client raises them from r
     ├── UnsupportedEncoding (415)
     ├── ScriptError (500)
     │   └── WorkerDied
-    └── Overloaded (503)
+    ├── Overloaded (503)
+    └── SandboxUnavailable (503)
 
 This module imports nothing from tabserve, so the client and the worker can use it.
 """
@@ -163,6 +164,20 @@ class Overloaded(TabserveError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class SandboxUnavailable(TabserveError):
+    """The sandbox self-check failed, so user code is refused rather than run unconfined.
+
+    503, not 403: the client did nothing wrong and may retry once an administrator has
+    fixed the server; no Retry-After, because waiting alone will not fix it.
+    """
+
+    status = 503
+    default_message = (
+        "Running this code is refused: the sandbox that should isolate it is not working on "
+        "this server, please contact your administrator."
+    )
 
 
 _BY_STATUS: dict[int, type[TabserveError]] = {

@@ -59,6 +59,11 @@ class PoolConfig:
     log_level: str = "INFO"
     start_timeout: float = 60.0
     command_prefix: Sequence[str] = ()  # e.g. a sandbox launcher put in front of python
+    # Applied by the worker itself before it says it is ready (see worker.confine):
+    drop_to: tuple[int, int] | None = None  # (uid, gid) to switch to; None keeps the user
+    limits: Mapping[str, int] = field(default_factory=dict)  # fsize (MiB), nofile, nproc
+    cpu_seconds: int = 0  # RLIMIT_CPU backstop per job
+    endpoint_root: str = ""  # where archives live; kept open across the user switch
 
 
 @dataclass
@@ -87,9 +92,12 @@ def worker_environment(allow: Sequence[str], source: Mapping[str, str]) -> dict[
     return env
 
 
-def describe_exit(returncode: int | None) -> str:
+def describe_exit(returncode: int | None, launcher: bool = False) -> str:
     if returncode is None:
         return "stopped answering"
+    if launcher and 128 < returncode < 128 + signal.NSIG:
+        # A launcher such as bwrap reports its child's death by signal N as exit 128 + N.
+        return describe_exit(128 - returncode)
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -114,6 +122,10 @@ class WorkerProcess:
     async def spawn(cls, config: PoolConfig, env: Mapping[str, str]) -> WorkerProcess:
         worker_config = {
             "memory_mb": config.memory_mb,
+            "cpu_seconds": config.cpu_seconds,
+            "limits": dict(config.limits),
+            "drop_to": config.drop_to,
+            "endpoint_root": config.endpoint_root,
             "request_limit": config.request_limit,
             "gzip_enabled": config.gzip_enabled,
             "log_level": config.log_level,
@@ -273,7 +285,7 @@ class Executor:
             self.stats.crashes += 1
             code = await self._exit_code(worker)
             self._retire(worker)
-            reason = describe_exit(code)
+            reason = describe_exit(code, bool(self.config.command_prefix))
             log.error("worker %d %s while running a job", worker.pid, reason)
             raise WorkerDied(info=f"The worker process running this request {reason}.") from exc
         finally:

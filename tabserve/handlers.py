@@ -31,6 +31,7 @@ from .errors import (
     TabserveError,
 )
 from .executor import Executor
+from .sandbox import SandboxReport
 from .store import ServiceInfo
 
 log = logging.getLogger("tabserve.http")
@@ -51,6 +52,7 @@ class Services:
     endpoints: EndpointService
     service: ServiceInfo
     state_path: str
+    sandbox: SandboxReport
 
 
 def _reject_oversized(verb: _Verb) -> _Verb:
@@ -201,7 +203,8 @@ class InfoHandler(JsonHandler):
         features: dict[str, Any] = {}
         if settings.auth_enabled:
             features["authentication"] = {"required": True, "methods": {"basic-auth": {}}}
-        features["evaluate_enabled"] = settings.evaluate_enabled
+        # A failed sandbox self-check refuses ad-hoc scripts: Tableau should know up front.
+        features["evaluate_enabled"] = settings.evaluate_enabled and self.services.sandbox.ok
         features["gzip_enabled"] = settings.gzip_enabled
         features["arrow_enabled"] = settings.arrow_enabled
         self.add_cors_headers()
@@ -213,6 +216,7 @@ class InfoHandler(JsonHandler):
                 "server_version": __version__,
                 "name": self.services.service.name,
                 "versions": {"v1": {"features": features}},
+                "sandbox": self.services.sandbox.info(),
             }
         )
 
@@ -223,6 +227,7 @@ class EvaluateHandler(JsonHandler):
         settings = self.services.settings
         if not settings.evaluate_enabled:
             raise EvaluateDisabled()
+        self.services.sandbox.require_evaluate()
         result = await self.services.executor.run(
             "evaluate", self.body, settings.evaluate_timeout, {"encoding": self.content_encoding}
         )

@@ -26,7 +26,8 @@ import numpy
 import orjson
 import pandas
 
-from .archive import load_archive, python_mismatch, target_function
+from . import probe
+from .archive import load_archive, load_callable, python_mismatch, target_function
 from .errors import BadRequest, EndpointNotFound, ScriptError, TabserveError
 from .protocol import BlockingChannel, ProtocolError
 from .script import (
@@ -107,11 +108,15 @@ class Worker:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.memory_mb: int = config.get("memory_mb", 0)
+        self.cpu_seconds: int = config.get("cpu_seconds", 0)
         self.request_limit: int = config["request_limit"]
         self.gzip_enabled: bool = config.get("gzip_enabled", True)
         self.tabpy = ScriptTabpy(self)
         self.endpoints: dict[str, dict[str, Any]] = {}
         self._loaded: dict[str, Callable[..., Any]] = {}  # archive path -> callable
+        # Set by confine() when the worker gives up root: archives are opened relative to it.
+        self.endpoint_root: str = config.get("endpoint_root", "")
+        self.endpoint_fd: int | None = None
 
     def set_context(self, context: dict[str, Any]) -> None:
         self.endpoints = context.get("endpoints", {})
@@ -123,6 +128,7 @@ class Worker:
         started = time.perf_counter()
         if "context" in header:
             self.set_context(header["context"])
+        _arm_cpu_backstop(self.cpu_seconds)
         try:
             body, meta = self._dispatch(header, payload)
             reply: dict[str, Any] = {"status": 200, **meta}
@@ -134,6 +140,8 @@ class Worker:
             # The heap may be fragmented or half-built: start the next request afresh.
             reply, body = {**error.to_wire(), "recycle": True}, b""
         reply["exec_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        if _cpu_budget_spent(self.cpu_seconds):
+            reply["recycle"] = True  # the next job could not get its full CPU allowance
         return reply, body
 
     def _dispatch(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
@@ -146,6 +154,11 @@ class Worker:
             return self.load(header)
         if kind == "ping":
             return b"{}", {}
+        if kind == "probe":
+            try:
+                return orjson.dumps(probe.run(header.get("params", {}))), {}
+            except Exception as exc:
+                raise ScriptError("the sandbox probe crashed", describe_exception(exc)) from None
         raise BadRequest(f"unknown job kind {kind!r}")
 
     def evaluate(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
@@ -246,7 +259,7 @@ class Worker:
             if mismatch:
                 raise EndpointFailure("load", name, mismatch)
             try:
-                function = load_archive(Path(path))
+                function = self._load(path)
             except MemoryError:
                 raise
             except Exception as exc:
@@ -254,6 +267,20 @@ class Worker:
                 raise EndpointFailure("load", name, f"{type(exc).__name__}: {exc}") from None
             self._loaded[path] = function
         return function
+
+    def _load(self, path: str) -> Callable[..., Any]:
+        """Unpickle an archive; below the endpoint root, through the descriptor kept for it.
+
+        A worker that gave up root may be unable to walk the directories above the state
+        directory (``/root`` is 0700); the descriptor opened before the switch still works.
+        """
+        if self.endpoint_fd is not None and self.endpoint_root:
+            relative = os.path.relpath(path, self.endpoint_root)
+            if not relative.startswith(os.pardir):
+                fd = os.open(relative, os.O_RDONLY, dir_fd=self.endpoint_fd)
+                with os.fdopen(fd, "rb") as handle:
+                    return load_callable(handle)
+        return load_archive(Path(path))
 
 
 def _describe_model_error(exc: BaseException, function: Callable[..., Any]) -> str:
@@ -268,10 +295,68 @@ def _describe_model_error(exc: BaseException, function: Callable[..., Any]) -> s
     return f"{text} (line {line})" if line else text
 
 
-def _apply_memory_cap(memory_mb: int) -> None:
-    if memory_mb > 0:
-        cap = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+def _cpu_used() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# RLIMIT_CPU counts a process's whole life, and a worker lives for many jobs: the hard limit
+# is a lifetime budget of this many jobs' worth, the soft limit is moved before each job.
+_CPU_LIFETIME_JOBS = 20
+
+
+def _set_limit(limit: int, value: int) -> None:
+    if value > 0:
+        resource.setrlimit(limit, (value, value))
+
+
+def _arm_cpu_backstop(cpu_seconds: int) -> None:
+    """Let the coming job use at most ``cpu_seconds`` of CPU, then SIGXCPU kills the worker.
+
+    The executor's deadline kills first in normal operation; this holds even if the server
+    cannot (it hangs, or the script outruns it with threads).
+    """
+    if cpu_seconds <= 0:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = int(_cpu_used()) + cpu_seconds + 1
+    if hard != resource.RLIM_INFINITY:
+        soft = min(soft, hard)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+
+
+def _cpu_budget_spent(cpu_seconds: int) -> bool:
+    if cpu_seconds <= 0:
+        return False
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    return hard != resource.RLIM_INFINITY and _cpu_used() + cpu_seconds + 1 > hard
+
+
+def confine(worker: Worker, config: dict[str, Any]) -> None:
+    """Apply the resource limits and give up root, before the worker says it is ready.
+
+    Runs after tabserve, numpy and pandas are imported (as the launching user) and before any
+    user code, so no request ever runs with the server's identity when a switch is asked for.
+    """
+    limits: dict[str, int] = config.get("limits", {})
+    if worker.memory_mb > 0:
+        _set_limit(resource.RLIMIT_AS, worker.memory_mb * 1024 * 1024)
+    _set_limit(resource.RLIMIT_FSIZE, limits.get("fsize", 0) * 1024 * 1024)
+    _set_limit(resource.RLIMIT_NOFILE, limits.get("nofile", 0))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash must not dump a heap to disk
+    if worker.cpu_seconds > 0:
+        lifetime = int(_cpu_used()) + worker.cpu_seconds * _CPU_LIFETIME_JOBS
+        resource.setrlimit(resource.RLIMIT_CPU, (lifetime, lifetime))
+    drop_to = config.get("drop_to")
+    if drop_to:
+        uid, gid = drop_to
+        if worker.endpoint_root and os.path.isdir(worker.endpoint_root):
+            worker.endpoint_fd = os.open(worker.endpoint_root, os.O_RDONLY | os.O_DIRECTORY)
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)  # also clears every capability: there is no way back
+    # Counted per user (per user namespace): the server decides when that is meaningful.
+    _set_limit(resource.RLIMIT_NPROC, limits.get("nproc", 0))
 
 
 def _claim_protocol_fds() -> BlockingChannel:
@@ -294,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     channel = _claim_protocol_fds()
     worker = Worker(config)
-    _apply_memory_cap(worker.memory_mb)
+    confine(worker, config)
     channel.send({"ready": True, "pid": os.getpid()})
     while True:
         try:

@@ -33,6 +33,9 @@ class Server:
             "TABPY_PORT": str(self.port),
             "TABPY_STATE_PATH": str(self.state_path),
             "TABSERVE_WORKERS": "2",
+            # CI runs as root with a Python that an unprivileged user may not be able to read
+            # (pyenv in /root); test_sandbox.py covers the switch to an unprivileged user.
+            "TABSERVE_WORKER_USER": "root",
             **config,
         }
         self.config_file = workdir / "tabserve.conf"
@@ -93,8 +96,10 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerF
     """Start servers on demand; all of them are stopped at the end of the session."""
     servers: list[Server] = []
 
-    def start(env: dict[str, str] | None = None, **config: str) -> Server:
-        server = Server(tmp_path_factory.mktemp("tabserve"), config, env or {})
+    def start(
+        env: dict[str, str] | None = None, workdir: Path | None = None, **config: str
+    ) -> Server:
+        server = Server(workdir or tmp_path_factory.mktemp("tabserve"), config, env or {})
         servers.append(server)
         return server
 

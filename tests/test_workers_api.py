@@ -92,6 +92,9 @@ def test_info_stays_fast_while_every_worker_runs_away(runaway_server: Server) ->
 def test_worker_crash_is_a_5xx_and_the_next_request_succeeds(
     runaway_server: Server, script: str, reason: str
 ) -> None:
+    # The previous case's replacement may still be starting; with both workers gone at once
+    # the follow-up would wait longer than the 1 s timeout.
+    wait_for_workers(runaway_server)
     response = runaway_server.evaluate(script)
     assert 500 <= response.status_code < 600
     body = response.json()

@@ -1,0 +1,117 @@
+"""The sandbox probe: runs inside a worker and tries what a hostile script would try.
+
+The server's self-check (``sandbox.py``) sends a worker a ``probe`` job naming secrets,
+the state directory, a listening port and its own pid. The probe attempts each denied
+action for real (read, write, connect) and reports what happened; it judges nothing, the
+server does. Everything it creates it removes again.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import sysconfig
+import uuid
+from typing import Any
+
+LIMITS = {
+    "as": resource.RLIMIT_AS,
+    "cpu": resource.RLIMIT_CPU,
+    "fsize": resource.RLIMIT_FSIZE,
+    "nofile": resource.RLIMIT_NOFILE,
+    "nproc": resource.RLIMIT_NPROC,
+}
+
+
+def readable(path: str) -> bool:
+    """Whether at least one byte of ``path`` can be read (an empty stand-in does not count)."""
+    try:
+        with open(path, "rb") as handle:
+            return bool(handle.read(1))
+    except OSError:
+        return False
+
+
+def listing(path: str) -> list[str] | None:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return None
+
+
+def writable(directory: str) -> bool:
+    """Whether a new file can be created in ``directory``; it is removed at once."""
+    name = os.path.join(directory, f".tabserve-probe-{uuid.uuid4().hex}")
+    try:
+        with open(name, "xb") as handle:
+            handle.write(b"x")
+    except OSError:
+        return False
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
+    return True
+
+
+def connects(port: int) -> bool:
+    # A numeric address and no getaddrinfo: nothing here may fail for another reason than
+    # the connection itself (anything else propagates, and fails the check).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def effective_capabilities() -> int:
+    try:
+        with open("/proc/self/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    """Try every action in ``params``; return what succeeded.
+
+    Only the refusals expected of a sandbox (OSError) count as "denied"; any other exception
+    propagates, so that a probe that could not look counts as a failed check.
+    """
+    stdlib = sysconfig.get_path("stdlib")
+    result: dict[str, Any] = {
+        "uid": os.getuid(),
+        "euid": os.geteuid(),
+        "gid": os.getgid(),
+        "groups": os.getgroups(),
+        "capabilities": effective_capabilities(),
+        "limits": {name: resource.getrlimit(limit)[1] for name, limit in LIMITS.items()},
+        "env": sorted(os.environ),
+        "secrets": {path: readable(path) for path in params.get("secrets", [])},
+        "stdlib": stdlib,
+        "stdlib_readable": listing(stdlib) is not None,
+        "tmp_writable": writable(params.get("tmp", "/tmp")),
+    }
+    state = params.get("state")
+    if state:
+        result["state_listing"] = listing(state)
+        result["state_writable"] = writable(state)
+    endpoint_root = params.get("endpoint_root")
+    if endpoint_root:
+        result["endpoints_readable"] = listing(endpoint_root) is not None
+    outside = params.get("outside")
+    if outside:
+        result["outside_writable"] = writable(outside)
+    port = params.get("port")
+    if port:
+        result["connects"] = connects(int(port))
+    pid = params.get("server_pid")
+    if pid:
+        result["server_environ"] = readable(f"/proc/{int(pid)}/environ")
+    return result
