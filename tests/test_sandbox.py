@@ -18,12 +18,15 @@ import pwd
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
 from conftest import Server, ServerFactory
 
@@ -85,7 +88,7 @@ def isolated(server_factory: ServerFactory, outside_tmp: Path) -> Case:
         TABSERVE_WORKER_CPU_SECONDS="3",
         TABSERVE_WORKER_FILE_SIZE_MB="1",
         TABSERVE_WORKER_OPEN_FILES="64",
-        TABPY_EVALUATE_TIMEOUT="20",
+        TABPY_EVALUATE_TIMEOUT="5",
     )
     return Case(server, True, secret)
 
@@ -269,11 +272,48 @@ def test_deployed_endpoint_answers_inside_the_sandbox(isolated: Case) -> None:
     assert answer.json()["response"] == [2, 4]
 
 
-def test_cpu_backstop_kills_a_runaway_script(isolated: Case) -> None:
-    # TABSERVE_WORKER_CPU_SECONDS = 3, well inside the 20 s request timeout.
-    response = isolated.server.evaluate("while True:\n    pass")
+def _orphans(marker: str) -> list[int]:
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if marker in " ".join(process.info["cmdline"] or []):
+            found.append(process.info["pid"])
+    return found
+
+
+def _gone(marker: str) -> bool:
+    deadline = time.monotonic() + 10
+    while _orphans(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _orphans(marker)
+
+
+_SPAWN = """
+import subprocess, sys
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "{marker}"])
+"""
+
+
+def test_cpu_backstop_kills_a_runaway_script_and_its_children(isolated: Case) -> None:
+    # TABSERVE_WORKER_CPU_SECONDS = 3, inside the 5 s request timeout.
+    marker = f"orphan-{uuid.uuid4().hex}"
+    response = isolated.server.evaluate(_SPAWN.format(marker=marker) + "while True:\n    pass")
     assert response.status_code == 500
     assert "SIGXCPU" in response.json()["info"]
+    assert _gone(marker)
+
+
+def test_timeout_kills_everything_the_script_started_in_the_sandbox(isolated: Case) -> None:
+    marker = f"orphan-{uuid.uuid4().hex}"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(
+            isolated.server.evaluate, _SPAWN.format(marker=marker) + "time.sleep(60)"
+        )
+        deadline = time.monotonic() + 4
+        while not _orphans(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _orphans(marker), "the script's child should be running (and visible) by now"
+        assert future.result().status_code == 408
+    assert _gone(marker)
 
 
 def test_file_size_and_open_file_limits(isolated: Case) -> None:
