@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .commands import doctor, user
 from .config import ConfigError, declared_settings, load_settings
 
 
@@ -39,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the server (the default)")
     _add_config_options(serve, suppress=True)
+    users = commands.add_parser(
+        "user", help="add, update or delete a user in a password file (TABPY_PWD_FILE)"
+    )
+    user.add_arguments(users)
+    users.set_defaults(func=user.run)
+    checks = commands.add_parser(
+        "doctor", help="check the configuration against what a Tableau connection needs"
+    )
+    doctor.add_arguments(checks)
+    checks.set_defaults(func=doctor.run)
     return parser
 
 
@@ -55,9 +66,12 @@ def run_server(config: str | None) -> int:
         print(f"tabserve: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_level)
+    from .certificates import TLSConfigError
+    from .passwords import PasswordFileError
+
     try:
         asyncio.run(_serve(settings))
-    except OSError as exc:
+    except (OSError, PasswordFileError, TLSConfigError) as exc:
         print(f"tabserve: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -73,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in (None, "serve"):
         return run_server(args.config)
-    raise AssertionError(f"unhandled command {args.command}")
+    code: int = args.func(args)
+    return code
 
 
 if __name__ == "__main__":

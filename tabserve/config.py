@@ -12,6 +12,7 @@ frozen ``Settings`` object.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -66,6 +67,13 @@ def _parse_timeout(raw: str) -> float:
     value = float(raw)
     if not value > 0:
         raise ValueError("expected a number of seconds greater than 0")
+    return value
+
+
+def _parse_non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:  # also refuses nan
+        raise ValueError("expected a number of seconds, 0 or more")
     return value
 
 
@@ -151,6 +159,16 @@ def physical_memory_bytes() -> int:
     return total
 
 
+def is_loopback(address: str) -> bool:
+    """Whether listening on ``address`` is reachable from this machine only."""
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip()).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a host name: assume reachable
+
+
 def default_state_path() -> Path:
     return Path(platformdirs.user_data_dir("tabserve", appauthor=False))
 
@@ -185,21 +203,23 @@ class Settings:
     password_file: Path | None = setting(
         "TABPY_PWD_FILE",
         _parse_optional_path,
-        "TabPy password file; setting it turns on HTTP Basic authentication.",
+        "TabPy password file; setting it turns on HTTP Basic authentication for every API "
+        "route. Re-read when it changes, or at once on SIGHUP.",
         doc="unset (no authentication)",
-        unsupported="authentication",
     )
     transfer_protocol: str = setting(
-        "TABPY_TRANSFER_PROTOCOL", _parse_protocol, "`http` or `https`.", "http"
+        "TABPY_TRANSFER_PROTOCOL",
+        _parse_protocol,
+        "`http` or `https` (case-insensitive); `https` needs the certificate and key files.",
+        "http",
     )
     certificate_file: Path | None = setting(
         "TABPY_CERTIFICATE_FILE",
         _parse_optional_path,
-        "PEM certificate (full chain) for https.",
-        unsupported="TLS",
+        "PEM certificate for https: the server certificate first, then its intermediates.",
     )
     key_file: Path | None = setting(
-        "TABPY_KEY_FILE", _parse_optional_path, "PEM private key for https.", unsupported="TLS"
+        "TABPY_KEY_FILE", _parse_optional_path, "PEM private key for https, unencrypted."
     )
     minimum_tls_version: str = setting(
         "TABPY_MINIMUM_TLS_VERSION",
@@ -278,6 +298,13 @@ class Settings:
         _WORKER_ENV,
         doc="`" + ",".join(_WORKER_ENV) + "`",
     )
+    auth_max_delay: float = setting(
+        "TABSERVE_AUTH_MAX_DELAY",
+        _parse_non_negative_float,
+        "Longest delay in seconds before a 401 to an address that keeps failing to log in "
+        "(from the 5th failure in a minute: 0.5 s, doubling); 0 turns the slow-down off.",
+        10.0,
+    )
     log_level: str = setting(
         "TABSERVE_LOG_LEVEL",
         _parse_log_level,
@@ -303,6 +330,11 @@ class Settings:
     @property
     def auth_enabled(self) -> bool:
         return self.password_file is not None
+
+    @property
+    def loopback_only(self) -> bool:
+        """True when only this machine can connect (the bind address is a loopback one)."""
+        return is_loopback(self.bind_address)
 
 
 def declared_settings() -> tuple[Setting, ...]:
@@ -385,11 +417,6 @@ def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
         raise ConfigError(
             "TABPY_ARROW_ENABLE = true: the Arrow Flight side channel is not supported by "
             "tabserve; set it to false"
-        )
-    if settings.tls_enabled:
-        raise ConfigError(
-            "TABPY_TRANSFER_PROTOCOL = 'https': TLS is not supported yet by this version "
-            "of tabserve"
         )
     if "worker_memory_mb" not in given:
         per_worker = physical_memory_bytes() // (settings.workers + 1) // (1024 * 1024)

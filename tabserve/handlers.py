@@ -1,9 +1,11 @@
 """HTTP handlers: parse the request, call a service, write the answer. Nothing more.
 
-Every handler derives from ``JsonHandler``, which owns the three cross-cutting rules:
-request bodies are streamed and size-checked here (so Tornado never parses a JSON body as a
-form, and an oversized body gets TabPy's 413 on every route), errors are rendered in one
-place as TabPy's ``{"message", "info"}`` envelope, and responses are JSON.
+Every handler derives from ``JsonHandler``, which owns the cross-cutting rules: requests are
+authenticated before anything else (``auth.Authenticator``; a handler declares ``public`` or
+the permission each verb needs), request bodies are streamed and size-checked here (so
+Tornado never parses a JSON body as a form, and an oversized body gets TabPy's 413 on every
+route), errors are rendered in one place as TabPy's ``{"message", "info"}`` envelope, and
+responses are JSON.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from . import __version__
+from .auth import ANONYMOUS, Authenticator, is_connection_probe
 from .config import Settings
 from .endpoints import EndpointService
 from .errors import (
@@ -31,6 +34,7 @@ from .errors import (
     TabserveError,
 )
 from .executor import Executor
+from .passwords import User
 from .store import ServiceInfo
 
 log = logging.getLogger("tabserve.http")
@@ -51,6 +55,7 @@ class Services:
     endpoints: EndpointService
     service: ServiceInfo
     state_path: str
+    auth: Authenticator
 
 
 def _reject_oversized(verb: _Verb) -> _Verb:
@@ -66,9 +71,13 @@ def _reject_oversized(verb: _Verb) -> _Verb:
 
 @stream_request_body
 class JsonHandler(RequestHandler):
-    """Base of every handler: streamed size-checked bodies, JSON errors, CORS headers."""
+    """Base of every handler: authentication, streamed size-checked bodies, JSON errors."""
 
     services: Services
+    # Public handlers answer without credentials (the page shell, health checks, 404s).
+    public: ClassVar[bool] = False
+    # The permission each verb needs beyond a valid login (see passwords.PERMISSION_ORDER).
+    permissions: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # A streamed body is complete only when the verb method starts; guarding each verb
@@ -80,6 +89,7 @@ class JsonHandler(RequestHandler):
 
     def initialize(self, services: Services) -> None:
         self.services = services
+        self.user: User = ANONYMOUS
         self._chunks: list[bytes] = []
         self._received = 0
         self._too_large = False
@@ -92,6 +102,14 @@ class JsonHandler(RequestHandler):
         return self.request.headers.get("Content-Length") or str(self._received)
 
     async def prepare(self) -> None:
+        # A CORS preflight never carries credentials, so it is answered without them.
+        if not self.public and self.request.method != "OPTIONS":
+            auth = self.services.auth
+            method = self.request.method or "GET"
+            self.user = await auth.authenticate(
+                self.request.headers.get("Authorization"), self.request.remote_ip or "?"
+            )
+            auth.authorize(self.user, self.permissions.get(method))
         limit = self.services.settings.max_request_bytes
         declared = self.request.headers.get("Content-Length")
         if declared is None or not declared.isdigit() or int(declared) <= limit:
@@ -108,10 +126,16 @@ class JsonHandler(RequestHandler):
     def data_received(self, chunk: bytes) -> None:
         self._received += len(chunk)
         limit = self.services.settings.max_request_bytes
+        if self._finished:
+            # Answered before the body (a 401): read the rest so the client can see the
+            # answer, keep none of it, and give up on a body far beyond the limit.
+            if self._received > limit + DRAIN_LIMIT:
+                self.request.connection.close()  # type: ignore[union-attr]
+            return
         if self._received > limit:
             self._too_large = True
             self._chunks.clear()
-            if self._received > limit + DRAIN_LIMIT and not self._finished:
+            if self._received > limit + DRAIN_LIMIT:
                 error = PayloadTooLarge.for_size(self._received, limit)
                 self.set_header("Connection", "close")
                 self.send_error(error.status, exc_info=(type(error), error, None))
@@ -218,11 +242,15 @@ class InfoHandler(JsonHandler):
 
 
 class EvaluateHandler(JsonHandler):
+    # The 'evaluate' permission is checked in post: Tableau's connection probe is exempt.
+
     async def post(self) -> None:
         """Run an ad-hoc script in a worker; the worker parses the body and encodes the result."""
         settings = self.services.settings
         if not settings.evaluate_enabled:
             raise EvaluateDisabled()
+        if not is_connection_probe(self.body, self.content_encoding):
+            self.services.auth.authorize(self.user, "evaluate")
         result = await self.services.executor.run(
             "evaluate", self.body, settings.evaluate_timeout, {"encoding": self.content_encoding}
         )
@@ -238,6 +266,8 @@ class StatusHandler(JsonHandler):
 
 
 class EndpointsHandler(JsonHandler):
+    permissions = {"POST": "manage"}
+
     async def get(self) -> None:
         """Every deployed endpoint's description, keyed by name."""
         self.add_cors_headers()
@@ -250,6 +280,8 @@ class EndpointsHandler(JsonHandler):
 
 
 class EndpointHandler(JsonHandler):
+    permissions = {"PUT": "manage", "DELETE": "manage"}
+
     async def get(self, name: str) -> None:
         """One endpoint's description, unwrapped (as TabPy answers)."""
         self.add_cors_headers()
@@ -275,6 +307,8 @@ class UploadDestinationHandler(JsonHandler):
 
 
 class QueryHandler(JsonHandler):
+    permissions = {"GET": "query", "POST": "query"}
+
     async def post(self, name: str) -> None:
         """Call a deployed function in a worker: ``{"data": {...}}`` or ``{"data": [...]}``."""
         result = await self.services.endpoints.query(name, self.body, self.content_encoding)
@@ -285,6 +319,8 @@ class QueryHandler(JsonHandler):
 
 
 class RootHandler(JsonHandler):
+    public = True
+
     def initialize(self, services: Services, page: Path) -> None:  # type: ignore[override]
         super().initialize(services)
         self.page = page
@@ -296,7 +332,12 @@ class RootHandler(JsonHandler):
 
 
 class NotFoundHandler(JsonHandler):
-    """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page."""
+    """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page.
+
+    Public, as in TabPy: a 404 reveals nothing, and a 401 would claim the path exists.
+    """
+
+    public = True
 
     async def get(self, *args: str) -> None:
         raise NotFound("Not found", f"No route for {self.request.method} {self.request.path}")
