@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .commands import doctor, user
 from .config import ConfigError, declared_settings, load_settings
 
 
@@ -40,17 +40,27 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the server (the default)")
     _add_config_options(serve, suppress=True)
-    users = commands.add_parser(
-        "user", help="add, update or delete a user in a password file (TABPY_PWD_FILE)"
-    )
-    user.add_arguments(users)
-    users.set_defaults(func=user.run)
-    checks = commands.add_parser(
-        "doctor", help="check the configuration against what a Tableau connection needs"
-    )
-    doctor.add_arguments(checks)
-    checks.set_defaults(func=doctor.run)
+    for name, (module, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sub)
     return parser
+
+
+# Subcommands other than serve: each module has add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "user": (
+        "tabserve.commands.user",
+        "add, update or delete a user in a password file (TABPY_PWD_FILE)",
+    ),
+    "doctor": (
+        "tabserve.commands.doctor",
+        "check the configuration against what a Tableau connection needs; never prompts",
+    ),
+    "deploy-models": (
+        "tabserve.commands.deploy_models",
+        "deploy the bundled ttest, anova and PCA models to a running server",
+    ),
+}
 
 
 def _setup_logging(level: str) -> None:
@@ -87,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in (None, "serve"):
         return run_server(args.config)
-    code: int = args.func(args)
-    return code
+    result: int = importlib.import_module(COMMANDS[args.command][0]).run(args)
+    return result
 
 
 if __name__ == "__main__":
