@@ -72,8 +72,8 @@ def _parse_timeout(raw: str) -> float:
 
 def _parse_non_negative_float(raw: str) -> float:
     value = float(raw)
-    if not value >= 0:  # also refuses nan
-        raise ValueError("expected a number of seconds, 0 or more")
+    if not 0 <= value < 86400:  # also refuses nan and inf
+        raise ValueError("expected a number of seconds, at least 0 and less than a day")
     return value
 
 

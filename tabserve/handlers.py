@@ -58,9 +58,11 @@ class Services:
     auth: Authenticator
 
 
-def _reject_oversized(verb: _Verb) -> _Verb:
+def _reject_refused(verb: _Verb) -> _Verb:
     @functools.wraps(verb)
     def checked(self: JsonHandler, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
+        if self._refusal is not None:  # authentication first, as in TabPy
+            raise self._refusal
         if self._too_large:
             limit = self.services.settings.max_request_bytes
             raise PayloadTooLarge.for_size(self._declared_size(), limit)
@@ -85,7 +87,7 @@ class JsonHandler(RequestHandler):
         super().__init_subclass__(**kwargs)
         for name in ("get", "post", "put", "delete", "patch"):
             if name in cls.__dict__:
-                setattr(cls, name, _reject_oversized(cls.__dict__[name]))
+                setattr(cls, name, _reject_refused(cls.__dict__[name]))
 
     def initialize(self, services: Services) -> None:
         self.services = services
@@ -93,6 +95,7 @@ class JsonHandler(RequestHandler):
         self._chunks: list[bytes] = []
         self._received = 0
         self._too_large = False
+        self._refusal: TabserveError | None = None
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
@@ -101,15 +104,14 @@ class JsonHandler(RequestHandler):
     def _declared_size(self) -> str:
         return self.request.headers.get("Content-Length") or str(self._received)
 
+    @property
+    def _expects_continue(self) -> bool:
+        return self.request.headers.get("Expect", "").lower() == "100-continue"
+
     async def prepare(self) -> None:
         # A CORS preflight never carries credentials, so it is answered without them.
         if not self.public and self.request.method != "OPTIONS":
-            auth = self.services.auth
-            method = self.request.method or "GET"
-            self.user = await auth.authenticate(
-                self.request.headers.get("Authorization"), self.request.remote_ip or "?"
-            )
-            auth.authorize(self.user, self.permissions.get(method))
+            await self._authenticate()
         limit = self.services.settings.max_request_bytes
         declared = self.request.headers.get("Content-Length")
         if declared is None or not declared.isdigit() or int(declared) <= limit:
@@ -117,26 +119,37 @@ class JsonHandler(RequestHandler):
         self._too_large = True
         # Tornado would answer a bare HTML 400 for a length over its own cap; ours rules.
         self.request.connection.set_max_body_size(int(declared))  # type: ignore[union-attr]
-        expects_continue = self.request.headers.get("Expect", "").lower() == "100-continue"
-        if expects_continue or int(declared) > limit + DRAIN_LIMIT:
+        if self._expects_continue or int(declared) > limit + DRAIN_LIMIT:
             # The client has not sent the body (or it is huge): answer now and close.
             self.set_header("Connection", "close")
-            raise PayloadTooLarge.for_size(declared, limit)
+            raise self._refusal or PayloadTooLarge.for_size(declared, limit)
+
+    async def _authenticate(self) -> None:
+        auth = self.services.auth
+        try:
+            self.user = await auth.authenticate(
+                self.request.headers.get("Authorization"), self.request.remote_ip or "?"
+            )
+            auth.authorize(self.user, self.permissions.get(self.request.method or "GET"))
+        except TabserveError as refusal:
+            if self._expects_continue:
+                raise  # the client waits for our answer before sending the body
+            # Answered once the body is in (by the verb guard): Tornado closes a connection
+            # answered before its body is read, and unread bytes turn that close into a
+            # reset, which the client sees instead of the 401.
+            self._refusal = refusal
 
     def data_received(self, chunk: bytes) -> None:
         self._received += len(chunk)
         limit = self.services.settings.max_request_bytes
-        if self._finished:
-            # Answered before the body (a 401): read the rest so the client can see the
-            # answer, keep none of it, and give up on a body far beyond the limit.
-            if self._received > limit + DRAIN_LIMIT:
-                self.request.connection.close()  # type: ignore[union-attr]
-            return
         if self._received > limit:
             self._too_large = True
+        if self._too_large or self._refusal is not None:
+            # Refused: read on, keeping nothing, so that the client (still sending) can read
+            # the answer; far beyond the limit, answer now and close instead.
             self._chunks.clear()
-            if self._received > limit + DRAIN_LIMIT:
-                error = PayloadTooLarge.for_size(self._received, limit)
+            if self._received > limit + DRAIN_LIMIT and not self._finished:
+                error = self._refusal or PayloadTooLarge.for_size(self._received, limit)
                 self.set_header("Connection", "close")
                 self.send_error(error.status, exc_info=(type(error), error, None))
             return
@@ -173,7 +186,7 @@ class JsonHandler(RequestHandler):
         self.set_status(status)
         self.finish(json.dumps(value))
 
-    @_reject_oversized
+    @_reject_refused
     async def get(self, *args: str) -> None:
         raise MethodNotAllowed(
             "Method not allowed", f"{self.request.method} is not supported on {self.request.path}"
