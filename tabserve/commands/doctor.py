@@ -19,7 +19,6 @@ import os
 import socket
 import stat
 import sys
-import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TextIO
@@ -98,17 +97,8 @@ def print_checks(checks: list[Check], out: TextIO) -> None:
     print("tabserve doctor: what a Tableau connection will meet", file=out)
     print(file=out)
     for check in checks:
-        prefix = f"{_LABELS[check.level]} {check.topic:<11} "
-        print(
-            textwrap.fill(
-                check.message,
-                width=100,
-                initial_indent=prefix,
-                subsequent_indent=" " * len(prefix),
-                break_on_hyphens=False,
-            ),
-            file=out,
-        )
+        # One line per check, unwrapped, so that it can be searched for and pasted whole.
+        print(f"{_LABELS[check.level]} {check.topic:<11} {check.message}", file=out)
     failures = sum(check.level == "error" for check in checks)
     warnings = sum(check.level == "warning" for check in checks)
     print(file=out)
