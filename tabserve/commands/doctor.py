@@ -48,8 +48,16 @@ class Check:
 
 
 def sandbox_report(settings: Settings) -> list[Check]:
-    """HOOK (sandbox work, not merged yet): the sandbox mode and its self-check."""
-    return [Check("info", "sandbox", "not configured")]
+    """The sandbox mode and its self-check (``tabserve.sandbox.self_check``)."""
+    try:
+        from tabserve import sandbox  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:  # HOOK: until the sandbox work is merged; then delete this branch
+        return [Check("info", "sandbox", "not configured")]
+    report = sandbox.self_check(settings)
+    level, verdict = ("ok", "passed") if report.ok else ("error", "FAILED")
+    checks = [Check(level, "sandbox", f"Mode {report.mode}: self-check {verdict}.")]
+    checks += [Check(level, "sandbox", message) for level, message in report.findings]
+    return checks
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
