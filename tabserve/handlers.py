@@ -22,7 +22,7 @@ from typing import Any, ClassVar, TypeVar
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from . import __version__
-from .auth import ANONYMOUS, Authenticator, is_connection_probe
+from .auth import ANONYMOUS, Authenticator
 from .config import Settings
 from .endpoints import EndpointService
 from .errors import (
@@ -261,8 +261,7 @@ class EvaluateHandler(JsonHandler):
         settings = self.services.settings
         if not settings.evaluate_enabled:
             raise EvaluateDisabled()
-        if not is_connection_probe(self.body, self.content_encoding):
-            self.services.auth.authorize(self.user, "evaluate")
+        self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
         result = await self.services.executor.run(
             "evaluate", self.body, settings.evaluate_timeout, {"encoding": self.content_encoding}
         )
