@@ -322,3 +322,18 @@ def test_connection_probe_is_recognised() -> None:
     assert not is_connection_probe(b'["return int(1)"]')
     padded = json.dumps({"script": "return int(1)", "data": {"_arg1": [0] * 1000}}).encode()
     assert not is_connection_probe(padded)
+
+
+# --- startup warning ------------------------------------------------------------------------------
+
+
+def test_exposed_bind_without_auth_gets_a_loud_warning(users: Path) -> None:
+    from tabserve.app import exposure_warning
+    from tabserve.config import load_settings
+
+    exposed = exposure_warning(load_settings(None, {"TABSERVE_BIND_ADDRESS": "0.0.0.0"}))
+    assert exposed is not None and exposed.startswith("SECURITY WARNING")
+    assert "TABPY_PWD_FILE" in exposed
+    assert exposure_warning(load_settings(None, {})) is None
+    protected = {"TABSERVE_BIND_ADDRESS": "0.0.0.0", "TABPY_PWD_FILE": str(users)}
+    assert exposure_warning(load_settings(None, protected)) is None
