@@ -184,10 +184,12 @@ class Client:
         """Every endpoint's version, type and load status (``GET /status``)."""
         return cast("dict[str, EndpointStatus]", self._request("GET", "status"))
 
-    def query(self, name: str, *args: Any, **kwargs: Any) -> QueryResponse:
+    def query(self, name: str, /, *args: Any, **kwargs: Any) -> QueryResponse:
         """Call a deployed endpoint with positional or keyword arguments (not both).
 
-        Returns TabPy's dict: ``{"response", "version", "model", "uuid"}``.
+        Returns TabPy's dict: ``{"response", "version", "model", "uuid"}``. ``name`` is
+        positional-only so that a function with a parameter called ``name`` can be called
+        by keyword (with TabPy's client that is a TypeError).
         """
         if args and kwargs:
             raise ValueError("Mixing of keyword arguments and positional arguments when "
@@ -285,7 +287,7 @@ class Client:
         """One endpoint's description; ``NotFound`` if there is none by that name."""
         return Endpoint.from_info(name, self._request("GET", f"endpoints/{_quote(name)}"))
 
-    def evaluate(self, script: str, *args: Any, **kwargs: Any) -> Any:
+    def evaluate(self, script: str, /, *args: Any, **kwargs: Any) -> Any:
         """Run an ad-hoc script as Tableau's SCRIPT_* calls do; returns the decoded result.
 
         Positional arguments become ``_arg1`` … ``_argN``; keyword arguments are sent under
