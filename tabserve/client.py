@@ -414,8 +414,10 @@ def _quote(name: str) -> str:
 
 def _archive_fields(obj: Any) -> dict[str, Any]:
     """The pickle and the fingerprint the server checks before loading it."""
+    # What the server calls: the object itself, or the query method of a TabPy-style object.
+    called = obj if callable(obj) else obj.query
     try:
-        signature: str | None = str(inspect.signature(obj))
+        signature: str | None = str(inspect.signature(called))
     except (TypeError, ValueError):  # builtins and some C callables have none
         signature = None
     return {

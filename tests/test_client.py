@@ -297,6 +297,26 @@ def test_override_of_a_new_name_is_a_post(stub: Stub, stub_client: Client) -> No
     assert "should_update_version" not in stub.only("POST")[0].json()
 
 
+class Scaler:
+    """An object with a query method, as TabPy's QueryObject subclasses have."""
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    def query(self, x: list[int]) -> list[int]:
+        return [self.factor * v for v in x]
+
+
+def test_an_object_with_a_query_method_can_be_deployed(stub: Stub, stub_client: Client) -> None:
+    stub.answer("GET", "/endpoints", body={})
+    stub.answer("POST", "/endpoints", 201, body={"scale": INFO})
+    stub_client.deploy("scale", Scaler(3))
+    body = stub.only("POST")[0].json()
+    assert body["signature"] == "(x: 'list[int]') -> 'list[int]'"
+    assert body["docstring"].startswith("An object with a query method")
+    assert cloudpickle.loads(base64.b64decode(body["archive"])).query([1]) == [3]
+
+
 def test_deploy_refuses_what_cannot_be_called(stub: Stub, stub_client: Client) -> None:
     with pytest.raises(TypeError, match="not callable"):
         stub_client.deploy("x", 42)  # type: ignore[arg-type]
@@ -550,6 +570,11 @@ def test_keyword_arguments_and_defaults_reach_the_function(client: Client) -> No
     client.deploy("e2e greet", greet)
     assert client.query("e2e greet", "ann")["response"] == "hello ann!"
     assert client.query("e2e greet", name="bo", punctuation="?")["response"] == "hello bo?"
+
+
+def test_an_object_with_a_query_method_serves_through_it(client: Client) -> None:
+    client.deploy("e2e scaler", Scaler(3))
+    assert client.query("e2e scaler", [1, 2])["response"] == [3, 6]
 
 
 def test_override_serves_the_new_code_as_version_2(client: Client) -> None:
