@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any, TypedDict, cast
+from typing import Any, Protocol, TypedDict, cast
 from urllib.parse import quote, urlsplit
 
 import cloudpickle
@@ -42,7 +42,14 @@ import requests
 
 from .errors import BadRequest, TabserveError
 
-__all__ = ["Client", "Endpoint", "EndpointExists", "EndpointStatus", "QueryResponse"]
+__all__ = [
+    "Client",
+    "Endpoint",
+    "EndpointExists",
+    "EndpointStatus",
+    "QueryObject",
+    "QueryResponse",
+]
 
 # Longest non-JSON error body kept in an exception message: a proxy's HTML error page can be
 # large, and the start of it is what says what went wrong.
@@ -62,6 +69,13 @@ class EndpointExists(BadRequest, RuntimeError):
             'Use "override = True" to force update an existing endpoint.'
         )
         self.name = name
+
+
+class QueryObject(Protocol):
+    """Anything with a ``query`` method, as TabPy's ``QueryObject`` subclasses have."""
+
+    @property
+    def query(self) -> Callable[..., Any]: ...  # a property, so that any method matches
 
 
 class QueryResponse(TypedDict):
@@ -192,8 +206,10 @@ class Client:
         by keyword (with TabPy's client that is a TypeError).
         """
         if args and kwargs:
-            raise ValueError("Mixing of keyword arguments and positional arguments when "
-                             "querying an endpoint is not supported.")  # fmt: skip
+            raise ValueError(
+                "Mixing of keyword arguments and positional arguments when querying an "
+                "endpoint is not supported."
+            )
         data: list[Any] | dict[str, Any] = dict(kwargs) if kwargs else list(args)
         return cast("QueryResponse", self._request("POST", f"query/{_quote(name)}", {"data": data}))
 
@@ -211,7 +227,7 @@ class Client:
     def deploy(
         self,
         name: str,
-        obj: Callable[..., Any],
+        obj: Callable[..., Any] | QueryObject,
         description: str = "",
         schema: Any = None,
         override: bool = False,
