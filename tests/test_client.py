@@ -27,9 +27,9 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from conftest import Server, ServerFactory
 
 import tabserve
+from conftest import Server, ServerFactory
 from tabserve import (
     BadRequest,
     Client,
