@@ -673,7 +673,9 @@ def test_a_function_the_server_cannot_import_fails_the_deploy(
 
 
 def test_info_and_status(client: Client) -> None:
-    assert "versions" in client.get_info() or "server_version" in client.get_info()
+    info = client.get_info()
+    assert info["server_version"] == tabserve.__version__
+    assert "v1" in info["versions"]
     for status in client.get_status().values():
         assert set(status) >= {"version", "type", "status"}
 
