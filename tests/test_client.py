@@ -533,8 +533,10 @@ def test_package_exports() -> None:
 
 
 @pytest.fixture(scope="module")
-def live(server_factory: ServerFactory) -> Server:
-    return server_factory(TABPY_EVALUATE_TIMEOUT="20")
+def live(server_factory: ServerFactory) -> Iterator[Server]:
+    server = server_factory(TABPY_EVALUATE_TIMEOUT="20")
+    yield server
+    server.stop()  # now, not at the end of the session: its workers hold memory
 
 
 @pytest.fixture
@@ -768,6 +770,13 @@ def test_the_tabserve_client_deploys_to_a_server_whose_state_directory_it_cannot
        endpoint answers.
     """
     server = server_factory(TABPY_EVALUATE_TIMEOUT="20")
+    try:
+        _deploy_from_elsewhere(server, tmp_path)
+    finally:
+        server.stop()
+
+
+def _deploy_from_elsewhere(server: Server, tmp_path: Path) -> None:
     script = tmp_path / "notebook.py"
     script.write_text(_CLIENT_SCRIPT)
     command = [sys.executable, str(script), server.url, str(server.state_path)]
