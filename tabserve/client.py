@@ -175,6 +175,9 @@ class Client:
         self._query_timeout = _check_timeout(query_timeout)
         self._session = requests.Session()
         self._session.verify = verify
+        # Also given with each request: requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE in
+        # the environment override a session's verify, but not a request's.
+        self._verify = verify
         self._closed = False
 
     # -- TabPy's API -----------------------------------------------------------------------
@@ -373,7 +376,12 @@ class Client:
             data = _encode_json(body)
             headers["Content-Type"] = "application/json"
         response = self._session.request(
-            method, url, data=data, headers=headers, timeout=self._query_timeout
+            method,
+            url,
+            data=data,
+            headers=headers,
+            timeout=self._query_timeout,
+            verify=self._verify,
         )
         if not 200 <= response.status_code < 300:
             raise _error_from(response)

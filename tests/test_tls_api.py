@@ -185,3 +185,20 @@ def test_unrecognized_minimum_version_falls_back_as_tabpy(
     # A client holding the root (but not the intermediate) cannot verify it.
     with pytest.raises(requests.exceptions.SSLError):
         server.get("/info", verify=str(tls_files["ca"]))
+
+
+def test_tabserve_client_over_https_with_credentials(
+    tls_server: Server, tls_files: dict[str, Path]
+) -> None:
+    from tabserve.client import Client as TabserveClient
+    from tabserve.errors import Unauthorized
+
+    with TabserveClient(tls_server.url, verify=str(tls_files["ca"])) as client:
+        with pytest.raises(Unauthorized):
+            client.get_info()
+        client.set_credentials("user2", "S3cret!pass")
+        client.deploy("multiply_ts", multiply, "Multiplies lists", override=True)
+        assert client.query("multiply_ts", [2], [21])["response"] == [42]
+        assert client.evaluate("return tabpy.query('multiply_ts', _arg1, _arg2)['response']",
+                               [3], [3]) == [9]  # fmt: skip
+        client.remove("multiply_ts")
