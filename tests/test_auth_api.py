@@ -276,6 +276,7 @@ def no_evaluate_server(server_factory: ServerFactory, password_file: Path) -> Se
         TABPY_PWD_FILE=str(password_file),
         TABPY_EVALUATE_ENABLE="false",
         TABSERVE_AUTH_MAX_DELAY="0",
+        TABPY_MAX_REQUEST_SIZE_MB="1",
     )
 
 
@@ -286,6 +287,14 @@ def test_evaluate_disabled_still_needs_credentials(no_evaluate_server: Server) -
     answer = no_evaluate_server.post("/evaluate", json=EVALUATE_BODY, auth=VALID)
     assert answer.status_code == 404
     assert answer.json()["message"].startswith("Ad-hoc scripts have been disabled")
+
+
+def test_authentication_comes_before_the_size_limit(no_evaluate_server: Server) -> None:
+    oversized = b"x" * (2 * 1024 * 1024)
+    refused = no_evaluate_server.post("/query/anything", data=oversized)
+    assert refused.status_code == 401 and refused.json() == UNAUTHORIZED
+    too_large = no_evaluate_server.post("/query/anything", data=oversized, auth=VALID)
+    assert too_large.status_code == 413
 
 
 # --- the password file changes while the server runs -----------------------------------------
