@@ -119,7 +119,6 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     default_doc: str
-    unsupported: str  # non-empty: the key is recognised but not implemented yet
 
 
 def setting(
@@ -130,10 +129,9 @@ def setting(
     *,
     factory: Callable[[], Any] | None = None,
     doc: str = "",
-    unsupported: str = "",
 ) -> Any:
     """Declare a Settings field together with its config key, parser and help text."""
-    meta = {"key": key, "parse": parse, "help": help, "doc": doc, "unsupported": unsupported}
+    meta = {"key": key, "parse": parse, "help": help, "doc": doc}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -348,7 +346,7 @@ def declared_settings() -> tuple[Setting, ...]:
             default_doc = meta["doc"]
         result.append(
             Setting(
-                meta["key"], f.name, meta["parse"], meta["help"], default_doc, meta["unsupported"]
+                meta["key"], f.name, meta["parse"], meta["help"], default_doc
             )
         )
     return tuple(result)
@@ -401,11 +399,6 @@ def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str
             raise ConfigError(
                 f"invalid value for {setting.key} in the {source}: {raw!r} ({detail})"
             ) from None
-        if setting.unsupported and value is not None:
-            raise ConfigError(
-                f"{setting.key} = {raw!r}: {setting.unsupported} is not supported yet by "
-                "this version of tabserve"
-            )
         values[setting.attr] = value
     settings = Settings(**values)
     return _finish(settings, values)
