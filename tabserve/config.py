@@ -344,11 +344,7 @@ def declared_settings() -> tuple[Setting, ...]:
             default_doc = meta["doc"] or f"`{_show(f.default)}`"
         else:
             default_doc = meta["doc"]
-        result.append(
-            Setting(
-                meta["key"], f.name, meta["parse"], meta["help"], default_doc
-            )
-        )
+        result.append(Setting(meta["key"], f.name, meta["parse"], meta["help"], default_doc))
     return tuple(result)
 
 
