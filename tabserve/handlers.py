@@ -1,9 +1,11 @@
 """HTTP handlers: parse the request, call a service, write the answer. Nothing more.
 
-Every handler derives from ``JsonHandler``, which owns the three cross-cutting rules:
-request bodies are streamed and size-checked here (so Tornado never parses a JSON body as a
-form, and an oversized body gets TabPy's 413 on every route), errors are rendered in one
-place as TabPy's ``{"message", "info"}`` envelope, and responses are JSON.
+Every handler derives from ``JsonHandler``, which owns the cross-cutting rules: requests are
+authenticated before anything else (``auth.Authenticator``; a handler declares ``public`` or
+the permission each verb needs), request bodies are streamed and size-checked here (so
+Tornado never parses a JSON body as a form, and an oversized body gets TabPy's 413 on every
+route), errors are rendered in one place as TabPy's ``{"message", "info"}`` envelope, and
+responses are JSON.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from . import __version__
+from .auth import ANONYMOUS, Authenticator
 from .config import Settings
 from .endpoints import EndpointService
 from .errors import (
@@ -31,6 +34,7 @@ from .errors import (
     TabserveError,
 )
 from .executor import Executor
+from .passwords import User
 from .sandbox import SandboxReport
 from .store import ServiceInfo
 
@@ -52,12 +56,15 @@ class Services:
     endpoints: EndpointService
     service: ServiceInfo
     state_path: str
+    auth: Authenticator
     sandbox: SandboxReport
 
 
-def _reject_oversized(verb: _Verb) -> _Verb:
+def _reject_refused(verb: _Verb) -> _Verb:
     @functools.wraps(verb)
     def checked(self: JsonHandler, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
+        if self._refusal is not None:  # authentication first, as in TabPy
+            raise self._refusal
         if self._too_large:
             limit = self.services.settings.max_request_bytes
             raise PayloadTooLarge.for_size(self._declared_size(), limit)
@@ -68,9 +75,13 @@ def _reject_oversized(verb: _Verb) -> _Verb:
 
 @stream_request_body
 class JsonHandler(RequestHandler):
-    """Base of every handler: streamed size-checked bodies, JSON errors, CORS headers."""
+    """Base of every handler: authentication, streamed size-checked bodies, JSON errors."""
 
     services: Services
+    # Public handlers answer without credentials (the page shell, health checks, 404s).
+    public: ClassVar[bool] = False
+    # The permission each verb needs beyond a valid login (see passwords.PERMISSION_ORDER).
+    permissions: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # A streamed body is complete only when the verb method starts; guarding each verb
@@ -78,13 +89,15 @@ class JsonHandler(RequestHandler):
         super().__init_subclass__(**kwargs)
         for name in ("get", "post", "put", "delete", "patch"):
             if name in cls.__dict__:
-                setattr(cls, name, _reject_oversized(cls.__dict__[name]))
+                setattr(cls, name, _reject_refused(cls.__dict__[name]))
 
     def initialize(self, services: Services) -> None:
         self.services = services
+        self.user: User = ANONYMOUS
         self._chunks: list[bytes] = []
         self._received = 0
         self._too_large = False
+        self._refusal: TabserveError | None = None
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
@@ -93,7 +106,14 @@ class JsonHandler(RequestHandler):
     def _declared_size(self) -> str:
         return self.request.headers.get("Content-Length") or str(self._received)
 
+    @property
+    def _expects_continue(self) -> bool:
+        return self.request.headers.get("Expect", "").lower() == "100-continue"
+
     async def prepare(self) -> None:
+        # A CORS preflight never carries credentials, so it is answered without them.
+        if not self.public and self.request.method != "OPTIONS":
+            await self._authenticate()
         limit = self.services.settings.max_request_bytes
         declared = self.request.headers.get("Content-Length")
         if declared is None or not declared.isdigit() or int(declared) <= limit:
@@ -101,20 +121,37 @@ class JsonHandler(RequestHandler):
         self._too_large = True
         # Tornado would answer a bare HTML 400 for a length over its own cap; ours rules.
         self.request.connection.set_max_body_size(int(declared))  # type: ignore[union-attr]
-        expects_continue = self.request.headers.get("Expect", "").lower() == "100-continue"
-        if expects_continue or int(declared) > limit + DRAIN_LIMIT:
+        if self._expects_continue or int(declared) > limit + DRAIN_LIMIT:
             # The client has not sent the body (or it is huge): answer now and close.
             self.set_header("Connection", "close")
-            raise PayloadTooLarge.for_size(declared, limit)
+            raise self._refusal or PayloadTooLarge.for_size(declared, limit)
+
+    async def _authenticate(self) -> None:
+        auth = self.services.auth
+        try:
+            self.user = await auth.authenticate(
+                self.request.headers.get("Authorization"), self.request.remote_ip or "?"
+            )
+            auth.authorize(self.user, self.permissions.get(self.request.method or "GET"))
+        except TabserveError as refusal:
+            if self._expects_continue:
+                raise  # the client waits for our answer before sending the body
+            # Answered once the body is in (by the verb guard): Tornado closes a connection
+            # answered before its body is read, and unread bytes turn that close into a
+            # reset, which the client sees instead of the 401.
+            self._refusal = refusal
 
     def data_received(self, chunk: bytes) -> None:
         self._received += len(chunk)
         limit = self.services.settings.max_request_bytes
         if self._received > limit:
             self._too_large = True
+        if self._too_large or self._refusal is not None:
+            # Refused: read on, keeping nothing, so that the client (still sending) can read
+            # the answer; far beyond the limit, answer now and close instead.
             self._chunks.clear()
             if self._received > limit + DRAIN_LIMIT and not self._finished:
-                error = PayloadTooLarge.for_size(self._received, limit)
+                error = self._refusal or PayloadTooLarge.for_size(self._received, limit)
                 self.set_header("Connection", "close")
                 self.send_error(error.status, exc_info=(type(error), error, None))
             return
@@ -151,7 +188,7 @@ class JsonHandler(RequestHandler):
         self.set_status(status)
         self.finish(json.dumps(value))
 
-    @_reject_oversized
+    @_reject_refused
     async def get(self, *args: str) -> None:
         raise MethodNotAllowed(
             "Method not allowed", f"{self.request.method} is not supported on {self.request.path}"
@@ -160,10 +197,9 @@ class JsonHandler(RequestHandler):
     post = put = delete = patch = get
 
     def options(self, *args: str) -> None:
-        """CORS preflight: the configured headers and an empty answer."""
+        """CORS preflight: the configured headers and TabPy's answer, 200 with ``{}``."""
         self.add_cors_headers()
-        self.set_status(204)
-        self.finish()
+        self.write_json({})
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """The one place errors become responses: TabPy's envelope, JSON, never HTML."""
@@ -207,26 +243,30 @@ class InfoHandler(JsonHandler):
         features["evaluate_enabled"] = settings.evaluate_enabled and self.services.sandbox.ok
         features["gzip_enabled"] = settings.gzip_enabled
         features["arrow_enabled"] = settings.arrow_enabled
+        info: dict[str, Any] = {
+            "description": self.services.service.description,
+            "creation_time": self.services.service.creation_time,
+            "state_path": self.services.state_path,
+            "server_version": __version__,
+            "name": self.services.service.name,
+            "versions": {"v1": {"features": features}},
+        }
+        if not self.services.sandbox.ok:
+            # Exactly TabPy's answer while all is well; the reason only when something is not.
+            info["sandbox"] = self.services.sandbox.info()
         self.add_cors_headers()
-        self.write_json(
-            {
-                "description": self.services.service.description,
-                "creation_time": self.services.service.creation_time,
-                "state_path": self.services.state_path,
-                "server_version": __version__,
-                "name": self.services.service.name,
-                "versions": {"v1": {"features": features}},
-                "sandbox": self.services.sandbox.info(),
-            }
-        )
+        self.write_json(info)
 
 
 class EvaluateHandler(JsonHandler):
+    # The 'evaluate' permission is checked in post: Tableau's connection probe is exempt.
+
     async def post(self) -> None:
         """Run an ad-hoc script in a worker; the worker parses the body and encodes the result."""
         settings = self.services.settings
         if not settings.evaluate_enabled:
             raise EvaluateDisabled()
+        self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
         self.services.sandbox.require_evaluate()
         result = await self.services.executor.run(
             "evaluate", self.body, settings.evaluate_timeout, {"encoding": self.content_encoding}
@@ -243,6 +283,8 @@ class StatusHandler(JsonHandler):
 
 
 class EndpointsHandler(JsonHandler):
+    permissions = {"POST": "manage"}
+
     async def get(self) -> None:
         """Every deployed endpoint's description, keyed by name."""
         self.add_cors_headers()
@@ -255,6 +297,8 @@ class EndpointsHandler(JsonHandler):
 
 
 class EndpointHandler(JsonHandler):
+    permissions = {"PUT": "manage", "DELETE": "manage"}
+
     async def get(self, name: str) -> None:
         """One endpoint's description, unwrapped (as TabPy answers)."""
         self.add_cors_headers()
@@ -280,6 +324,8 @@ class UploadDestinationHandler(JsonHandler):
 
 
 class QueryHandler(JsonHandler):
+    permissions = {"GET": "query", "POST": "query"}
+
     async def post(self, name: str) -> None:
         """Call a deployed function in a worker: ``{"data": {...}}`` or ``{"data": [...]}``."""
         result = await self.services.endpoints.query(name, self.body, self.content_encoding)
@@ -290,6 +336,8 @@ class QueryHandler(JsonHandler):
 
 
 class RootHandler(JsonHandler):
+    public = True
+
     def initialize(self, services: Services, page: Path) -> None:  # type: ignore[override]
         super().initialize(services)
         self.page = page
@@ -301,7 +349,12 @@ class RootHandler(JsonHandler):
 
 
 class NotFoundHandler(JsonHandler):
-    """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page."""
+    """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page.
+
+    Public, as in TabPy: a 404 reveals nothing, and a 401 would claim the path exists.
+    """
+
+    public = True
 
     async def get(self, *args: str) -> None:
         raise NotFound("Not found", f"No route for {self.request.method} {self.request.path}")

@@ -111,7 +111,7 @@ class SandboxReport:
         return f"The {self.mode} sandbox self-check failed: " + "; ".join(self.problems) + "."
 
     def info(self) -> dict[str, Any]:
-        """The ``sandbox`` member of /info."""
+        """The ``sandbox`` member of /info (present only when the check failed)."""
         return {
             "mode": self.mode,
             "self_check": "passed" if self.ok else "failed",

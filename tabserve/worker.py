@@ -40,6 +40,8 @@ from .wire import EvaluateRequest, check_result_length, decode_body, encode_resu
 
 log = logging.getLogger("tabserve.worker")
 
+WORKER_NICENESS = 5
+
 # Names that TabPy scripts in the wild use without importing them.
 _CONVENIENCE = {
     "pandas": pandas,
@@ -380,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     channel = _claim_protocol_fds()
     worker = Worker(config)
     confine(worker, config)
+    # User code yields the CPU to the server's event loop, so /info and health checks stay
+    # quick while every worker is busy; on an idle machine this changes nothing.
+    os.nice(WORKER_NICENESS)
     channel.send({"ready": True, "pid": os.getpid()})
     while True:
         try:

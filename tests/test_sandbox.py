@@ -28,15 +28,17 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from conftest import Server, ServerFactory
 
+from conftest import Server, ServerFactory
 from tabserve import sandbox
 from tabserve.config import load_settings
+from tabserve.passwords import hash_password
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 CANARY = f"canary-{uuid.uuid4().hex}"
-SECRET = f"secret-{uuid.uuid4().hex}"
+USER = ("alice", f"pw-{uuid.uuid4().hex}")
+PASSWORD_HASH = hash_password(*USER)
 FORKS = 100
 
 
@@ -50,7 +52,7 @@ class Case:
 
     server: Server
     denied: bool  # True: the sandbox is on and every attack must fail
-    secret: Path
+    secret: Path  # the password file
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +64,11 @@ def outside_tmp() -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _secret_file(directory: Path) -> Path:
-    # Where a password file would be: its own directory, readable by the server's user only.
+def _password_file(directory: Path) -> Path:
+    # A real password file, in its own directory, readable by the server's user only.
     directory.mkdir()
     path = directory / "passwd.txt"
-    path.write_text(f"alice {SECRET}\n")
+    path.write_text(f"{USER[0]} {PASSWORD_HASH}\n")
     path.chmod(0o600)
     return path
 
@@ -75,14 +77,14 @@ def _secret_file(directory: Path) -> Path:
 def isolated(server_factory: ServerFactory, outside_tmp: Path) -> Case:
     workdir = outside_tmp / "isolated"
     workdir.mkdir(mode=0o755)
-    secret = _secret_file(workdir / "secrets")
+    secret = _password_file(workdir / "secrets")
     server = server_factory(
         env={"TABSERVE_TEST_CANARY": CANARY},
         workdir=workdir,
+        auth=USER,
+        TABPY_PWD_FILE=str(secret),
         TABSERVE_SANDBOX="bubblewrap",
         TABSERVE_WORKER_USER="nobody",
-        # Until TABPY_PWD_FILE is accepted, the password file is named as an extra secret.
-        TABSERVE_SANDBOX_HIDE=str(secret),
         TABSERVE_WORKER_MEMORY_MB="512",
         TABSERVE_WORKER_PROCESSES="16",
         TABSERVE_WORKER_CPU_SECONDS="3",
@@ -97,13 +99,14 @@ def isolated(server_factory: ServerFactory, outside_tmp: Path) -> Case:
 def unprotected(server_factory: ServerFactory, outside_tmp: Path) -> Case:
     workdir = outside_tmp / "unprotected"
     workdir.mkdir(mode=0o755)
-    secret = _secret_file(workdir / "secrets")
+    secret = _password_file(workdir / "secrets")
     server = server_factory(
         env={"TABSERVE_TEST_CANARY": CANARY},
         workdir=workdir,
+        auth=USER,
+        TABPY_PWD_FILE=str(secret),
         TABSERVE_SANDBOX="none",
         TABSERVE_WORKER_USER="root",
-        TABSERVE_SANDBOX_HIDE=str(secret),
         TABSERVE_WORKER_MEMORY_MB="0",
         TABSERVE_WORKER_PROCESSES="0",
         TABPY_EVALUATE_TIMEOUT="20",
@@ -126,7 +129,7 @@ def attempt(server: Server, script: str, **data: object) -> str:
 
 def test_both_servers_passed_their_self_check(case: Case) -> None:
     info = case.server.get("/info").json()
-    assert info["sandbox"]["self_check"] == "passed", info["sandbox"]
+    assert "sandbox" not in info, info["sandbox"]  # TabPy's exact shape while all is well
     assert info["versions"]["v1"]["features"]["evaluate_enabled"] is True
 
 
@@ -139,7 +142,7 @@ except OSError as exc:
     return [repr(exc)]
 """
     seen = attempt(case.server, script, _arg1=[str(case.secret)])
-    assert (SECRET not in seen) is case.denied, seen
+    assert (PASSWORD_HASH not in seen) is case.denied, seen
     if case.denied:
         assert seen == "", "bubblewrap replaces the file with an empty one"
 
@@ -437,13 +440,21 @@ def test_bubblewrap_command_hides_secrets_and_state(outside_tmp: Path) -> None:
         None,
         {"TABPY_STATE_PATH": str(outside_tmp / "plan"), "TABSERVE_SANDBOX": "bubblewrap"},
     )
-    settings = replace(settings, password_file=secrets / "passwd", key_file=secrets / "key.pem")
+    extra = outside_tmp / "private"
+    extra.mkdir()
+    settings = replace(
+        settings,
+        password_file=secrets / "passwd",
+        key_file=secrets / "key.pem",
+        sandbox_hide=(extra,),
+    )
     prefix = " ".join(sandbox.confinement(settings).prefix)
     state = outside_tmp / "plan"
     assert f"--dev-bind /dev/null {secrets / 'passwd'}" in prefix
     assert f"--dev-bind /dev/null {secrets / 'key.pem'}" in prefix
     assert f"--tmpfs {state} --ro-bind {state}/query_objects {state}/query_objects" in prefix
     assert f"--remount-ro {state}" in prefix
+    assert f"--tmpfs {extra} --remount-ro {extra}" in prefix
     assert "--unshare-net" in prefix or "--unshare-all" in prefix
     allowed = replace(settings, sandbox_network=True)
     networked = sandbox.confinement(allowed).prefix
