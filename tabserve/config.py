@@ -314,7 +314,7 @@ class Settings:
         _parse_grace,
         "On SIGTERM or SIGINT, seconds in-flight requests may take to finish before the "
         "workers are stopped.",
-        30.0,
+        20.0,
     )
 
     @property

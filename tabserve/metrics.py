@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 # slow model into +Inf.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format, which every Prometheus version (and most other scrapers) reads;
+# all tabserve names are plain ASCII, so nothing needs the newer format's escaping.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _PoolCollector(Collector):
@@ -132,5 +134,5 @@ class Metrics:
             self.bytes_out.inc(bytes_out)
 
     def exposition(self) -> bytes:
-        """The Prometheus text format (version 0.0.4), served with ``CONTENT_TYPE``."""
+        """The Prometheus text format, served with ``CONTENT_TYPE``."""
         return generate_latest(self.registry)
