@@ -317,7 +317,7 @@ def _claim_protocol_fds() -> BlockingChannel:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a worker process: ``python -m tabserve.worker CONFIG_JSON``."""
     args = sys.argv[1:] if argv is None else argv
-    config = orjson.loads(args[0]) if args else {"request_limit": 100 * 1024 * 1024}
+    config: dict[str, Any] = orjson.loads(args[0]) if args else {"request_limit": 100 * 1024 * 1024}
     logs.configure(
         config.get("log_level", "INFO"),
         config.get("log_format", "text"),
