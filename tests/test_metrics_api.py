@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
 import pytest
-from conftest import Server, ServerFactory
 from prometheus_client.parser import text_string_to_metric_families
 from tabpy.tabpy_tools.client import Client
 
+from conftest import Server, ServerFactory
 from tabserve.executor import Executor, PoolConfig
 from tabserve.metrics import Metrics
 
