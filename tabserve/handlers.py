@@ -114,6 +114,9 @@ class JsonHandler(RequestHandler):
     services: Services
     # The route pattern, for metrics and the access log: bounded, unlike the raw path.
     route: ClassVar[str] = ""
+    # Public handlers answer without credentials when authentication is on (the auth check
+    # in prepare reads it; the health routes are public, /metrics per TABSERVE_METRICS_AUTH).
+    public: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # A streamed body is complete only when the verb method starts; guarding each verb
@@ -140,10 +143,6 @@ class JsonHandler(RequestHandler):
     def call_id(self) -> str:
         incoming = self.request.headers.get("X-Request-Id", "")
         return incoming if _CALL_ID.fullmatch(incoming) else uuid.uuid4().hex
-
-    def needs_credentials(self) -> bool:
-        """Whether this route asks for credentials when authentication is on."""
-        return True
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
@@ -443,8 +442,7 @@ class NotFoundHandler(JsonHandler):
 class OperationsHandler(JsonHandler):
     """Base of the routes for machines (probes, scrapers): no credentials, never cached."""
 
-    def needs_credentials(self) -> bool:
-        return False
+    public = True
 
     def compute_etag(self) -> None:
         return None  # a live answer every time, never a 304
@@ -476,8 +474,9 @@ class ReadyHandler(OperationsHandler):
 class MetricsHandler(OperationsHandler):
     route = "/metrics"
 
-    def needs_credentials(self) -> bool:
-        return self.services.settings.metrics_auth
+    @property
+    def public(self) -> bool:  # type: ignore[override]  # a setting, not a constant
+        return not self.services.settings.metrics_auth
 
     async def get(self) -> None:
         """Prometheus text format, for the whole server: every worker's jobs are counted here."""
