@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -55,12 +54,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _setup_logging(settings: Settings) -> None:
-    logs.configure(settings.log_level, settings.log_format, settings.log_file)
-    # Tornado's access log is replaced by tabserve.access (handlers.log_request).
-    logging.getLogger("tornado.access").setLevel(logging.WARNING)
-
-
 def run_server(config: str | None) -> int:
     try:
         settings = load_settings(config, os.environ)
@@ -68,9 +61,12 @@ def run_server(config: str | None) -> int:
         print(f"tabserve: {exc}", file=sys.stderr)
         return 2
     try:
-        _setup_logging(settings)
+        logs.configure(settings.log_level, settings.log_format, settings.log_file)
     except OSError as exc:
-        print(f"tabserve: cannot open the log file {settings.log_file}: {exc}", file=sys.stderr)
+        print(
+            f"tabserve: cannot open the log file {settings.log_file}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 2
     try:
         asyncio.run(_serve(settings))

@@ -138,6 +138,8 @@ class JsonHandler(RequestHandler):
         self.error_summary = ""
         self._tracked = True
         services.requests.begin()
+        if services.requests.draining:
+            self.set_header("Connection", "close")  # shutting down: send the client elsewhere
 
     @functools.cached_property
     def call_id(self) -> str:
@@ -149,20 +151,15 @@ class JsonHandler(RequestHandler):
         self.clear_header("Server")
         # Here rather than in prepare: error responses start again from the default headers.
         self.set_header("X-Request-Id", self.call_id)
-        if self.services_draining():
+        services = getattr(self, "services", None)  # None in the first call, from __init__
+        if services is not None and services.requests.draining:
             self.set_header("Connection", "close")
-
-    def services_draining(self) -> bool:
-        services = getattr(self, "services", None)  # set_default_headers runs before initialize
-        return services is not None and services.requests.draining
 
     def _declared_size(self) -> str:
         return self.request.headers.get("Content-Length") or str(self._received)
 
     async def prepare(self) -> None:
         logs.call_id.set(self.call_id)  # every log line of this request names it
-        if self.services.requests.draining:
-            self.set_header("Connection", "close")
         limit = self.services.settings.max_request_bytes
         declared = self.request.headers.get("Content-Length")
         if declared is None or not declared.isdigit() or int(declared) <= limit:
