@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -21,19 +22,26 @@ from .auth import Authenticator
 from .certificates import check_tls_files, make_server_context
 from .config import Settings
 from .endpoints import EndpointService
+from .executor import Executor
 from .handlers import (
     EndpointHandler,
     EndpointsHandler,
     EvaluateHandler,
     InfoHandler,
+    LiveHandler,
+    MetricsHandler,
     NotFoundHandler,
     QueryHandler,
+    ReadyHandler,
+    RequestTracker,
     RootHandler,
     Services,
     StatusHandler,
     UploadDestinationHandler,
     log_request,
 )
+from .health import CheckResult, Readiness
+from .metrics import Metrics
 from .registry import EndpointRegistry
 from .sandbox import SandboxReport, start_pool
 from .store import ensure_state_dir, read_state, service_info
@@ -61,6 +69,9 @@ def make_app(services: Services) -> Application:
         (r"/endpoints/([^/]+)", EndpointHandler, deps),
         (r"/query/([^/]+)", QueryHandler, deps),
         (r"/configurations/endpoint_upload_destination", UploadDestinationHandler, deps),
+        (r"/health/live", LiveHandler, deps),
+        (r"/health/ready", ReadyHandler, deps),
+        (r"/metrics", MetricsHandler, deps),
     ]
     return Application(
         routes,  # type: ignore[arg-type]
@@ -136,8 +147,44 @@ def exposure_warning(settings: Settings) -> str | None:
     )
 
 
+def readiness_checks(
+    readiness: Readiness,
+    executor: Executor,
+    requests: RequestTracker,
+    state_file: Path,
+    sandbox: SandboxReport,
+) -> None:
+    """The built-in checks; other services may add theirs."""
+
+    def state() -> CheckResult:
+        # Loaded before the server listened; this catches the volume going away underneath.
+        if not state_file.is_file():
+            return False, f"{state_file} is missing"
+        return True, "state.ini loaded"
+
+    def workers() -> CheckResult:
+        alive, wanted = executor.alive, executor.config.workers
+        return alive > 0, f"{alive} of {wanted} workers alive"
+
+    def accepting() -> CheckResult:
+        if requests.draining:
+            return False, "shutting down"
+        return True, "accepting requests"
+
+    readiness.add("state", state)
+    readiness.add("workers", workers)
+    readiness.add("sandbox", sandbox.readiness)  # the start-up self-check's verdict
+    readiness.add("accepting", accepting)
+
+
 async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
-    """Run the server until SIGTERM or SIGINT, then stop workers and return."""
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully and return.
+
+    Shutdown: stop accepting connections, let in-flight requests finish for up to
+    ``TABSERVE_SHUTDOWN_GRACE`` seconds (a second signal cuts that short), then stop the
+    workers, killing any still running.
+    """
+    signals = _SignalWatch()
     # Workers start first, before anything secret (passwords, the TLS key) is loaded into
     # this process; the sandbox self-check runs before any deployed code is loaded.
     executor, sandbox = await start_pool(settings)
@@ -147,6 +194,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         state_file = ensure_state_dir(settings.state_path)
         service = service_info(read_state(state_file))
         auth = load_authenticator(settings, service.name)
+        # SIGHUP re-reads the password file (and no longer kills the server, its default).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, auth.reload)
         context = tls_context(settings)
         endpoints = EndpointService(
             EndpointRegistry(settings.state_path),
@@ -155,6 +204,9 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             guard=sandbox.require_deployed,
         )
         await endpoints.start()
+        requests = RequestTracker()
+        readiness = Readiness()
+        readiness_checks(readiness, executor, requests, Path(state_file), sandbox)
         services = Services(
             settings=settings,
             executor=executor,
@@ -163,6 +215,9 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             state_path=os.path.realpath(settings.state_path),
             sandbox=sandbox,
             auth=auth,
+            requests=requests,
+            metrics=Metrics(executor, lambda: requests.count),
+            readiness=readiness,
         )
         server = HTTPServer(
             make_app(services),
@@ -179,22 +234,52 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         if warning:
             log.warning("%s", warning)
         print(banner(settings, port, sandbox), file=out, flush=True)
-        await _wait_for_signal(auth)
-        log.info("shutting down")
-        server.stop()
+        await signals.wait()
+        server.stop()  # closes the listening sockets: new connections are refused
+        requests.draining = True
+        await _drain(requests, settings.shutdown_grace, signals)
+        # Idle keep-alive connections would otherwise outlive the loop.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.close_all_connections(), 1.0)
     finally:
         if auth is not None:
             auth.close()
         if endpoints is not None:
             await endpoints.close()
         await executor.close()
+        log.info("stopped")
 
 
-async def _wait_for_signal(auth: Authenticator) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    # SIGHUP re-reads the password file (and no longer kills the server, its default).
-    loop.add_signal_handler(signal.SIGHUP, auth.reload)
-    await stop.wait()
+async def _drain(requests: RequestTracker, grace: float, signals: _SignalWatch) -> None:
+    if requests.count:
+        log.info(
+            "shutting down: waiting up to %g s for %d requests in flight", grace, requests.count
+        )
+    else:
+        log.info("shutting down")
+    idle = asyncio.create_task(requests.wait_idle(grace))
+    again = asyncio.create_task(signals.wait())
+    try:
+        await asyncio.wait({idle, again}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        again.cancel()
+    if not idle.done():
+        idle.cancel()
+        log.warning("second signal: not waiting for %d requests in flight", requests.count)
+    elif not idle.result():
+        log.warning("%d requests still in flight after %g s: stopping", requests.count, grace)
+
+
+class _SignalWatch:
+    """SIGTERM and SIGINT, as an awaitable; installed before workers start, so a signal
+    during start-up is not lost."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._event.set)
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event.clear()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .config import ConfigError, declared_settings, load_settings
+from . import __version__, logs
+from .config import ConfigError, Settings, declared_settings, load_settings
 
 
 def _add_config_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -63,19 +62,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-    )
-
-
 def run_server(config: str | None) -> int:
     try:
         settings = load_settings(config, os.environ)
     except ConfigError as exc:
         print(f"tabserve: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings.log_level)
+    try:
+        logs.configure(settings.log_level, settings.log_format, settings.log_file)
+    except OSError as exc:
+        print(
+            f"tabserve: cannot open the log file {settings.log_file}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 2
     from .certificates import TLSConfigError
     from .passwords import PasswordFileError
 
@@ -90,10 +90,10 @@ def run_server(config: str | None) -> int:
     return 0
 
 
-async def _serve(settings: object) -> None:
+async def _serve(settings: Settings) -> None:
     from .app import serve  # tornado and the pool load only when serving
 
-    await serve(settings)  # type: ignore[arg-type]
+    await serve(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

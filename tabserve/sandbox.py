@@ -110,6 +110,14 @@ class SandboxReport:
     def _why(self) -> str:
         return f"The {self.mode} sandbox self-check failed: " + "; ".join(self.problems) + "."
 
+    def readiness(self) -> tuple[bool, str]:
+        """The ``sandbox`` readiness check: not ready while nothing may run."""
+        if self.ok:
+            return True, f"{self.mode}: self-check passed"
+        if self.trust_deployed_code:
+            return True, f"{self.mode}: self-check failed; serving deployed code only"
+        return False, f"{self.mode}: self-check failed: " + "; ".join(self.problems)
+
     def info(self) -> dict[str, Any]:
         """The ``sandbox`` member of /info (present only when the check failed)."""
         return {
@@ -249,6 +257,14 @@ def bubblewrap_prefix(
         else:
             # /dev/null: reads as empty (a plain bind would refuse it: binds are nodev).
             args += ["--dev-bind", "/dev/null", path]
+    if settings.log_file is not None:
+        # Workers append their log lines to the server's log file: that one file stays
+        # writable (it must exist to be mounted). After a rotation they keep writing to the
+        # old file until they are replaced: the mount pins it.
+        log_file = str(settings.log_file)
+        with open(log_file, "a", encoding="utf-8"):
+            pass
+        args += [*_parents(log_file, covered), "--bind", log_file, log_file]
     args += ["--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp"]
     return tuple(args)
 
@@ -303,6 +319,8 @@ def pool_config(settings: Settings, confined: Confinement, workers: int = 0) -> 
         env_allow=settings.worker_env,
         gzip_enabled=settings.gzip_enabled,
         log_level=settings.log_level,
+        log_format=settings.log_format,
+        log_file=str(settings.log_file) if settings.log_file else None,
         command_prefix=confined.prefix,
         drop_to=confined.drop_to,
         limits=confined.limits,

@@ -367,3 +367,21 @@ def test_request_bodies_in_log_are_not_json_dumped(auth_server: Server) -> None:
     assert "TopSecretScript" not in answer.text
     assert "TopSecretScript" not in auth_server.log()
     assert json.loads(answer.text) == UNAUTHORIZED
+
+
+def test_operations_routes_with_auth_on(auth_server: Server, server_factory: ServerFactory,
+                                        password_file: Path) -> None:  # fmt: skip
+    """Health probes never need credentials; /metrics does, unless TABSERVE_METRICS_AUTH=false."""
+    for path in ("/health/live", "/health/ready"):
+        assert auth_server.get(path).status_code == 200
+    refused = auth_server.get("/metrics")
+    assert refused.status_code == 401
+    assert refused.headers["WWW-Authenticate"].startswith("Basic realm=")
+    allowed = auth_server.get("/metrics", auth=VALID)
+    assert allowed.status_code == 200
+    assert "tabserve_requests_total" in allowed.text
+    open_metrics = server_factory(
+        TABSERVE_WORKERS="1", TABPY_PWD_FILE=str(password_file), TABSERVE_METRICS_AUTH="false"
+    )
+    assert open_metrics.get("/metrics").status_code == 200
+    assert open_metrics.get("/info").status_code == 401

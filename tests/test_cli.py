@@ -103,3 +103,12 @@ def test_no_prompt_even_without_a_terminal() -> None:
     assert time.monotonic() - started < 30
     assert result.returncode != 0
     assert "cannot read config file" in result.stderr
+
+
+def test_unwritable_log_file_stops_startup_with_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "no-such-dir" / "tabserve.log"
+    result = tabserve("serve", env={"TABSERVE_LOG_FILE": str(target)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "cannot open the log file" in lines[0] and str(target) in lines[0]

@@ -735,7 +735,7 @@ def _requests_seen(server: Server, until: str) -> list[str]:
         lines = [
             " ".join(line.split()[4:6])
             for line in server.log().splitlines()
-            if "tabserve.http" in line
+            if "tabserve.access" in line
         ]
         if until in lines or time.monotonic() > deadline:
             return lines

@@ -144,3 +144,23 @@ def test_every_setting_is_declared_once_and_documented() -> None:
     assert {s.attr for s in declared_settings()} <= set(Settings.__dataclass_fields__)
     missing = [key for key in keys if f"`{key}`" not in docs]
     assert missing == []
+
+
+def test_operations_settings() -> None:
+    settings = load_settings(
+        None,
+        {
+            "TABSERVE_SHUTDOWN_GRACE": "0",
+            "TABSERVE_LOG_FILE": "~/t.log",
+            "TABSERVE_LOG_FORMAT": "JSON",
+        },
+    )
+    assert settings.shutdown_grace == 0
+    assert settings.log_file == Path("~/t.log").expanduser().resolve()
+    assert settings.log_format == "json"
+    defaults = load_settings(None, {})
+    assert (defaults.shutdown_grace, defaults.log_file, defaults.metrics_auth) == (20.0, None, True)
+    with pytest.raises(ConfigError, match="TABSERVE_SHUTDOWN_GRACE"):
+        load_settings(None, {"TABSERVE_SHUTDOWN_GRACE": "-1"})
+    with pytest.raises(ConfigError, match="TABSERVE_METRICS_AUTH"):
+        load_settings(None, {"TABSERVE_METRICS_AUTH": "maybe"})

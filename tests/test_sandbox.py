@@ -85,6 +85,7 @@ def isolated(server_factory: ServerFactory, outside_tmp: Path) -> Case:
         TABPY_PWD_FILE=str(secret),
         TABSERVE_SANDBOX="bubblewrap",
         TABSERVE_WORKER_USER="nobody",
+        TABSERVE_LOG_FILE=str(workdir / "tabserve.log"),
         TABSERVE_WORKER_MEMORY_MB="512",
         TABSERVE_WORKER_PROCESSES="16",
         TABSERVE_WORKER_CPU_SECONDS="3",
@@ -256,6 +257,13 @@ except OSError as exc:
         target.unlink(missing_ok=True)
 
 
+def test_sandboxed_workers_write_the_log_file(isolated: Case) -> None:
+    marker = f"logged-{uuid.uuid4().hex}"
+    response = isolated.server.evaluate(f"logging.getLogger('script').warning('{marker}')")
+    assert response.status_code == 200
+    assert marker in (isolated.server.workdir / "tabserve.log").read_text()
+
+
 def test_user_code_is_not_root_when_the_server_is(isolated: Case) -> None:
     seen = attempt(isolated.server, "import os\nreturn [f'{os.getuid()} {os.geteuid()}']")
     uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.getuid()
@@ -371,6 +379,7 @@ def test_fails_closed_when_bubblewrap_is_missing(
     )
     info = trusted.get("/info").json()
     assert info["versions"]["v1"]["features"]["evaluate_enabled"] is False
+    assert trusted.get("/health/ready").status_code == 200  # it still serves deployed code
     assert info["sandbox"]["self_check"] == "failed"
     assert any("bubblewrap" in problem for problem in info["sandbox"]["problems"])
     refused = trusted.evaluate("return [1]")
@@ -384,6 +393,10 @@ def test_fails_closed_when_bubblewrap_is_missing(
 
     untrusted = server_factory(env=broken, workdir=workdir, TABSERVE_SANDBOX="bubblewrap")
     assert untrusted.get("/info").json()["sandbox"]["query_enabled"] is False
+    ready = untrusted.get("/health/ready")
+    assert ready.status_code == 503
+    sandbox_check = next(c for c in ready.json()["checks"] if c["name"] == "sandbox")
+    assert not sandbox_check["ok"] and "bubblewrap" in sandbox_check["detail"]
     query = untrusted.post("/query/double", json={"data": {"x": [3]}})
     assert query.status_code == 503
     assert "TABSERVE_TRUST_DEPLOYED_CODE" in query.json()["info"]
