@@ -32,6 +32,8 @@ import pytest
 from conftest import Server, ServerFactory
 from tabserve import sandbox
 from tabserve.config import load_settings
+from tabserve.errors import SandboxUnavailable
+from tabserve.executor import describe_exit
 from tabserve.passwords import hash_password
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -474,3 +476,107 @@ def test_bubblewrap_command_hides_secrets_and_state(outside_tmp: Path) -> None:
     networked = sandbox.confinement(allowed).prefix
     assert "--unshare-net" not in networked
     assert ("--share-net" in networked) == ("--unshare-all" in networked)
+
+
+# -- judging a probe -----------------------------------------------------------------------
+
+
+def _probe_result(**overrides: object) -> dict[str, object]:
+    """What a well-confined worker reports (uid nobody, limits, nothing reachable)."""
+    result: dict[str, object] = {
+        "uid": 65534,
+        "euid": 65534,
+        "gid": 65534,
+        "groups": [],
+        "capabilities": 0,
+        "limits": {"as": -1, "cpu": 100, "fsize": 1024 * 1024 * 1024, "nofile": 1024, "nproc": 64},
+        "env": ["PATH", "HOME", "TMPDIR"],
+        "secrets": {},
+        "stdlib": "/usr/lib/python3",
+        "stdlib_readable": True,
+        "tmp_writable": True,
+        "state_listing": ["query_objects"],
+        "state_writable": False,
+        "endpoints_readable": True,
+        "outside_writable": False,
+        "connects": False,
+        "server_environ": False,
+    }
+    result.update(overrides)
+    return result
+
+
+def _judge(mode: str, **overrides: object) -> list[tuple[str, str]]:
+    settings = replace(
+        load_settings(None, {"TABSERVE_WORKER_MEMORY_MB": "0", "TABSERVE_WORKERS": "1"}),
+        sandbox=mode,
+    )
+    confined = sandbox.Confinement(
+        mode=mode,
+        drop_to=(65534, 65534),
+        limits={"fsize": 1024, "nofile": 1024, "nproc": 64},
+        endpoint_root="/state/query_objects",
+        state_path="/state",
+    )
+    return sandbox.assess(settings, confined, _probe_result(**overrides))
+
+
+def _errors(findings: list[tuple[str, str]]) -> list[str]:
+    return [message for level, message in findings if level == "error"]
+
+
+def test_a_well_confined_worker_passes() -> None:
+    assert _errors(_judge("bubblewrap")) == []
+    assert _errors(_judge("none")) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"connects": True}, "network"),
+        ({"state_writable": True}, "write into the state directory"),
+        ({"state_listing": ["query_objects", "state.ini"]}, "state.ini"),
+        ({"secrets": {"/etc/tabserve/passwd": True}}, "/etc/tabserve/passwd"),
+        ({"server_environ": True}, "environment"),
+        ({"outside_writable": True}, "outside /tmp"),
+        ({"uid": 0, "euid": 0}, "uid 0"),
+        ({"env": ["PATH", "AWS_SECRET_ACCESS_KEY"]}, "AWS_SECRET_ACCESS_KEY"),
+        ({"limits": {"as": -1, "cpu": 100, "fsize": -1, "nofile": 1024, "nproc": 64}}, "FSIZE"),
+    ],
+)
+def test_each_broken_promise_fails_bubblewrap(overrides: dict[str, object], problem: str) -> None:
+    errors = _errors(_judge("bubblewrap", **overrides))
+    assert any(problem in message for message in errors), errors
+
+
+def test_none_mode_reports_what_it_does_not_promise_without_failing() -> None:
+    findings = _judge("none", connects=True, secrets={"/etc/tabserve/passwd": True})
+    assert _errors(findings) == []
+    levels = {message: level for level, message in findings}
+    assert levels["scripts can read /etc/tabserve/passwd"] == "warning"
+    assert levels["scripts can open network connections"] == "info"
+
+
+def test_an_unreadable_python_fails_once_the_user_is_switched() -> None:
+    errors = _errors(_judge("none", stdlib_readable=False))
+    assert any("cannot read /usr/lib/python3" in message for message in errors)
+
+
+def test_report_gates_evaluate_and_deployed_code() -> None:
+    failed = sandbox.SandboxReport.from_findings("bubblewrap", [("error", "no bwrap")])
+    with pytest.raises(SandboxUnavailable, match="refused"):
+        failed.require_evaluate()
+    with pytest.raises(SandboxUnavailable):
+        failed.require_deployed()
+    trusted = sandbox.SandboxReport.from_findings("bubblewrap", [("error", "no bwrap")], True)
+    trusted.require_deployed()  # trusted deployed code keeps running
+    assert trusted.readiness()[0] and not failed.readiness()[0]
+    passed = sandbox.SandboxReport.from_findings("none", [("warning", "runs as root")])
+    passed.require_evaluate()
+    assert passed.ok
+
+
+def test_launcher_exit_codes_name_the_signal() -> None:
+    assert describe_exit(128 + 24, launcher=True) == "was killed by SIGXCPU"
+    assert describe_exit(3, launcher=True) == "exited with code 3"
+    assert describe_exit(128 + 24) == "exited with code 152"
