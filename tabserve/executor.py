@@ -32,7 +32,7 @@ from .protocol import PREFIX, ProtocolError, decode_header, decode_prefix, encod
 log = logging.getLogger("tabserve.executor")
 
 # Thread pools in numeric libraries would multiply across workers and oversubscribe the CPUs.
-_SINGLE_THREADED = {
+SINGLE_THREADED = {
     "OMP_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -45,7 +45,7 @@ _BOOTSTRAP = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
     "from tabserve.worker import main; sys.exit(main())"
 )
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class PoolStats:
 def worker_environment(allow: Sequence[str], source: Mapping[str, str]) -> dict[str, str]:
     """The environment a worker starts with: only allow-listed variables survive."""
     env = {name: source[name] for name in allow if name in source}
-    for name, value in _SINGLE_THREADED.items():
+    for name, value in SINGLE_THREADED.items():
         env.setdefault(name, value)
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -206,7 +206,7 @@ class WorkerProcess:
             sys.executable,
             "-c",
             _BOOTSTRAP,
-            _PACKAGE_PARENT,
+            PACKAGE_PARENT,
             orjson.dumps(worker_config).decode(),
         ]
         loop = asyncio.get_running_loop()

@@ -38,7 +38,7 @@ import orjson
 
 from .config import ConfigError, Settings
 from .errors import SandboxUnavailable, TabserveError
-from .executor import _PACKAGE_PARENT, _SINGLE_THREADED, Executor, PoolConfig
+from .executor import PACKAGE_PARENT, SINGLE_THREADED, Executor, PoolConfig
 
 log = logging.getLogger("tabserve.sandbox")
 
@@ -155,7 +155,7 @@ def _within(path: str, tops: Iterable[str]) -> bool:
 
 def _runtime_paths() -> list[str]:
     """What the worker's interpreter needs: the prefixes, sys.path and tabserve itself."""
-    candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, _PACKAGE_PARENT}
+    candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, PACKAGE_PARENT}
     candidates.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
     candidates.update(p for p in sys.path if p and os.path.isabs(p) and os.path.isdir(p))
     paths = sorted(os.path.realpath(p) for p in candidates)
@@ -355,7 +355,7 @@ def preflight(confined: Confinement) -> str | None:
 
 
 def _expected_env(settings: Settings, mode: str) -> set[str]:
-    names = set(settings.worker_env) | set(_SINGLE_THREADED) | {"PYTHONUNBUFFERED"}
+    names = set(settings.worker_env) | set(SINGLE_THREADED) | {"PYTHONUNBUFFERED"}
     if mode == BUBBLEWRAP:
         names |= {"HOME", "TMPDIR", "PWD"}  # set by the launcher (PWD by bwrap itself)
     return names
