@@ -86,7 +86,11 @@ def ensure_tabpy_venv(cache: Path = DEFAULT_CACHE, version: str | None = None) -
 
 def tabpy_version(venv: Path) -> str:
     out = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('tabpy'))"],
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import importlib.metadata as m; print(m.version('tabpy'))",
+        ],
         capture_output=True,
         text=True,
     )
