@@ -1,0 +1,397 @@
+"""Settings: every setting declared once, loaded from a TabPy config file and the environment.
+
+A TabPy config file is an INI file whose ``[TabPy]`` section holds ``TABPY_*`` keys. tabserve
+reads the same file unchanged, and its own settings (``TABSERVE_*``) use the same section.
+Precedence is environment > file > default, also when the file has no ``[TabPy]`` section
+(TabPy ignores the environment then, and lets the file win; see docs/configuration.md).
+
+``load_settings`` is called once, at the edge (the CLI); everything below receives the
+frozen ``Settings`` object.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+SECTION = "TabPy"
+
+
+class ConfigError(Exception):
+    """A setting has a value tabserve cannot use; the message names the key and the value."""
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_log_details(raw: str) -> bool:
+    # TabPy's meaning: anything but a case-insensitive "false" turns it on, even "0".
+    return raw.strip().lower() != "false"
+
+
+def _parse_port(raw: str) -> int:
+    port = int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError("expected a port number between 0 and 65535")
+    return port
+
+
+def _parse_positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
+def _parse_non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("expected a whole number of at least 0")
+    return value
+
+
+def _parse_timeout(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("expected a number of seconds greater than 0")
+    return value
+
+
+def _parse_path(raw: str) -> Path:
+    return Path(os.path.expanduser(raw.strip())).resolve()
+
+
+def _parse_optional_path(raw: str) -> Path | None:
+    return _parse_path(raw) if raw.strip() else None
+
+
+def _parse_protocol(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("http", "https"):
+        raise ValueError("expected http or https")
+    return value
+
+
+def _parse_name_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _parse_log_level(raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return value
+
+
+def _parse_log_format(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting as declared on a ``Settings`` field: key, parser, help, default."""
+
+    key: str
+    attr: str
+    parse: Callable[[str], Any]
+    help: str
+    default_doc: str
+    unsupported: str  # non-empty: the key is recognised but not implemented yet
+
+
+def setting(
+    key: str,
+    parse: Callable[[str], Any],
+    help: str,
+    default: Any = None,
+    *,
+    factory: Callable[[], Any] | None = None,
+    doc: str = "",
+    unsupported: str = "",
+) -> Any:
+    """Declare a Settings field together with its config key, parser and help text."""
+    meta = {"key": key, "parse": parse, "help": help, "doc": doc, "unsupported": unsupported}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def physical_memory_bytes() -> int:
+    """Memory available to this machine or container, whichever is smaller."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        # A Kubernetes pod sees the host's RAM but is killed at its cgroup limit.
+        raw = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if raw != "max":
+            total = min(total, int(raw))
+    except (OSError, ValueError):
+        pass
+    return total
+
+
+def default_state_path() -> Path:
+    return Path(platformdirs.user_data_dir("tabserve", appauthor=False))
+
+
+_WORKER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved configuration. Build it with ``load_settings``; each field is a setting."""
+
+    port: int = setting("TABPY_PORT", _parse_port, "TCP port to listen on.", 9004)
+    state_path: Path = setting(
+        "TABPY_STATE_PATH",
+        _parse_path,
+        "Directory holding state.ini and deployed endpoints; created if missing.",
+        factory=default_state_path,
+        doc="a per-user data directory, e.g. `~/.local/share/tabserve`",
+    )
+    query_object_path: Path | None = setting(
+        "TABPY_QUERY_OBJECT_PATH",
+        _parse_optional_path,
+        "Where deployed endpoint files live.",
+        doc="`<state path>/query_objects`",
+    )
+    static_path: Path | None = setting(
+        "TABPY_STATIC_PATH",
+        _parse_optional_path,
+        "Directory of static files served at `/`.",
+        doc="the built-in page",
+    )
+    password_file: Path | None = setting(
+        "TABPY_PWD_FILE",
+        _parse_optional_path,
+        "TabPy password file; setting it turns on HTTP Basic authentication.",
+        doc="unset (no authentication)",
+        unsupported="authentication",
+    )
+    transfer_protocol: str = setting(
+        "TABPY_TRANSFER_PROTOCOL", _parse_protocol, "`http` or `https`.", "http"
+    )
+    certificate_file: Path | None = setting(
+        "TABPY_CERTIFICATE_FILE",
+        _parse_optional_path,
+        "PEM certificate (full chain) for https.",
+        unsupported="TLS",
+    )
+    key_file: Path | None = setting(
+        "TABPY_KEY_FILE", _parse_optional_path, "PEM private key for https.", unsupported="TLS"
+    )
+    minimum_tls_version: str = setting(
+        "TABPY_MINIMUM_TLS_VERSION",
+        str.strip,
+        "Lowest TLS version accepted: a name of `ssl.TLSVersion` such as `TLSv1_2` or `TLSv1_3`.",
+        "TLSv1_2",
+    )
+    log_details: bool = setting(
+        "TABPY_LOG_DETAILS",
+        _parse_log_details,
+        "Log caller details (address, TabPy-Client and TabPy-User headers). As in TabPy, any "
+        "value but `false` turns it on.",
+        False,
+    )
+    max_request_size_mb: int = setting(
+        "TABPY_MAX_REQUEST_SIZE_MB",
+        _parse_positive_int,
+        "Largest request body in MiB, also after gzip decompression; larger gets 413.",
+        100,
+    )
+    evaluate_enabled: bool = setting(
+        "TABPY_EVALUATE_ENABLE",
+        _parse_bool,
+        "Allow ad-hoc scripts on `/evaluate`; when false it answers 404.",
+        True,
+    )
+    evaluate_timeout: float = setting(
+        "TABPY_EVALUATE_TIMEOUT",
+        _parse_timeout,
+        "Seconds a request may take, queueing included; then the worker is killed (408).",
+        30.0,
+    )
+    gzip_enabled: bool = setting(
+        "TABPY_GZIP_ENABLE",
+        _parse_bool,
+        "Accept gzip-compressed request bodies (`Content-Encoding: gzip`).",
+        True,
+    )
+    arrow_enabled: bool = setting(
+        "TABPY_ARROW_ENABLE",
+        _parse_bool,
+        "Arrow Flight side channel for Tableau Prep. Not supported: must stay false.",
+        False,
+    )
+    bind_address: str = setting(
+        "TABSERVE_BIND_ADDRESS",
+        str.strip,
+        "Address to listen on; `0.0.0.0` or `::` for every interface.",
+        "127.0.0.1",
+    )
+    workers: int = setting(
+        "TABSERVE_WORKERS",
+        _parse_positive_int,
+        "Number of worker processes running user code.",
+        factory=_default_workers,
+        doc="the number of CPUs",
+    )
+    worker_memory_mb: int = setting(
+        "TABSERVE_WORKER_MEMORY_MB",
+        _parse_non_negative_int,
+        "Address-space cap per worker in MiB (0: no cap). A worker over it fails the request "
+        "and is replaced.",
+        0,
+        doc="physical memory (or the cgroup limit) / (workers + 1)",
+    )
+    queue_length: int = setting(
+        "TABSERVE_QUEUE_LENGTH",
+        _parse_non_negative_int,
+        "Requests that may wait for a free worker; beyond that, 503 with `Retry-After`.",
+        128,
+    )
+    worker_env: tuple[str, ...] = setting(
+        "TABSERVE_WORKER_ENV",
+        _parse_name_list,
+        "Comma-separated environment variables passed to workers; all others are removed.",
+        _WORKER_ENV,
+        doc="`" + ",".join(_WORKER_ENV) + "`",
+    )
+    log_level: str = setting(
+        "TABSERVE_LOG_LEVEL",
+        _parse_log_level,
+        "`DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL`.",
+        "INFO",
+    )
+    log_format: str = setting(
+        "TABSERVE_LOG_FORMAT", _parse_log_format, "Log line format: `text` or `json`.", "text"
+    )
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.max_request_size_mb * 1024 * 1024
+
+    @property
+    def endpoint_path(self) -> Path:
+        return self.query_object_path or self.state_path / "query_objects"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.transfer_protocol == "https"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.password_file is not None
+
+
+def declared_settings() -> tuple[Setting, ...]:
+    """Every setting, in declaration order, with the text for docs and --help."""
+    result = []
+    for f in fields(Settings):
+        meta = f.metadata
+        if f.default is not MISSING:
+            default_doc = meta["doc"] or f"`{_show(f.default)}`"
+        else:
+            default_doc = meta["doc"]
+        result.append(
+            Setting(
+                meta["key"], f.name, meta["parse"], meta["help"], default_doc, meta["unsupported"]
+            )
+        )
+    return tuple(result)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def _read_file(path: Path) -> Mapping[str, str]:
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys keep their case
+    try:
+        with path.open(encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except configparser.Error as exc:
+        raise ConfigError(f"config file {path} is not a valid INI file: {exc}") from exc
+    if not parser.has_section(SECTION):
+        return {}
+    return {key.upper(): value for key, value in parser.items(SECTION)}
+
+
+def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Settings:
+    """Resolve every setting: environment, then the file's [TabPy] section, then the default.
+
+    Raises ConfigError with a one-line message naming the key and the bad value.
+    """
+    from_file = _read_file(Path(path)) if path is not None else {}
+    values: dict[str, Any] = {}
+    for setting in declared_settings():
+        raw = environ.get(setting.key)
+        source = "environment"
+        if raw is None:
+            raw = from_file.get(setting.key)
+            source = "config file"
+        if raw is None:
+            continue
+        try:
+            value = setting.parse(raw)
+        except ValueError as exc:
+            detail = str(exc) if not str(exc).startswith("invalid literal") else "wrong type"
+            raise ConfigError(
+                f"invalid value for {setting.key} in the {source}: {raw!r} ({detail})"
+            ) from None
+        if setting.unsupported and value is not None:
+            raise ConfigError(
+                f"{setting.key} = {raw!r}: {setting.unsupported} is not supported yet by "
+                "this version of tabserve"
+            )
+        values[setting.attr] = value
+    settings = Settings(**values)
+    return _finish(settings, values)
+
+
+def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
+    """Check combinations of settings and fill defaults that depend on other settings."""
+    if settings.arrow_enabled:
+        raise ConfigError(
+            "TABPY_ARROW_ENABLE = true: the Arrow Flight side channel is not supported by "
+            "tabserve; set it to false"
+        )
+    if settings.tls_enabled:
+        raise ConfigError(
+            "TABPY_TRANSFER_PROTOCOL = 'https': TLS is not supported yet by this version "
+            "of tabserve"
+        )
+    if "worker_memory_mb" not in given:
+        per_worker = physical_memory_bytes() // (settings.workers + 1) // (1024 * 1024)
+        settings = replace(settings, worker_memory_mb=per_worker)
+    return settings

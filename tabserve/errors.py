@@ -1,0 +1,193 @@
+"""The one error hierarchy of tabserve.
+
+Every error a caller may see is a ``TabserveError``; the class carries the HTTP status,
+and the instance carries TabPy's envelope fields ``message`` and ``info``. The server
+renders them in exactly one place (``handlers.JsonHandler.write_error``); workers send
+them over the pipe with ``to_wire``/``from_wire``; the client raises them from responses.
+
+    TabserveError (500)
+    ├── BadRequest (400)
+    ├── Unauthorized (401)
+    ├── Forbidden (403)
+    ├── NotFound (404)
+    │   ├── EvaluateDisabled
+    │   └── EndpointNotFound
+    ├── MethodNotAllowed (405)
+    ├── NotAcceptable (406)
+    ├── ScriptTimeout (408)
+    ├── PayloadTooLarge (413)
+    ├── UnsupportedEncoding (415)
+    ├── ScriptError (500)
+    │   └── WorkerDied
+    └── Overloaded (503)
+
+This module imports nothing from tabserve, so the client and the worker can use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+Info = dict[str, Any] | str
+
+
+class TabserveError(Exception):
+    """Base for every error a caller may see."""
+
+    status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "Internal server error"
+
+    def __init__(self, message: str | None = None, info: Info | None = None) -> None:
+        self.message = message if message is not None else self.default_message
+        self.info: Info = info if info is not None else {}
+        # What a worker reported about the failed job (pid, timings), for the access log.
+        self.meta: dict[str, Any] = {}
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        if self.info:
+            return f"{self.message}: {self.info}"
+        return self.message
+
+    def envelope(self) -> dict[str, Any]:
+        """The body every error response carries: TabPy's ``{"message", "info"}``."""
+        return {"message": self.message, "info": self.info}
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers this error needs (e.g. Retry-After)."""
+        return {}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"status": self.status, "message": self.message, "info": self.info}
+
+    @staticmethod
+    def from_wire(data: dict[str, Any]) -> TabserveError:
+        """Rebuild an error sent by a worker or a server, picking the class by status."""
+        return error_for_status(int(data["status"]), data.get("message"), data.get("info"))
+
+
+class BadRequest(TabserveError):
+    status = 400
+    default_message = "Bad request"
+
+
+class Unauthorized(TabserveError):
+    status = 401
+    default_message = "Invalid credentials provided."
+    realm = "TabPy Server"
+
+    def __init__(self, message: str | None = None, info: Info | None = None) -> None:
+        super().__init__(message, info if info is not None else "Unauthorized request.")
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": f'Basic realm="{self.realm}"'}
+
+
+class Forbidden(TabserveError):
+    status = 403
+    default_message = "Forbidden"
+
+
+class NotFound(TabserveError):
+    status = 404
+    default_message = "Not found"
+
+
+class EvaluateDisabled(NotFound):
+    default_message = (
+        "Ad-hoc scripts have been disabled on this analytics extension, "
+        "please contact your administrator."
+    )
+
+
+class EndpointNotFound(NotFound):
+    def __init__(self, name: str) -> None:
+        super().__init__("UnknownURI", f"Endpoint '{name}' does not exist")
+        self.name = name
+
+
+class MethodNotAllowed(TabserveError):
+    status = 405
+    default_message = "Method not allowed"
+
+
+class NotAcceptable(TabserveError):
+    status = 406
+    default_message = "Username or password provided when authentication not available."
+
+    def __init__(self, message: str | None = None, info: Info | None = None) -> None:
+        super().__init__(message, info if info is not None else "Not Acceptable")
+
+
+class ScriptTimeout(TabserveError):
+    status = 408
+    default_message = "User defined script timed out."
+
+    @classmethod
+    def after(cls, timeout: float) -> ScriptTimeout:
+        # TabPy prints the configured value with str(), so 2 from a config file reads "2.0".
+        return cls(f"User defined script timed out. Timeout is set to {timeout} s.")
+
+
+class PayloadTooLarge(TabserveError):
+    status = 413
+
+    @classmethod
+    def for_size(cls, size: int | str, limit: int) -> PayloadTooLarge:
+        return cls(
+            f"Request with size {size} exceeded limit of {limit} (bytes).",
+            "Request Entity Too Large",
+        )
+
+
+class UnsupportedEncoding(TabserveError):
+    status = 415
+    default_message = "Unsupported Content-Encoding"
+
+
+class ScriptError(TabserveError):
+    """User code failed: TabPy's 500 ``Error processing script``."""
+
+    status = 500
+    default_message = "Error processing script"
+
+
+class WorkerDied(ScriptError):
+    """The worker process running the request died (crash, kill, memory cap)."""
+
+
+class Overloaded(TabserveError):
+    status = 503
+    default_message = "Server is busy: the request queue is full"
+    retry_after = 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
+
+
+_BY_STATUS: dict[int, type[TabserveError]] = {
+    cls.status: cls
+    for cls in (
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        MethodNotAllowed,
+        NotAcceptable,
+        ScriptTimeout,
+        PayloadTooLarge,
+        UnsupportedEncoding,
+        ScriptError,
+        Overloaded,
+    )
+}
+
+
+def error_for_status(status: int, message: str | None, info: Info | None) -> TabserveError:
+    """An error of the class that owns ``status``; an unknown status keeps its number."""
+    cls = _BY_STATUS.get(status)
+    if cls is not None:
+        return cls(message, info)
+    err = TabserveError(message, info)
+    err.status = status  # type: ignore[misc]
+    return err

@@ -1,0 +1,244 @@
+"""HTTP handlers: parse the request, call a service, write the answer. Nothing more.
+
+Every handler derives from ``JsonHandler``, which owns the three cross-cutting rules:
+request bodies are streamed and size-checked here (so Tornado never parses a JSON body as a
+form, and an oversized body gets TabPy's 413 on every route), errors are rendered in one
+place as TabPy's ``{"message", "info"}`` envelope, and responses are JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tornado.web import HTTPError, RequestHandler, stream_request_body
+
+from . import __version__
+from .config import Settings
+from .errors import EvaluateDisabled, MethodNotAllowed, NotFound, PayloadTooLarge, TabserveError
+from .executor import Executor
+from .store import ServiceInfo
+
+log = logging.getLogger("tabserve.http")
+
+# An oversized body is read and thrown away (so the client, still sending, can read our 413)
+# up to this much past the limit; beyond it the connection is closed instead.
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+_Verb = TypeVar("_Verb", bound=Callable[..., Awaitable[None] | None])
+
+
+@dataclass
+class Services:
+    """What handlers may use; built once in ``app.make_app``."""
+
+    settings: Settings
+    executor: Executor
+    service: ServiceInfo
+    state_path: str
+
+
+def _reject_oversized(verb: _Verb) -> _Verb:
+    @functools.wraps(verb)
+    def checked(self: JsonHandler, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
+        if self._too_large:
+            limit = self.services.settings.max_request_bytes
+            raise PayloadTooLarge.for_size(self._declared_size(), limit)
+        return verb(self, *args, **kwargs)
+
+    return checked  # type: ignore[return-value]
+
+
+@stream_request_body
+class JsonHandler(RequestHandler):
+    """Base of every handler: streamed size-checked bodies, JSON errors, CORS headers."""
+
+    services: Services
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A streamed body is complete only when the verb method starts; guarding each verb
+        # is the one place where an oversized body can be refused for every route.
+        super().__init_subclass__(**kwargs)
+        for name in ("get", "post", "put", "delete", "patch"):
+            if name in cls.__dict__:
+                setattr(cls, name, _reject_oversized(cls.__dict__[name]))
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+        self._chunks: list[bytes] = []
+        self._received = 0
+        self._too_large = False
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.clear_header("Server")
+
+    def _declared_size(self) -> str:
+        return self.request.headers.get("Content-Length") or str(self._received)
+
+    async def prepare(self) -> None:
+        limit = self.services.settings.max_request_bytes
+        declared = self.request.headers.get("Content-Length")
+        if declared is None or not declared.isdigit() or int(declared) <= limit:
+            return
+        self._too_large = True
+        # Tornado would answer a bare HTML 400 for a length over its own cap; ours rules.
+        self.request.connection.set_max_body_size(int(declared))  # type: ignore[union-attr]
+        expects_continue = self.request.headers.get("Expect", "").lower() == "100-continue"
+        if expects_continue or int(declared) > limit + DRAIN_LIMIT:
+            # The client has not sent the body (or it is huge): answer now and close.
+            self.set_header("Connection", "close")
+            raise PayloadTooLarge.for_size(declared, limit)
+
+    def data_received(self, chunk: bytes) -> None:
+        self._received += len(chunk)
+        limit = self.services.settings.max_request_bytes
+        if self._received > limit:
+            self._too_large = True
+            self._chunks.clear()
+            if self._received > limit + DRAIN_LIMIT and not self._finished:
+                error = PayloadTooLarge.for_size(self._received, limit)
+                self.set_header("Connection", "close")
+                self.send_error(error.status, exc_info=(type(error), error, None))
+            return
+        self._chunks.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
+
+    def add_cors_headers(self) -> None:
+        for key, value in self.services.service.cors:
+            self.set_header(key, value)
+
+    def write_json(self, value: Any, status: int = 200) -> None:
+        """Write a small control-plane document with TabPy's separators."""
+        self.set_status(status)
+        self.finish(json.dumps(value))
+
+    @_reject_oversized
+    async def get(self, *args: str) -> None:
+        raise MethodNotAllowed(
+            "Method not allowed", f"{self.request.method} is not supported on {self.request.path}"
+        )
+
+    post = put = delete = patch = get
+
+    def options(self, *args: str) -> None:
+        """CORS preflight: the configured headers and an empty answer."""
+        self.add_cors_headers()
+        self.set_status(204)
+        self.finish()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """The one place errors become responses: TabPy's envelope, JSON, never HTML."""
+        error = _as_tabserve_error(status_code, kwargs.get("exc_info"))
+        self.set_status(error.status)
+        for key, value in error.headers().items():
+            self.set_header(key, value)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(error.envelope()))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, TabserveError | HTTPError):
+            return  # an answer, not a fault: the access log line records it
+        super().log_exception(typ, value, tb)
+
+
+def _as_tabserve_error(status_code: int, exc_info: Any) -> TabserveError:
+    value = exc_info[1] if exc_info else None
+    if isinstance(value, TabserveError):
+        return value
+    if isinstance(value, HTTPError) and status_code < 500:
+        try:
+            reason = HTTPStatus(status_code).phrase
+        except ValueError:
+            reason = "Bad request"
+        error = TabserveError(reason, value.log_message or {})
+        error.status = status_code  # type: ignore[misc]
+        return error
+    # Never echo an unexpected exception: its text may carry paths or internals.
+    return TabserveError("Internal server error", "The server failed; see its log for details.")
+
+
+class InfoHandler(JsonHandler):
+    async def get(self) -> None:
+        """Tableau's Test Connection: static facts about this server."""
+        settings = self.services.settings
+        features: dict[str, Any] = {}
+        if settings.auth_enabled:
+            features["authentication"] = {"required": True, "methods": {"basic-auth": {}}}
+        features["evaluate_enabled"] = settings.evaluate_enabled
+        features["gzip_enabled"] = settings.gzip_enabled
+        features["arrow_enabled"] = settings.arrow_enabled
+        self.add_cors_headers()
+        self.write_json(
+            {
+                "description": self.services.service.description,
+                "creation_time": self.services.service.creation_time,
+                "state_path": self.services.state_path,
+                "server_version": __version__,
+                "name": self.services.service.name,
+                "versions": {"v1": {"features": features}},
+            }
+        )
+
+
+class EvaluateHandler(JsonHandler):
+    async def post(self) -> None:
+        """Run an ad-hoc script in a worker; the worker parses the body and encodes the result."""
+        settings = self.services.settings
+        if not settings.evaluate_enabled:
+            raise EvaluateDisabled()
+        result = await self.services.executor.run(
+            "evaluate",
+            self.body,
+            settings.evaluate_timeout,
+            {"encoding": self.request.headers.get("Content-Encoding", "").strip().lower()},
+        )
+        self.add_cors_headers()
+        self.finish(result.body)
+
+
+class RootHandler(JsonHandler):
+    def initialize(self, services: Services, page: Path) -> None:  # type: ignore[override]
+        super().initialize(services)
+        self.page = page
+
+    async def get(self) -> None:
+        """The human-facing page at /."""
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.finish(self.page.read_bytes())
+
+
+class NotFoundHandler(JsonHandler):
+    """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page."""
+
+    async def get(self, *args: str) -> None:
+        raise NotFound("Not found", f"No route for {self.request.method} {self.request.path}")
+
+    post = put = delete = patch = get
+
+
+def log_request(handler: RequestHandler) -> None:
+    """One access-log line per request (Tornado's log_function hook)."""
+    status = handler.get_status()
+    level = logging.INFO if status < 500 else logging.ERROR
+    if log.isEnabledFor(level):
+        request = handler.request
+        log.log(
+            level,
+            "%s %s %d %.1fms",
+            request.method,
+            request.path,
+            status,
+            1000.0 * request.request_time(),
+        )

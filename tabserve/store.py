@@ -1,0 +1,111 @@
+"""state.ini: the server's identity, CORS headers and (later) deployed endpoints, on disk.
+
+The file is TabPy's format, read with interpolation switched off so that ``%`` is an
+ordinary character. Writes go to a temporary file that is fsynced and renamed over the
+original, so a crash never leaves a half-written state.ini behind.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+STATE_FILE = "state.ini"
+SERVICE_INFO = "Service Info"
+CORS_KEYS = (
+    "Access-Control-Allow-Origin",
+    "Access-Control-Allow-Headers",
+    "Access-Control-Allow-Methods",
+)
+
+
+class StateError(Exception):
+    """state.ini is missing a required part or cannot be read."""
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """``[Service Info]``: what /info reports, and the CORS headers to send."""
+
+    name: str = "tabserve"
+    description: str = ""
+    creation_time: str = "0"
+    cors: tuple[tuple[str, str], ...] = ()
+
+
+def new_parser() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=None, allow_no_value=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys keep their case
+    return parser
+
+
+def ensure_state_dir(state_path: Path) -> Path:
+    """Create the state directory and, when absent, state.ini from the template."""
+    state_path.mkdir(parents=True, exist_ok=True)
+    state_file = state_path / STATE_FILE
+    if not state_file.exists():
+        template = resources.files("tabserve").joinpath("data", STATE_FILE)
+        with resources.as_file(template) as source:
+            atomic_write(state_file, Path(source).read_bytes())
+    return state_file
+
+
+def read_state(state_file: Path) -> configparser.ConfigParser:
+    parser = new_parser()
+    try:
+        with state_file.open(encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise StateError(f"cannot read {state_file}: {exc.strerror}") from exc
+    except configparser.Error as exc:
+        raise StateError(f"{state_file} is not a valid state file: {exc}") from exc
+    if not parser.has_section(SERVICE_INFO):
+        raise StateError(f"Expected [{SERVICE_INFO}] section in {state_file}")
+    return parser
+
+
+def service_info(parser: configparser.ConfigParser) -> ServiceInfo:
+    section = parser[SERVICE_INFO]
+    cors = tuple((key, section[key]) for key in CORS_KEYS if section.get(key))
+    return ServiceInfo(
+        name=section.get("Name") or "tabserve",
+        description=section.get("Description") or "",
+        creation_time=section.get("Creation Time") or "0",
+        cors=cors,
+    )
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself is only durable once the directory entry is on disk.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,162 @@
+"""The worker process: receives jobs over a pipe, runs user code, answers with JSON bytes.
+
+Started by ``executor.WorkerProcess`` as a fresh interpreter (never forked from the server,
+so it holds none of the server's memory or secrets), in its own process group so that a
+timeout can kill it together with anything it spawned. It knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+import uuid
+from typing import Any
+
+import numpy
+import orjson
+import pandas
+
+from .errors import BadRequest, ScriptError, TabserveError
+from .protocol import BlockingChannel, ProtocolError
+from .script import ScriptSyntaxError, compile_script, describe_exception, load_function
+from .wire import EvaluateRequest, check_result_length, decode_body, encode_result, parse_json
+
+log = logging.getLogger("tabserve.worker")
+
+# Names that TabPy scripts in the wild use without importing them.
+_CONVENIENCE = {
+    "pandas": pandas,
+    "pd": pandas,
+    "numpy": numpy,
+    "np": numpy,
+    "json": json,
+    "math": math,
+    "datetime": datetime,
+    "time": time,
+    "uuid": uuid,
+    "logging": logging,
+}
+
+
+def fresh_namespace() -> dict[str, Any]:
+    """Globals for one call: nothing a script defines survives into the next request."""
+    namespace: dict[str, Any] = {"__builtins__": builtins, "__name__": "__tabserve_script__"}
+    namespace.update(_CONVENIENCE)
+    return namespace
+
+
+class ScriptTabpy:
+    """The ``tabpy`` object scripts receive (``tabpy.query(name, *args, **kwargs)``)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    def query(self, name: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self._worker.query_from_script(name, args, kwargs)
+
+
+class Worker:
+    """Runs jobs one at a time. ``handle`` never raises for a failure of user code."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.memory_mb: int = config.get("memory_mb", 0)
+        self.request_limit: int = config["request_limit"]
+        self.gzip_enabled: bool = config.get("gzip_enabled", True)
+        self.tabpy = ScriptTabpy(self)
+
+    def handle(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        started = time.perf_counter()
+        try:
+            body, meta = self._dispatch(header, payload)
+            reply: dict[str, Any] = {"status": 200, **meta}
+        except TabserveError as exc:
+            reply, body = exc.to_wire(), b""
+        except MemoryError:
+            limit = f"its memory limit of {self.memory_mb} MiB" if self.memory_mb else "memory"
+            error = ScriptError(info=f"MemoryError : the script exceeded {limit}")
+            # The heap may be fragmented or half-built: start the next request afresh.
+            reply, body = {**error.to_wire(), "recycle": True}, b""
+        reply["exec_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        return reply, body
+
+    def _dispatch(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
+        kind = header.get("kind")
+        if kind == "evaluate":
+            return self.evaluate(header, payload)
+        if kind == "ping":
+            return b"{}", {}
+        raise BadRequest(f"unknown job kind {kind!r}")
+
+    def evaluate(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
+        body = decode_body(payload, header.get("encoding"), self.request_limit, self.gzip_enabled)
+        request = EvaluateRequest.parse(parse_json(body))
+        try:
+            code = compile_script(request.script, request.arg_names)
+        except ScriptSyntaxError as exc:
+            raise ScriptError(info=str(exc)) from None
+        function = load_function(code, fresh_namespace())
+        try:
+            result = function(self.tabpy, **request.data)
+        except MemoryError:
+            raise
+        except (Exception, SystemExit) as exc:
+            log.error("script failed", exc_info=exc)
+            raise ScriptError(info=describe_exception(exc)) from None
+        check_result_length(request.data, result)
+        rows_in = max((len(v) for v in request.data.values() if isinstance(v, list)), default=0)
+        return encode_result(result), {"rows_in": rows_in}
+
+    def query_from_script(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        raise LookupError(f"endpoint '{name}' is not deployed")
+
+
+def _apply_memory_cap(memory_mb: int) -> None:
+    if memory_mb > 0:
+        cap = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def _claim_protocol_fds() -> BlockingChannel:
+    """Keep stdin/stdout for frames; user code's print() goes to stderr instead."""
+    read_fd, write_fd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    return BlockingChannel(read_fd, write_fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a worker process: ``python -m tabserve.worker CONFIG_JSON``."""
+    args = sys.argv[1:] if argv is None else argv
+    config = orjson.loads(args[0]) if args else {"request_limit": 100 * 1024 * 1024}
+    logging.basicConfig(
+        level=config.get("log_level", "INFO"),
+        format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(message)s",
+    )
+    channel = _claim_protocol_fds()
+    worker = Worker(config)
+    _apply_memory_cap(worker.memory_mb)
+    channel.send({"ready": True, "pid": os.getpid()})
+    while True:
+        try:
+            header, payload = channel.receive()
+        except ProtocolError:
+            return 0  # the server went away or is shutting us down
+        reply, body = worker.handle(header, payload)
+        channel.send(reply, body)
+        if reply.get("recycle"):
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Settings: TabPy keys with TabPy meanings, environment over file, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tabserve.config import ConfigError, Settings, declared_settings, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tabpy.conf"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    settings = load_settings(None, {})
+    assert settings.port == 9004
+    assert settings.bind_address == "127.0.0.1"
+    assert settings.evaluate_timeout == 30.0
+    assert settings.evaluate_enabled and settings.gzip_enabled and not settings.arrow_enabled
+    assert settings.max_request_bytes == 100 * 1024 * 1024
+    assert settings.workers >= 1
+    assert settings.worker_memory_mb > 0
+    assert "site-packages" not in str(settings.state_path)
+
+
+def test_tabpy_config_file_is_read_unchanged(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "[TabPy]\nTABPY_PORT = 9010\nTABPY_STATE_PATH = ./state\n"
+        "TABPY_QUERY_OBJECT_PATH = /tmp/qo\nTABPY_EVALUATE_TIMEOUT = 1996\n"
+        "TABPY_EVALUATE_ENABLE = false\nTABPY_GZIP_ENABLE = FALSE\nTABPY_LOG_DETAILS = 0\n"
+        "TABPY_MAX_REQUEST_SIZE_MB = 5\nTABPY_TRANSFER_PROTOCOL = http\n\n"
+        "[loggers]\nkeys=root\n",
+    )
+    settings = load_settings(path, {})
+    assert settings.port == 9010
+    assert settings.state_path == Path("./state").resolve()
+    assert settings.endpoint_path == Path("/tmp/qo")
+    assert settings.evaluate_timeout == 1996.0
+    assert settings.evaluate_enabled is False
+    assert settings.gzip_enabled is False
+    assert settings.log_details is True  # TabPy: anything but "false" turns it on
+    assert settings.max_request_size_mb == 5
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[TabPy]\nTABPY_PORT = 9010\nTABPY_EVALUATE_TIMEOUT = 3\n")
+    settings = load_settings(path, {"TABPY_PORT": "19999"})
+    assert settings.port == 19999
+    assert settings.evaluate_timeout == 3.0
+
+
+def test_environment_applies_without_a_tabpy_section(tmp_path: Path) -> None:
+    path = write(tmp_path, "[Other]\nx = 1\n")
+    settings = load_settings(path, {"TABPY_EVALUATE_TIMEOUT": "7", "TABSERVE_WORKERS": "3"})
+    assert settings.evaluate_timeout == 7.0
+    assert settings.workers == 3
+
+
+def test_percent_is_not_interpolated(tmp_path: Path) -> None:
+    path = write(tmp_path, "[TabPy]\nTABPY_STATE_PATH = /tmp/100%done\n")
+    assert str(load_settings(path, {}).state_path) == "/tmp/100%done"
+
+
+def test_memory_cap_default_divides_memory_between_workers() -> None:
+    one = load_settings(None, {"TABSERVE_WORKERS": "1"}).worker_memory_mb
+    three = load_settings(None, {"TABSERVE_WORKERS": "3"}).worker_memory_mb
+    assert one == pytest.approx(three * 2, rel=0.01)
+    assert load_settings(None, {"TABSERVE_WORKER_MEMORY_MB": "0"}).worker_memory_mb == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("TABPY_PORT", "abc"),
+        ("TABPY_PORT", "70000"),
+        ("TABPY_EVALUATE_TIMEOUT", "soon"),
+        ("TABPY_EVALUATE_TIMEOUT", "0"),
+        ("TABPY_EVALUATE_ENABLE", "maybe"),
+        ("TABPY_MAX_REQUEST_SIZE_MB", "0.5"),
+        ("TABPY_TRANSFER_PROTOCOL", "ftp"),
+        ("TABSERVE_WORKERS", "0"),
+        ("TABSERVE_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_bad_value_names_key_and_value(tmp_path: Path, key: str, value: str) -> None:
+    path = write(tmp_path, f"[TabPy]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    message = str(caught.value)
+    assert key in message and repr(value) in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("TABPY_PWD_FILE", "/etc/passwords.txt"),
+        ("TABPY_CERTIFICATE_FILE", "/etc/cert.pem"),
+        ("TABPY_KEY_FILE", "/etc/key.pem"),
+        ("TABPY_TRANSFER_PROTOCOL", "https"),
+        ("TABPY_ARROW_ENABLE", "true"),
+    ],
+)
+def test_unsupported_keys_are_refused_not_ignored(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {key: value})
+    assert key in str(caught.value)
+    assert "not supported" in str(caught.value)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "missing.conf", {})
+
+
+def test_every_setting_is_declared_once_and_documented() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    keys = [s.key for s in declared_settings()]
+    assert len(keys) == len(set(keys))
+    assert {s.attr for s in declared_settings()} <= set(Settings.__dataclass_fields__)
+    missing = [key for key in keys if f"`{key}`" not in docs]
+    assert missing == []

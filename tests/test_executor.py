@@ -1,0 +1,146 @@
+"""The executor on its own: no HTTP, just jobs in and results or errors out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+
+import orjson
+import pytest
+
+from tabserve.errors import BadRequest, Overloaded, ScriptError, ScriptTimeout, WorkerDied
+from tabserve.executor import Executor, PoolConfig, describe_exit, worker_environment
+
+
+def run_with_pool(test: Callable[[Executor], Awaitable[None]], **config: object) -> None:
+    async def main() -> None:
+        options = {"workers": 1, "request_limit": 1 << 20, **config}
+        executor = Executor(PoolConfig(**options))  # type: ignore[arg-type]
+        await executor.start()
+        try:
+            await test(executor)
+        finally:
+            await executor.close()
+
+    asyncio.run(main())
+
+
+def job(script: str, **data: object) -> bytes:
+    return orjson.dumps({"script": script, "data": data})
+
+
+def test_result_bytes_and_meta() -> None:
+    async def test(executor: Executor) -> None:
+        payload = job("return [x * 2 for x in _arg1]", _arg1=[1, 2])
+        result = await executor.run("evaluate", payload, 5)
+        assert result.body == b"[2,4]"
+        assert result.meta["worker_pid"] in executor.pids
+        assert result.meta["rows_in"] == 2
+
+    run_with_pool(test)
+
+
+def test_worker_errors_arrive_as_tabserve_errors() -> None:
+    async def test(executor: Executor) -> None:
+        with pytest.raises(BadRequest):
+            await executor.run("evaluate", b"{", 5)
+        with pytest.raises(ScriptError) as caught:
+            await executor.run("evaluate", job("raise ValueError('nope')"), 5)
+        assert caught.value.info == "ValueError : nope (line 1)"
+
+    run_with_pool(test)
+
+
+def test_timeout_kills_and_replaces_the_worker() -> None:
+    async def test(executor: Executor) -> None:
+        before = executor.pids
+        with pytest.raises(ScriptTimeout):
+            await executor.run("evaluate", job("while True: pass"), 0.5)
+        assert executor.stats.timeouts == 1
+        result = await executor.run("evaluate", job("return 1"), 30)
+        assert result.body == b"1"
+        assert executor.pids != before
+        assert executor.stats.restarts == 1
+
+    run_with_pool(test)
+
+
+def test_crash_is_worker_died_and_the_pool_recovers() -> None:
+    async def test(executor: Executor) -> None:
+        with pytest.raises(WorkerDied) as caught:
+            await executor.run("evaluate", job("import os; os._exit(7)"), 5)
+        assert "exited with code 7" in str(caught.value.info)
+        assert (await executor.run("evaluate", job("return 2"), 30)).body == b"2"
+
+    run_with_pool(test)
+
+
+def test_worker_killed_while_idle_is_replaced() -> None:
+    async def test(executor: Executor) -> None:
+        os.kill(executor.pids[0], 9)
+        await asyncio.sleep(0.2)
+        assert (await executor.run("evaluate", job("return 3"), 30)).body == b"3"
+
+    run_with_pool(test)
+
+
+def test_queue_bound_rejects_at_once() -> None:
+    async def test(executor: Executor) -> None:
+        busy = asyncio.create_task(executor.run("evaluate", job("import time; time.sleep(1)"), 5))
+        await asyncio.sleep(0.2)
+        with pytest.raises(Overloaded) as caught:
+            await executor.run("evaluate", job("return 1"), 5)
+        assert caught.value.headers() == {"Retry-After": "1"}
+        assert (await busy).body == b"null"
+
+    run_with_pool(test, queue_length=0)
+
+
+def test_queueing_counts_against_the_deadline() -> None:
+    async def test(executor: Executor) -> None:
+        busy = asyncio.create_task(executor.run("evaluate", job("import time; time.sleep(1)"), 5))
+        await asyncio.sleep(0.1)
+        with pytest.raises(ScriptTimeout):
+            await executor.run("evaluate", job("return 1"), 0.3)
+        await busy
+
+    run_with_pool(test)
+
+
+def test_memory_cap_fails_the_job_and_recycles_the_worker() -> None:
+    async def test(executor: Executor) -> None:
+        pid = executor.pids[0]
+        with pytest.raises(ScriptError) as caught:
+            await executor.run("evaluate", job("x = bytearray(2 * 1024 ** 3)"), 10)
+        assert "MemoryError" in str(caught.value.info)
+        assert (await executor.run("evaluate", job("return 4"), 30)).body == b"4"
+        assert executor.pids != [pid]
+
+    run_with_pool(test, memory_mb=1024)
+
+
+def test_close_leaves_no_worker_behind() -> None:
+    pids: list[int] = []
+
+    async def test(executor: Executor) -> None:
+        pids.extend(executor.pids)
+
+    run_with_pool(test, workers=2)
+    assert len(pids) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_worker_environment_is_an_allow_list() -> None:
+    env = worker_environment(["PATH", "LANG"], {"PATH": "/bin", "SECRET": "x", "LANG": "C"})
+    assert env["PATH"] == "/bin" and env["LANG"] == "C"
+    assert "SECRET" not in env
+    assert env["OPENBLAS_NUM_THREADS"] == "1"
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(-11) == "was killed by SIGSEGV"
+    assert describe_exit(3) == "exited with code 3"
+    assert "out-of-memory" in describe_exit(-9)

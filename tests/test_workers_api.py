@@ -1,0 +1,157 @@
+"""Worker processes seen from outside: runaways are killed, crashes are contained."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import requests
+from conftest import Server, ServerFactory
+
+
+def busy_processes(server: Server, interval: float = 0.5) -> list[tuple[int, float]]:
+    """Processes of the server's tree using more than a fifth of a CPU over ``interval``."""
+    root = psutil.Process(server.process.pid)
+    tree = [root, *root.children(recursive=True)]
+    for process in tree:
+        try:
+            process.cpu_percent(None)
+        except psutil.NoSuchProcess:
+            pass
+    time.sleep(interval)
+    busy = []
+    for process in tree:
+        try:
+            usage = process.cpu_percent(None)
+        except psutil.NoSuchProcess:
+            continue
+        if usage > 20:
+            busy.append((process.pid, usage))
+    return busy
+
+
+@pytest.fixture(scope="module")
+def runaway_server(server_factory: ServerFactory) -> Server:
+    return server_factory(TABPY_EVALUATE_TIMEOUT="1", TABSERVE_WORKERS="2")
+
+
+def wait_for_workers(server: Server) -> None:
+    """A replacement worker takes a moment to start; wait until a trivial call is quick."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if server.evaluate("return 1").status_code == 200:
+            return
+        time.sleep(0.1)
+
+
+def test_runaway_is_408_and_the_cpu_goes_idle(runaway_server: Server) -> None:
+    response = runaway_server.evaluate("while True: pass")
+    assert response.status_code == 408
+    assert response.json()["message"] == "User defined script timed out. Timeout is set to 1.0 s."
+    time.sleep(2)
+    assert busy_processes(runaway_server) == []
+    wait_for_workers(runaway_server)
+
+
+def test_runaway_children_are_killed_too(runaway_server: Server) -> None:
+    script = (
+        "import subprocess, sys\n"
+        "subprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
+        "while True: pass"
+    )
+    assert runaway_server.evaluate(script).status_code == 408
+    time.sleep(2)
+    assert busy_processes(runaway_server) == []
+    wait_for_workers(runaway_server)
+
+
+def test_info_stays_fast_while_every_worker_runs_away(runaway_server: Server) -> None:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runaways = [pool.submit(runaway_server.evaluate, "while True: pass") for _ in range(2)]
+        time.sleep(0.3)  # both workers are now spinning
+        latencies = []
+        for _ in range(5):
+            started = time.perf_counter()
+            response = runaway_server.get("/info")
+            latencies.append(time.perf_counter() - started)
+            assert response.status_code == 200
+        assert [f.result().status_code for f in runaways] == [408, 408]
+    assert max(latencies) < 0.1, latencies
+    wait_for_workers(runaway_server)
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ("import os\nos._exit(3)", "exited with code 3"),
+        ("import ctypes\nctypes.string_at(0)", "was killed by SIGSEGV"),
+    ],
+)
+def test_worker_crash_is_a_5xx_and_the_next_request_succeeds(
+    runaway_server: Server, script: str, reason: str
+) -> None:
+    response = runaway_server.evaluate(script)
+    assert 500 <= response.status_code < 600
+    body = response.json()
+    assert body["message"] == "Error processing script"
+    assert reason in body["info"]
+    follow_up = runaway_server.evaluate("return _arg1 + 1", _arg1=1)
+    assert follow_up.status_code == 200
+    assert follow_up.json() == 2
+
+
+def test_memory_cap_is_a_5xx_and_the_next_request_succeeds(server_factory: ServerFactory) -> None:
+    server = server_factory(TABSERVE_WORKER_MEMORY_MB="1024", TABSERVE_WORKERS="1")
+    response = server.evaluate("x = bytearray(2 * 1024 ** 3)\nreturn len(x)")
+    assert response.status_code == 500
+    assert "MemoryError" in response.json()["info"]
+    assert "1024 MiB" in response.json()["info"]
+    assert server.evaluate("return 7").json() == 7
+
+
+def test_two_sleeps_run_in_parallel(runaway_server: Server) -> None:
+    wait_for_workers(runaway_server)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        scripts = ["import time\ntime.sleep(0.8)"] * 2
+        results = list(pool.map(runaway_server.evaluate, scripts))
+    elapsed = time.perf_counter() - started
+    assert [r.status_code for r in results] == [200, 200]
+    assert elapsed < 1.5, elapsed
+
+
+def test_full_queue_is_503_with_retry_after(server_factory: ServerFactory) -> None:
+    server = server_factory(
+        TABSERVE_WORKERS="1", TABSERVE_QUEUE_LENGTH="1", TABPY_EVALUATE_TIMEOUT="5"
+    )
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        running = pool.submit(server.evaluate, "import time\ntime.sleep(1.5)")
+        time.sleep(0.3)
+        waiting = pool.submit(server.evaluate, "return 'waited'")
+        time.sleep(0.3)
+        rejected = server.evaluate("return 1")
+        assert rejected.status_code == 503
+        assert rejected.headers["Retry-After"] == "1"
+        assert set(rejected.json()) == {"message", "info"}
+        assert running.result().status_code == 200
+        assert waiting.result().json() == "waited"
+
+
+def test_scripts_see_a_scrubbed_environment(server_factory: ServerFactory) -> None:
+    server = server_factory(
+        env={"TABSERVE_TEST_SECRET": "hunter2", "LANG": "C.UTF-8"}, TABSERVE_WORKERS="1"
+    )
+    env = server.evaluate("import os\nreturn dict(os.environ)").json()
+    assert "TABSERVE_TEST_SECRET" not in env
+    assert env.get("LANG") == "C.UTF-8"
+    assert not set(env) - {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+                           "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                           "NUMEXPR_NUM_THREADS", "PYTHONUNBUFFERED"}  # fmt: skip
+
+
+def test_print_in_a_script_does_not_corrupt_the_answer(server: Server) -> None:
+    response = server.evaluate("print('hello from a script')\nreturn 5")
+    assert response.json() == 5
+    assert requests.get(server.url + "/info", timeout=5).status_code == 200
