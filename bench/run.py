@@ -289,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
                 version=args.tabpy_version
             )
             meta["tabpy_version"] = servers.tabpy_version(runner.tabpy_venv)
-        settings.deploy_python = tabpy_client_python(python_candidates(runner.tabpy_venv))
+        # w6 deploys with TabPy's own client: the TabPy venv if there is one (also reused in
+        # smoke mode when already cached), else this interpreter if it has tabpy installed.
+        cached = servers.DEFAULT_CACHE / "tabpy-venv"
+        venv = runner.tabpy_venv or (cached if (cached / "bin" / "python").exists() else None)
+        settings.deploy_python = tabpy_client_python(python_candidates(venv))
         runner.run(items)
     except KeyboardInterrupt:
         log("interrupted; writing what was measured")
