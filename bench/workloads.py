@@ -422,7 +422,9 @@ class QueryAdd2(Throughput):
             timeout=120,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"deploy failed: {(proc.stderr or proc.stdout)[-500:]}")
+            # The client's traceback ends with the line that says what went wrong.
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["(no output)"]
+            raise RuntimeError(f"deploy with TabPy's client failed: {lines[-1][:400]}")
         super().setup(server, s)
 
 
