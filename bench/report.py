@@ -155,6 +155,11 @@ def write_chart(results: dict[str, Any], out_dir: Path) -> Path:
     _grouped_bars(ax, ids, [(s, "rps", colors[s], 1.0) for s in SERVERS], wl)
     ax.set_title("Throughput (req/s, higher is better)")
     ax.set_yscale("log")
+    for j, wid in enumerate(ids):
+        ratio = wl[wid].get("ratios", {}).get("rps")
+        if ratio:
+            top = max(_val(wl[wid]["servers"].get(s), "rps") or 0 for s in SERVERS)
+            ax.annotate(f"×{ratio:.2f}", (j, top), ha="center", va="bottom", fontsize=9)
 
     # 2. p50 (solid) and p99 (hatched) latency per workload.
     ax = axes[0][1]
@@ -226,10 +231,24 @@ def _grouped_bars(
     for i, (server, metric, color, alpha) in enumerate(series):
         xs, ys = [], []
         for j, wid in enumerate(ids):
-            v = _val(wl[wid]["servers"].get(server), metric)
+            x = j + (i - (len(series) - 1) / 2) * width
+            res = wl[wid]["servers"].get(server)
+            v = _val(res, metric)
             if v:
-                xs.append(j + (i - (len(series) - 1) / 2) * width)
+                xs.append(x)
                 ys.append(v)
+            elif res is not None and metric in ("rps", "p50_ms"):
+                # A missing bar must not read as "zero": say the server could not do it.
+                ax.annotate(
+                    "n/a",
+                    (x, 0),
+                    xycoords=("data", "axes fraction"),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    color=color,
+                    rotation=90,
+                )
         label = server if metric in ("rps", "p50_ms") else None
         ax.bar(xs, ys, width, color=color, alpha=alpha, label=label)
     ax.set_xticks(range(len(ids)))
