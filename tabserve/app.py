@@ -17,15 +17,22 @@ from tornado.web import Application
 
 from . import __version__
 from .config import Settings
+from .endpoints import EndpointService
 from .executor import Executor, PoolConfig
 from .handlers import (
+    EndpointHandler,
+    EndpointsHandler,
     EvaluateHandler,
     InfoHandler,
     NotFoundHandler,
+    QueryHandler,
     RootHandler,
     Services,
+    StatusHandler,
+    UploadDestinationHandler,
     log_request,
 )
+from .registry import EndpointRegistry
 from .store import ensure_state_dir, read_state, service_info
 
 log = logging.getLogger("tabserve")
@@ -43,6 +50,11 @@ def make_app(services: Services) -> Application:
         (r"/", RootHandler, {**deps, "page": page}),
         (r"/info", InfoHandler, deps),
         (r"/evaluate", EvaluateHandler, deps),
+        (r"/status", StatusHandler, deps),
+        (r"/endpoints/?", EndpointsHandler, deps),
+        (r"/endpoints/([^/]+)", EndpointHandler, deps),
+        (r"/query/([^/]+)", QueryHandler, deps),
+        (r"/configurations/endpoint_upload_destination", UploadDestinationHandler, deps),
     ]
     return Application(
         routes,  # type: ignore[arg-type]
@@ -88,11 +100,17 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
     # Workers start first, before anything secret is loaded into this process.
     executor = Executor(pool_config(settings))
     await executor.start()
+    endpoints: EndpointService | None = None
     try:
         state_file = ensure_state_dir(settings.state_path)
+        endpoints = EndpointService(
+            EndpointRegistry(settings.state_path), executor, settings.evaluate_timeout
+        )
+        await endpoints.start()
         services = Services(
             settings=settings,
             executor=executor,
+            endpoints=endpoints,
             service=service_info(read_state(state_file)),
             state_path=os.path.realpath(settings.state_path),
         )
@@ -110,6 +128,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         log.info("shutting down")
         server.stop()
     finally:
+        if endpoints is not None:
+            await endpoints.close()
         await executor.close()
 
 

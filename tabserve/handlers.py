@@ -21,7 +21,15 @@ from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from . import __version__
 from .config import Settings
-from .errors import EvaluateDisabled, MethodNotAllowed, NotFound, PayloadTooLarge, TabserveError
+from .endpoints import EndpointService
+from .errors import (
+    BadRequest,
+    EvaluateDisabled,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    TabserveError,
+)
 from .executor import Executor
 from .store import ServiceInfo
 
@@ -40,6 +48,7 @@ class Services:
 
     settings: Settings
     executor: Executor
+    endpoints: EndpointService
     service: ServiceInfo
     state_path: str
 
@@ -114,6 +123,22 @@ class JsonHandler(RequestHandler):
         if len(self._chunks) != 1:
             self._chunks = [b"".join(self._chunks)]
         return self._chunks[0]
+
+    def json_body(self) -> dict[str, Any]:
+        """A small JSON object body (management routes); TabPy's 400 messages when it is not."""
+        if not self.body.strip():
+            raise BadRequest("Input body cannot be empty")
+        try:
+            value = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest("Failed to decode input body", str(exc)) from None
+        if not isinstance(value, dict):
+            raise BadRequest("Input body must be a JSON object")
+        return value
+
+    @property
+    def content_encoding(self) -> str:
+        return self.request.headers.get("Content-Encoding", "").strip().lower()
 
     def add_cors_headers(self) -> None:
         for key, value in self.services.service.cors:
@@ -199,13 +224,64 @@ class EvaluateHandler(JsonHandler):
         if not settings.evaluate_enabled:
             raise EvaluateDisabled()
         result = await self.services.executor.run(
-            "evaluate",
-            self.body,
-            settings.evaluate_timeout,
-            {"encoding": self.request.headers.get("Content-Encoding", "").strip().lower()},
+            "evaluate", self.body, settings.evaluate_timeout, {"encoding": self.content_encoding}
         )
         self.add_cors_headers()
         self.finish(result.body)
+
+
+class StatusHandler(JsonHandler):
+    async def get(self) -> None:
+        """Load status of every deployed endpoint."""
+        self.add_cors_headers()
+        self.write_json(self.services.endpoints.statuses())
+
+
+class EndpointsHandler(JsonHandler):
+    async def get(self) -> None:
+        """Every deployed endpoint's description, keyed by name."""
+        self.add_cors_headers()
+        self.write_json(self.services.endpoints.infos())
+
+    async def post(self) -> None:
+        """Deploy a new endpoint (version 1)."""
+        endpoint = await self.services.endpoints.add(self.json_body())
+        self.write_json({endpoint.name: endpoint.info()}, status=201)
+
+
+class EndpointHandler(JsonHandler):
+    async def get(self, name: str) -> None:
+        """One endpoint's description, unwrapped (as TabPy answers)."""
+        self.add_cors_headers()
+        self.write_json(self.services.endpoints.info(name))
+
+    async def put(self, name: str) -> None:
+        """Update an endpoint; a new version when ``should_update_version`` is true."""
+        endpoint = await self.services.endpoints.update(name, self.json_body())
+        self.write_json({endpoint.name: endpoint.info()})
+
+    async def delete(self, name: str) -> None:
+        """Remove an endpoint: it stops answering at once."""
+        await self.services.endpoints.remove(name)
+        self.set_status(204)
+        self.finish()
+
+
+class UploadDestinationHandler(JsonHandler):
+    async def get(self) -> None:
+        """Where TabPy's client writes pickles before deploying (shared filesystems only)."""
+        staging = self.services.endpoints.registry.staging
+        self.write_json({"path": str(staging)})
+
+
+class QueryHandler(JsonHandler):
+    async def post(self, name: str) -> None:
+        """Call a deployed function in a worker: ``{"data": {...}}`` or ``{"data": [...]}``."""
+        result = await self.services.endpoints.query(name, self.body, self.content_encoding)
+        self.add_cors_headers()
+        self.finish(result.body)
+
+    get = post
 
 
 class RootHandler(JsonHandler):

@@ -16,16 +16,25 @@ import os
 import resource
 import sys
 import time
+import traceback
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy
 import orjson
 import pandas
 
-from .errors import BadRequest, ScriptError, TabserveError
+from .archive import load_archive, python_mismatch, target_function
+from .errors import BadRequest, EndpointNotFound, ScriptError, TabserveError
 from .protocol import BlockingChannel, ProtocolError
-from .script import ScriptSyntaxError, compile_script, describe_exception, load_function
+from .script import (
+    ScriptSyntaxError,
+    compile_script,
+    describe_exception,
+    load_function,
+)
 from .wire import EvaluateRequest, check_result_length, decode_body, encode_result, parse_json
 
 log = logging.getLogger("tabserve.worker")
@@ -52,6 +61,37 @@ def fresh_namespace() -> dict[str, Any]:
     return namespace
 
 
+class EndpointError(Exception):
+    """What ``tabpy.query`` raises in a script: it names the endpoint and the real cause."""
+
+
+class EndpointFailure(Exception):
+    """A deployed endpoint could not answer; rendered one way for /query, another for scripts."""
+
+    def __init__(self, kind: str, name: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind  # "missing", "load" or "call"
+        self.name = name
+        self.detail = detail
+
+    def for_script(self) -> EndpointError:
+        if self.kind == "missing":
+            return EndpointError(f"endpoint '{self.name}' is not deployed")
+        if self.kind == "load":
+            return EndpointError(f"endpoint '{self.name}' could not be loaded: {self.detail}")
+        return EndpointError(f"endpoint '{self.name}' raised {self.detail}")
+
+    def for_query(self) -> TabserveError:
+        if self.kind == "missing":
+            return EndpointNotFound(self.name)
+        failure = "LoadFailed" if self.kind == "load" else "QueryFailed"
+        error = f"{self.detail}" if self.kind == "call" else f"Load failed: {self.detail}"
+        return ScriptError(
+            f"Error querying function '{self.name}'",
+            {"uri": f"/query/{self.name}", "error": error, "type": failure},
+        )
+
+
 class ScriptTabpy:
     """The ``tabpy`` object scripts receive (``tabpy.query(name, *args, **kwargs)``)."""
 
@@ -70,9 +110,19 @@ class Worker:
         self.request_limit: int = config["request_limit"]
         self.gzip_enabled: bool = config.get("gzip_enabled", True)
         self.tabpy = ScriptTabpy(self)
+        self.endpoints: dict[str, dict[str, Any]] = {}
+        self._loaded: dict[str, Callable[..., Any]] = {}  # archive path -> callable
+
+    def set_context(self, context: dict[str, Any]) -> None:
+        self.endpoints = context.get("endpoints", {})
+        live = {entry.get("path") for entry in self.endpoints.values()}
+        for path in [p for p in self._loaded if p not in live]:
+            del self._loaded[path]  # removed or superseded: free its memory
 
     def handle(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         started = time.perf_counter()
+        if "context" in header:
+            self.set_context(header["context"])
         try:
             body, meta = self._dispatch(header, payload)
             reply: dict[str, Any] = {"status": 200, **meta}
@@ -90,6 +140,10 @@ class Worker:
         kind = header.get("kind")
         if kind == "evaluate":
             return self.evaluate(header, payload)
+        if kind == "query":
+            return self.query(header, payload)
+        if kind == "load":
+            return self.load(header)
         if kind == "ping":
             return b"{}", {}
         raise BadRequest(f"unknown job kind {kind!r}")
@@ -113,10 +167,105 @@ class Worker:
         rows_in = max((len(v) for v in request.data.values() if isinstance(v, list)), default=0)
         return encode_result(result), {"rows_in": rows_in}
 
+    def query(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
+        """``/query/<name>``: ``data`` as an object is keyword arguments, as an array positional."""
+        body = decode_body(payload, header.get("encoding"), self.request_limit, self.gzip_enabled)
+        document = parse_json(body)
+        if not isinstance(document, dict) or "data" not in document:
+            raise BadRequest('Input data must be a JSON object with a key called "data"')
+        data = document["data"]
+        if isinstance(data, dict):
+            args, kwargs = (), data
+        elif isinstance(data, list):
+            args, kwargs = tuple(data), {}
+        else:
+            raise BadRequest(
+                "Query parameter needs to be a dictionary or a list. "
+                f"Given value is of type {type(data).__name__}"
+            )
+        try:
+            envelope = self.call_endpoint(header["name"], args, kwargs)
+        except EndpointFailure as failure:
+            raise failure.for_query() from None
+        return encode_result(envelope), {"model": envelope["model"], "version": envelope["version"]}
+
     def query_from_script(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> dict[str, Any]:
-        raise LookupError(f"endpoint '{name}' is not deployed")
+        """``tabpy.query`` inside a script: the deployed function, called in this process."""
+        try:
+            return self.call_endpoint(name, args, kwargs)
+        except EndpointFailure as failure:
+            raise failure.for_script() from None
+
+    def load(self, header: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        """Check that an archive loads here (a deploy is only accepted if it does)."""
+        try:
+            self._callable(header["name"], header["entry"])
+        except EndpointFailure as failure:
+            raise BadRequest(f"could not load endpoint '{failure.name}'", failure.detail) from None
+        return b"{}", {}
+
+    def call_endpoint(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        model, entry = self._resolve(name)
+        function = self._callable(model, entry)
+        try:
+            result = function(*args, **kwargs)
+        except MemoryError:
+            raise
+        except (Exception, SystemExit) as exc:
+            log.error("endpoint %s failed", model, exc_info=exc)
+            raise EndpointFailure("call", model, _describe_model_error(exc, function)) from None
+        return {
+            "response": result,
+            "version": entry["version"],
+            "model": model,
+            "uuid": str(uuid.uuid4()),
+        }
+
+    def _resolve(self, name: str) -> tuple[str, dict[str, Any]]:
+        seen: set[str] = set()
+        current = name
+        while current not in seen:
+            seen.add(current)
+            entry = self.endpoints.get(current)
+            if entry is None:
+                break
+            if entry.get("type") == "model":
+                return current, entry
+            current = entry.get("target") or ""
+        raise EndpointFailure("missing", name, "not deployed")
+
+    def _callable(self, name: str, entry: dict[str, Any]) -> Callable[..., Any]:
+        path = entry["path"]
+        function = self._loaded.get(path)
+        if function is None:
+            mismatch = python_mismatch(entry.get("python_version"))
+            if mismatch:
+                raise EndpointFailure("load", name, mismatch)
+            try:
+                function = load_archive(Path(path))
+            except MemoryError:
+                raise
+            except Exception as exc:
+                log.error("loading endpoint %s failed", name, exc_info=exc)
+                raise EndpointFailure("load", name, f"{type(exc).__name__}: {exc}") from None
+            self._loaded[path] = function
+        return function
+
+
+def _describe_model_error(exc: BaseException, function: Callable[..., Any]) -> str:
+    """``ValueError: message (line N)``, N being the line in the deployed function's source."""
+    text = f"{type(exc).__name__}: {exc}"
+    code = getattr(target_function(function), "__code__", None)
+    line = None
+    if code is not None:
+        for frame in traceback.extract_tb(exc.__traceback__):
+            if frame.filename == code.co_filename:
+                line = frame.lineno
+    return f"{text} (line {line})" if line else text
 
 
 def _apply_memory_cap(memory_mb: int) -> None:

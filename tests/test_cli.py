@@ -61,8 +61,8 @@ def test_serve_prints_banner_accepts_tabpy_flags_and_stops_on_sigterm(tmp_path: 
         assert (state / "state.ini").read_text().startswith("# tabserve state file")
     finally:
         process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=20)
-    assert code == 0
+        process.communicate(timeout=20)  # also closes the pipes
+    assert process.returncode == 0
 
 
 def test_default_bind_is_loopback_only(tmp_path: Path) -> None:
@@ -84,7 +84,7 @@ def test_default_bind_is_loopback_only(tmp_path: Path) -> None:
         assert [addr.ip for addr in listening] == ["127.0.0.1"]
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=20)
+        process.communicate(timeout=20)
 
 
 def test_help_lists_settings() -> None:

@@ -1,0 +1,1 @@
+"""Subcommands of the ``tabserve`` command line, one module each."""

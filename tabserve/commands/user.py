@@ -1,0 +1,182 @@
+"""``tabserve user add|update|delete``: edit a password file (a safer ``tabpy-user``).
+
+Differences from ``tabpy-user`` that matter to operators:
+
+* a malformed file is refused with its line number and left untouched (``tabpy-user add``
+  silently drops every existing user);
+* comments, blank lines and untouched entries survive the rewrite, which is atomic;
+* passwords are never logged; a generated one (``-p`` omitted) is printed once on stdout
+  and never contains ``:``;
+* new entries use scrypt unless ``--scheme tabpy`` asks for a file TabPy can still read.
+
+Wiring (in the CLI)::
+
+    sub = subparsers.add_parser("user", help="manage the password file")
+    user.add_arguments(sub)
+    sub.set_defaults(func=user.run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tabserve.passwords import (
+    SCHEMES,
+    PasswordFileError,
+    add_user,
+    delete_user,
+    generate_password,
+    parse_permissions,
+    update_user,
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+_PERMISSIONS_HELP = (
+    "comma-separated subset of evaluate,query,manage, or 'all' (the default for add; "
+    "update keeps the current permissions unless given)"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``add``/``update``/``delete`` actions and their options to ``parser``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-u", "--username", required=True, help="user name (case-insensitive)")
+    common.add_argument(
+        "-f", "--pwd-file", required=True, metavar="FILE", help="password file (TABPY_PWD_FILE)"
+    )
+
+    secret = argparse.ArgumentParser(add_help=False)
+    given = secret.add_mutually_exclusive_group()
+    given.add_argument(
+        "-p",
+        "--password",
+        help="the password (visible in the process list and shell history; prefer "
+        "--password-stdin, or omit both to have one generated and printed once)",
+    )
+    given.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input",
+    )
+    secret.add_argument("--permissions", metavar="LIST", help=_PERMISSIONS_HELP)
+    secret.add_argument(
+        "--scheme",
+        choices=SCHEMES,
+        default="scrypt",
+        help="hash scheme for the new password: scrypt (default, stronger) or tabpy "
+        "(PBKDF2, readable by TabPy)",
+    )
+
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser(
+        "add", parents=[common, secret], help="add a user (creates the file if missing)"
+    )
+    update = actions.add_parser(
+        "update", parents=[common, secret], help="change a user's password or permissions"
+    )
+    update.add_argument(
+        "--keep-password",
+        action="store_true",
+        help="change only --permissions and keep the current password",
+    )
+    actions.add_parser("delete", parents=[common], help="remove a user")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _permissions(text: str | None) -> frozenset[str] | None:
+    if text is None or text.strip().lower() == "all":
+        return None
+    try:
+        return parse_permissions(text.strip())
+    except ValueError as exc:
+        raise _UsageError(f"--permissions: {exc}") from None
+
+
+def _password(args: argparse.Namespace) -> tuple[str | None, bool]:
+    """Return (password, generated); (None, False) means keep the current one."""
+    if getattr(args, "keep_password", False):
+        if args.password is not None or args.password_stdin:
+            raise _UsageError("--keep-password cannot be combined with a password")
+        if args.permissions is None:
+            raise _UsageError("--keep-password needs --permissions (nothing else would change)")
+        return None, False
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line.removesuffix("\n").removesuffix("\r")
+        if not password:
+            raise _UsageError("no password on standard input")
+        return password, False
+    if args.password is not None:
+        return args.password, False
+    return generate_password(), True
+
+
+def _describe(permissions: frozenset[str] | None) -> str:
+    if permissions is None:
+        return "all"
+    return ",".join(sorted(permissions))
+
+
+def _run(args: argparse.Namespace) -> int:
+    name = args.username.lower()
+    path = args.pwd_file
+    if args.action == "delete":
+        remaining = delete_user(path, name)
+        print(f"Deleted user '{name}' from {path}.")
+        if not remaining.entries:
+            print(
+                f"warning: {path} has no users left; the server will refuse to start with it.",
+                file=sys.stderr,
+            )
+        return EXIT_OK
+
+    password, generated = _password(args)
+    if password is not None and ":" in password:
+        print(
+            "warning: the password contains ':'; TabPy and some Basic-auth clients cannot "
+            "use such passwords.",
+            file=sys.stderr,
+        )
+    if args.action == "add":
+        permissions = _permissions(args.permissions)
+        entry = add_user(path, name, password or "", permissions=permissions, scheme=args.scheme)
+        print(f"Added user '{entry.username}' to {path} (permissions: {_describe(permissions)}).")
+    else:
+        if args.permissions is None:
+            entry = update_user(path, name, password, scheme=args.scheme)
+        else:
+            entry = update_user(
+                path, name, password, permissions=_permissions(args.permissions), scheme=args.scheme
+            )
+        print(
+            f"Updated user '{entry.username}' in {path} "
+            f"(permissions: {_describe(entry.permissions)})."
+        )
+    if generated:
+        # The only place a password is ever shown: once, on stdout, for the operator to copy.
+        print(f"Generated password for '{entry.username}': {password}")
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out the parsed command; return the process exit code."""
+    try:
+        return _run(args)
+    except _UsageError as exc:
+        print(f"tabserve user: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PasswordFileError as exc:
+        print(f"tabserve user: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        # e.g. no write permission on the directory; the file itself is untouched.
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"tabserve user: error:{where} {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,177 @@
+"""The endpoint registry on its own: state.ini format, atomic writes, versions, aliases."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from tabserve.archive import load_archive
+from tabserve.errors import BadRequest, NotFound
+from tabserve.registry import EndpointRegistry
+from tabserve.store import ensure_state_dir
+
+
+def double(x: list[int]) -> list[int]:
+    return [2 * v for v in x]
+
+
+def archive_of(obj: object) -> str:
+    return base64.b64encode(cloudpickle.dumps(obj)).decode()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> EndpointRegistry:
+    ensure_state_dir(tmp_path)
+    return EndpointRegistry(tmp_path)
+
+
+def model(name: str = "double", **extra: object) -> dict[str, object]:
+    return {"name": name, "type": "model", "archive": archive_of(double), **extra}
+
+
+def test_add_writes_tabpy_format_and_the_archive(registry: EndpointRegistry) -> None:
+    endpoint, archive = registry.add(model(description="twice", schema={"x": "list"}))
+    assert endpoint.version == 1
+    assert archive == registry.files / "double" / "1" / "pickle_archive"
+    assert load_archive(archive)([1, 2]) == [2, 4]
+    text = registry.state_file.read_text()
+    assert "[Query Objects Service Versions]" in text and "[Query Objects Docstrings]" in text
+    line = json.loads(text.split("double = ", 1)[1].splitlines()[0])
+    assert list(line)[:9] == [
+        "description", "type", "version", "dependencies", "target", "creation_time",
+        "last_modified_time", "schema", "is_public",
+    ]  # fmt: skip
+    assert line["schema"] == {"x": "list"}
+
+
+def test_docstring_with_percent_unicode_and_newlines_round_trips(
+    registry: EndpointRegistry,
+) -> None:
+    docstring = 'Squares – naïve résumé 100%\n    indented line\n\n"quoted" \\n literal %(x)s'
+    registry.add(model(docstring=docstring, description="50% off"))
+    reloaded = EndpointRegistry(registry.state_file.parent)
+    assert reloaded.get("double").docstring == docstring
+    assert reloaded.get("double").description == "50% off"
+
+
+def test_state_survives_reload(registry: EndpointRegistry) -> None:
+    registry.add(model())
+    registry.add({"name": "twice", "type": "alias", "target": "double"})
+    reloaded = EndpointRegistry(registry.state_file.parent)
+    assert set(reloaded.all()) == {"double", "twice"}
+    assert reloaded.resolve("twice").name == "double"
+
+
+def test_new_versions_keep_only_current_and_previous(registry: EndpointRegistry) -> None:
+    registry.add(model())
+    for _ in range(3):
+        registry.update("double", {"should_update_version": True, "archive": archive_of(double)})
+    assert registry.get("double").version == 4
+    assert sorted(p.name for p in (registry.files / "double").iterdir()) == ["3", "4"]
+
+
+def test_metadata_update_keeps_fields_not_sent(registry: EndpointRegistry) -> None:
+    registry.add(model(schema={"in": 1}, is_public=True, description="d"))
+    endpoint, archive = registry.update("double", {"description": "new"})
+    assert archive is None
+    assert endpoint.version == 1
+    assert (endpoint.description, endpoint.schema, endpoint.is_public) == ("new", {"in": 1}, True)
+
+
+@pytest.mark.parametrize(
+    ("request_body", "message"),
+    [
+        ({"type": "model"}, "name is required"),
+        ({"name": "bad/name", "type": "model"}, "endpoint name can only contain"),
+        ({"name": "tab\tname", "type": "model"}, "endpoint name can only contain"),
+        ({"name": "x", "type": "banana", "archive": ""}, "endpoint type must be one of"),
+        ({"name": "x"}, "endpoint type must be one of"),
+        ({"name": "x", "type": "model"}, "src_path is required"),
+        ({"name": "x", "type": "model", "archive": "!!"}, "archive is not valid base64"),
+        ({"name": "x", "type": "model", "src_path": "/etc"}, "Invalid source path"),
+        ({"name": "x", "type": "alias"}, "Target is required"),
+        ({"name": "x", "type": "alias", "target": "nope"}, "not a deployed endpoint"),
+        (
+            {"name": "x", "type": "model", "archive": "", "python_version": "2.7.18"},
+            "pickled with Python 2.7.18",
+        ),
+    ],
+)
+def test_bad_requests_are_refused_and_change_nothing(
+    registry: EndpointRegistry, request_body: dict[str, object], message: str
+) -> None:
+    before = registry.state_file.read_bytes()
+    with pytest.raises(BadRequest) as caught:
+        registry.add(request_body)
+    assert message in str(caught.value)
+    assert registry.state_file.read_bytes() == before
+    assert registry.all() == {}
+
+
+def test_duplicate_and_missing_names(registry: EndpointRegistry) -> None:
+    registry.add(model())
+    with pytest.raises(BadRequest, match="already exists"):
+        registry.add(model())
+    with pytest.raises(NotFound):
+        registry.update("nope", {})
+    with pytest.raises(NotFound):
+        registry.delete("nope")
+
+
+def test_delete_refuses_while_an_alias_depends_on_it(registry: EndpointRegistry) -> None:
+    registry.add(model())
+    registry.add({"name": "twice", "type": "alias", "target": "double"})
+    with pytest.raises(BadRequest, match="twice depends on it"):
+        registry.delete("double")
+    registry.delete("twice")
+    registry.delete("double")
+    assert registry.all() == {}
+    assert not (registry.files / "double").exists()
+
+
+def test_alias_cycles_are_refused(registry: EndpointRegistry) -> None:
+    registry.add(model())
+    registry.add({"name": "a", "type": "alias", "target": "double"})
+    registry.add({"name": "b", "type": "alias", "target": "a"})
+    with pytest.raises(BadRequest, match="cycle"):
+        registry.update("a", {"target": "b"})
+
+
+def test_staged_src_path_is_copied_then_cleaned(registry: EndpointRegistry) -> None:
+    staged = registry.staging / "endpoints" / "double" / "1"
+    staged.mkdir(parents=True)
+    (staged / "pickle_archive").write_bytes(cloudpickle.dumps(double))
+    _, archive = registry.add({"name": "double", "type": "model", "src_path": str(staged)})
+    assert archive is not None and load_archive(archive)([3]) == [6]
+    registry.update("double", {"should_update_version": True, "archive": archive_of(double)})
+    assert not (registry.staging / "endpoints" / "double").exists()
+
+
+def test_write_is_atomic_when_the_disk_write_fails(
+    registry: EndpointRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry.add(model())
+    before = registry.state_file.read_bytes()
+
+    def fail(fd: int) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        registry.add(model("other"))
+    monkeypatch.undo()
+    assert registry.state_file.read_bytes() == before
+    assert [p.name for p in registry.state_file.parent.iterdir() if p.name.endswith(".tmp")] == []
+    assert set(EndpointRegistry(registry.state_file.parent).all()) == {"double"}
+
+
+def test_percent_in_service_info_survives_a_rewrite(registry: EndpointRegistry) -> None:
+    text = registry.state_file.read_text().replace("Description =", "Description = 100% up")
+    registry.state_file.write_text(text)
+    registry.add(model())
+    assert "Description = 100% up" in registry.state_file.read_text()

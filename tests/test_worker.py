@@ -1,0 +1,69 @@
+"""The worker's job handling on its own, in this process (no pipes, no pool)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cloudpickle
+import orjson
+import pytest
+
+import tabserve.worker as worker_module
+from tabserve.worker import Worker
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def triple(x: int) -> int:
+    return 3 * x
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Worker:
+    for version in (1, 2):
+        archive = tmp_path / str(version) / "pickle_archive"
+        archive.parent.mkdir()
+        archive.write_bytes(cloudpickle.dumps(triple))
+    return Worker({"request_limit": 1 << 20})
+
+
+def table(tmp_path: Path, version: int) -> dict[str, object]:
+    path = str(tmp_path / str(version) / "pickle_archive")
+    return {"endpoints": {"t": {"type": "model", "version": version, "path": path}}}
+
+
+def query(worker: Worker, context: dict[str, object] | None = None) -> dict[str, object]:
+    header: dict[str, object] = {"kind": "query", "name": "t"}
+    if context is not None:
+        header["context"] = context
+    reply, body = worker.handle(header, b'{"data": [2]}')
+    assert reply["status"] == 200, reply
+    return orjson.loads(body)
+
+
+def test_each_version_is_loaded_once(
+    worker: Worker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[Path] = []
+    real = worker_module.load_archive
+
+    def counting(path: Path) -> object:
+        loads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(worker_module, "load_archive", counting)
+    assert query(worker, table(tmp_path, 1))["response"] == 6
+    assert query(worker)["version"] == 1
+    assert len(loads) == 1
+    assert query(worker, table(tmp_path, 2))["version"] == 2
+    assert query(worker)["version"] == 2
+    assert len(loads) == 2
+
+
+def test_removed_endpoint_stops_answering_and_is_unloaded(worker: Worker, tmp_path: Path) -> None:
+    query(worker, table(tmp_path, 1))
+    reply, _ = worker.handle({"kind": "query", "name": "t", "context": {"endpoints": {}}},
+                             b'{"data": [2]}')  # fmt: skip
+    assert reply["status"] == 404
+    assert worker._loaded == {}
