@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import sys
@@ -39,7 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the server (the default)")
     _add_config_options(serve, suppress=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sub)
     return parser
+
+
+# Subcommands other than serve: each module has add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "deploy-models": (
+        "tabserve.commands.deploy_models",
+        "deploy the bundled ttest, anova and PCA models to a running server",
+    ),
+}
 
 
 def _setup_logging(level: str) -> None:
@@ -73,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in (None, "serve"):
         return run_server(args.config)
-    raise AssertionError(f"unhandled command {args.command}")
+    result: int = importlib.import_module(COMMANDS[args.command][0]).run(args)
+    return result
 
 
 if __name__ == "__main__":

@@ -265,9 +265,11 @@ class Executor:
         self.config = config
         self.env = worker_environment(config.env_allow, os.environ if environ is None else environ)
         self.stats = PoolStats()
-        self._idle: asyncio.Queue[WorkerProcess] = asyncio.Queue()
+        # Idle workers, and callers waiting for one (oldest first). A plain deque of futures,
+        # not asyncio.Queue + wait_for, whose timeout can race a get() and lose a worker.
+        self._idle: deque[WorkerProcess] = deque()
+        self._waiters: deque[asyncio.Future[WorkerProcess]] = deque()
         self._workers: set[WorkerProcess] = set()
-        self._waiting = 0
         self._busy = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -285,7 +287,7 @@ class Executor:
 
     @property
     def queued(self) -> int:
-        return self._waiting
+        return sum(1 for waiter in self._waiters if not waiter.done())
 
     @property
     def busy(self) -> int:
@@ -316,7 +318,16 @@ class Executor:
     def _adopt(self, worker: WorkerProcess) -> None:
         self.stats.started += 1
         self._workers.add(worker)
-        self._idle.put_nowait(worker)
+        self._release(worker)
+
+    def _release(self, worker: WorkerProcess) -> None:
+        """Hand ``worker`` to the oldest caller still waiting, or put it back as idle."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(worker)
+                return
+        self._idle.append(worker)
 
     async def run(
         self, kind: str, payload: bytes, timeout: float, options: Mapping[str, Any] | None = None
@@ -354,7 +365,7 @@ class Executor:
         if reply.pop("recycle", False):
             self._retire(worker)
         else:
-            self._idle.put_nowait(worker)
+            self._release(worker)
         reply.update(worker_pid=worker.pid, queue_ms=round(queue_ms, 3))
         if reply.get("status", 200) != 200:
             error = TabserveError.from_wire(reply)
@@ -365,27 +376,33 @@ class Executor:
     async def _acquire(self, deadline: float, timeout: float) -> WorkerProcess:
         if self._closing:
             raise Overloaded("Server is shutting down")
-        if self._idle.empty() and self._waiting >= self.config.queue_length:
+        while True:
+            worker = self._idle.popleft() if self._idle else await self._wait(deadline, timeout)
+            if worker.alive:
+                return worker
+            # It died while idle (killed from outside): replace it and take the next one.
+            self.stats.crashes += 1
+            self._retire(worker)
+
+    async def _wait(self, deadline: float, timeout: float) -> WorkerProcess:
+        if self.queued >= self.config.queue_length:
             self.stats.rejected += 1
-            raise Overloaded(info=f"{self._waiting} requests are already waiting for a worker")
+            raise Overloaded(info=f"{self.queued} requests are already waiting for a worker")
         loop = asyncio.get_running_loop()
-        self._waiting += 1
+        waiter: asyncio.Future[WorkerProcess] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = loop.call_at(deadline, _expire, waiter)
         try:
-            while True:
-                try:
-                    worker = await asyncio.wait_for(
-                        self._idle.get(), max(deadline - loop.time(), 0)
-                    )
-                except TimeoutError:
-                    self.stats.timeouts += 1
-                    raise ScriptTimeout.after(timeout) from None
-                if worker.alive:
-                    return worker
-                # It died while idle (killed from outside): replace it, take the next one.
-                self.stats.crashes += 1
-                self._retire(worker)
+            return await waiter
+        except TimeoutError:
+            self.stats.timeouts += 1
+            raise ScriptTimeout.after(timeout) from None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())  # handed over just as we were cancelled
+            raise
         finally:
-            self._waiting -= 1
+            timer.cancel()
 
     async def _exit_code(self, worker: WorkerProcess) -> int | None:
         try:

@@ -158,10 +158,9 @@ class JsonHandler(RequestHandler):
     post = put = delete = patch = get
 
     def options(self, *args: str) -> None:
-        """CORS preflight: the configured headers and an empty answer."""
+        """CORS preflight: the configured headers and TabPy's answer, 200 with ``{}``."""
         self.add_cors_headers()
-        self.set_status(204)
-        self.finish()
+        self.write_json({})
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """The one place errors become responses: TabPy's envelope, JSON, never HTML."""

@@ -39,6 +39,8 @@ from .wire import EvaluateRequest, check_result_length, decode_body, encode_resu
 
 log = logging.getLogger("tabserve.worker")
 
+WORKER_NICENESS = 5
+
 # Names that TabPy scripts in the wild use without importing them.
 _CONVENIENCE = {
     "pandas": pandas,
@@ -295,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     channel = _claim_protocol_fds()
     worker = Worker(config)
     _apply_memory_cap(worker.memory_mb)
+    # User code yields the CPU to the server's event loop, so /info and health checks stay
+    # quick while every worker is busy; on an idle machine this changes nothing.
+    os.nice(WORKER_NICENESS)
     channel.send({"ready": True, "pid": os.getpid()})
     while True:
         try:

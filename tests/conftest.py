@@ -28,7 +28,7 @@ class Server:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.state_path = workdir / "state"
+        self.state_path = Path(config.get("TABPY_STATE_PATH", workdir / "state"))
         settings = {
             "TABPY_PORT": str(self.port),
             "TABPY_STATE_PATH": str(self.state_path),

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import requests
+
 from conftest import free_port
 
 

@@ -144,3 +144,26 @@ def test_describe_exit() -> None:
     assert describe_exit(-11) == "was killed by SIGSEGV"
     assert describe_exit(3) == "exited with code 3"
     assert "out-of-memory" in describe_exit(-9)
+
+
+def test_queue_timeouts_never_lose_a_worker() -> None:
+    async def test(executor: Executor) -> None:
+        async def attempt(i: int) -> str:
+            try:
+                await executor.run("evaluate", job("import time; time.sleep(0.05)"), 0.12)
+            except ScriptTimeout:
+                return "timeout"
+            return "ok"
+
+        outcomes = await asyncio.gather(*(attempt(i) for i in range(30)))
+        assert "timeout" in outcomes and "ok" in outcomes
+        await asyncio.sleep(1)  # replacements of killed workers come up
+        assert executor.queued == 0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sleeps = [executor.run("evaluate", job("import time; time.sleep(0.5)"), 30) for _ in "ab"]
+        await asyncio.gather(*sleeps)
+        assert loop.time() - started < 0.95  # both workers still serve, side by side
+        assert executor.size == 2
+
+    run_with_pool(test, workers=2, queue_length=64)
