@@ -45,6 +45,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def load_average() -> list[float] | None:
+    """1/5/15-minute load: other work on a shared machine skews absolute figures."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "tabserve_workers": args.workers,
         "evaluate_timeout_s": args.timeout,
         "tabpy_version": None,
+        "loadavg_start": report.load_average(),
         "skipped": [
             n for n, skip in (("tabpy", args.skip_tabpy), ("tabserve", args.skip_tabserve)) if skip
         ],
@@ -302,6 +303,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    meta["loadavg_end"] = report.load_average()
+    meta["finished"] = report.now_utc()
+    busy = max((meta["loadavg_start"] or [0])[0], (meta["loadavg_end"] or [0])[0])
+    if busy > 0.5 * (os.cpu_count() or 1) and not args.smoke:
+        # Alternation spreads noise over both servers, but absolute figures still suffer.
+        log(
+            f"warning: machine load average was {busy} on {os.cpu_count()} CPUs; "
+            "absolute figures are noisy, compare ratios"
+        )
     results = {"meta": meta, "workloads": runner.results}
     print(report.format_table(results))
     path = report.write_json(results, out)
