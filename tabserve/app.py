@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -16,6 +18,8 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from . import __version__
+from .auth import Authenticator
+from .certificates import check_tls_files, make_server_context
 from .config import Settings
 from .endpoints import EndpointService
 from .executor import Executor, PoolConfig
@@ -24,14 +28,20 @@ from .handlers import (
     EndpointsHandler,
     EvaluateHandler,
     InfoHandler,
+    LiveHandler,
+    MetricsHandler,
     NotFoundHandler,
     QueryHandler,
+    ReadyHandler,
+    RequestTracker,
     RootHandler,
     Services,
     StatusHandler,
     UploadDestinationHandler,
     log_request,
 )
+from .health import CheckResult, Readiness, sandbox_placeholder
+from .metrics import Metrics
 from .registry import EndpointRegistry
 from .store import ensure_state_dir, read_state, service_info
 
@@ -58,6 +68,9 @@ def make_app(services: Services) -> Application:
         (r"/endpoints/([^/]+)", EndpointHandler, deps),
         (r"/query/([^/]+)", QueryHandler, deps),
         (r"/configurations/endpoint_upload_destination", UploadDestinationHandler, deps),
+        (r"/health/live", LiveHandler, deps),
+        (r"/health/ready", ReadyHandler, deps),
+        (r"/metrics", MetricsHandler, deps),
     ]
     return Application(
         routes,  # type: ignore[arg-type]
@@ -77,6 +90,8 @@ def pool_config(settings: Settings) -> PoolConfig:
         env_allow=settings.worker_env,
         gzip_enabled=settings.gzip_enabled,
         log_level=settings.log_level,
+        log_format=settings.log_format,
+        log_file=str(settings.log_file) if settings.log_file else None,
     )
 
 
@@ -98,24 +113,113 @@ def banner(settings: Settings, port: int) -> str:
     )
 
 
+def load_authenticator(settings: Settings, realm: str) -> Authenticator:
+    """Read the password file (raises ``PasswordFileError``); auth is off without one."""
+    auth = Authenticator.from_file(
+        settings.password_file, realm=realm, max_delay=settings.auth_max_delay
+    )
+    if auth.enabled:
+        log.info(
+            "Authentication on: %d user(s) in %s (re-read when it changes, or on SIGHUP)",
+            auth.user_count,
+            settings.password_file,
+        )
+    return auth
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context, or None for http; raises ``TLSConfigError`` on a bad setup."""
+    if not settings.tls_enabled:
+        return None
+    report = check_tls_files(settings.certificate_file, settings.key_file)
+    for finding in report.warnings:
+        log.warning("%s", finding.message)
+    return make_server_context(
+        settings.certificate_file,  # type: ignore[arg-type]  # checked just above
+        settings.key_file,  # type: ignore[arg-type]
+        settings.minimum_tls_version,
+        log,
+    )
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """The warning for a server other machines can reach without credentials, if it is one."""
+    if settings.loopback_only or settings.auth_enabled:
+        return None
+    where = settings.bind_address or "every interface"
+    return (
+        f"SECURITY WARNING: listening on {where}, reachable from other machines, WITHOUT "
+        f"authentication: anyone who can reach port {settings.port} can run code here "
+        f"(/evaluate, or by deploying an endpoint). Set TABPY_PWD_FILE (see "
+        f"docs/security.md) or TABSERVE_BIND_ADDRESS = 127.0.0.1."
+    )
+
+
+def readiness_checks(
+    readiness: Readiness, executor: Executor, requests: RequestTracker, state_file: Path
+) -> None:
+    """The built-in checks; other services add theirs (a real sandbox check replaces its
+    placeholder by name)."""
+
+    def state() -> CheckResult:
+        # Loaded before the server listened; this catches the volume going away underneath.
+        if not state_file.is_file():
+            return False, f"{state_file} is missing"
+        return True, "state.ini loaded"
+
+    def workers() -> CheckResult:
+        alive, wanted = executor.alive, executor.config.workers
+        return alive > 0, f"{alive} of {wanted} workers alive"
+
+    def accepting() -> CheckResult:
+        if requests.draining:
+            return False, "shutting down"
+        return True, "accepting requests"
+
+    readiness.add("state", state)
+    readiness.add("workers", workers)
+    readiness.add("sandbox", sandbox_placeholder)
+    readiness.add("accepting", accepting)
+
+
 async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
-    """Run the server until SIGTERM or SIGINT, then stop workers and return."""
-    # Workers start first, before anything secret is loaded into this process.
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully and return.
+
+    Shutdown: stop accepting connections, let in-flight requests finish for up to
+    ``TABSERVE_SHUTDOWN_GRACE`` seconds (a second signal cuts that short), then stop the
+    workers, killing any still running.
+    """
+    signals = _SignalWatch()
+    # Workers start first, before anything secret (passwords, the TLS key) is loaded into
+    # this process.
     executor = Executor(pool_config(settings))
     await executor.start()
     endpoints: EndpointService | None = None
+    auth: Authenticator | None = None
     try:
         state_file = ensure_state_dir(settings.state_path)
+        service = service_info(read_state(state_file))
+        auth = load_authenticator(settings, service.name)
+        # SIGHUP re-reads the password file (and no longer kills the server, its default).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, auth.reload)
+        context = tls_context(settings)
         endpoints = EndpointService(
             EndpointRegistry(settings.state_path), executor, settings.evaluate_timeout
         )
         await endpoints.start()
+        requests = RequestTracker()
+        readiness = Readiness()
+        readiness_checks(readiness, executor, requests, Path(state_file))
         services = Services(
             settings=settings,
             executor=executor,
             endpoints=endpoints,
-            service=service_info(read_state(state_file)),
+            service=service,
             state_path=os.path.realpath(settings.state_path),
+            auth=auth,
+            requests=requests,
+            metrics=Metrics(executor, lambda: requests.count),
+            readiness=readiness,
         )
         server = HTTPServer(
             make_app(services),
@@ -123,23 +227,61 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             max_buffer_size=_TRANSPORT_BODY_CAP,
             decompress_request=False,  # workers inflate gzip bodies, with the size cap
             chunk_size=_BODY_CHUNK,
+            ssl_options=context,
         )
         sockets = bind_sockets(settings.port, settings.bind_address or None)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
+        warning = exposure_warning(settings)
+        if warning:
+            log.warning("%s", warning)
         print(banner(settings, port), file=out, flush=True)
-        await _wait_for_signal()
-        log.info("shutting down")
-        server.stop()
+        await signals.wait()
+        server.stop()  # closes the listening sockets: new connections are refused
+        requests.draining = True
+        await _drain(requests, settings.shutdown_grace, signals)
+        # Idle keep-alive connections would otherwise outlive the loop.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.close_all_connections(), 1.0)
     finally:
+        if auth is not None:
+            auth.close()
         if endpoints is not None:
             await endpoints.close()
         await executor.close()
+        log.info("stopped")
 
 
-async def _wait_for_signal() -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+async def _drain(requests: RequestTracker, grace: float, signals: _SignalWatch) -> None:
+    if requests.count:
+        log.info(
+            "shutting down: waiting up to %g s for %d requests in flight", grace, requests.count
+        )
+    else:
+        log.info("shutting down")
+    idle = asyncio.create_task(requests.wait_idle(grace))
+    again = asyncio.create_task(signals.wait())
+    try:
+        await asyncio.wait({idle, again}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        again.cancel()
+    if not idle.done():
+        idle.cancel()
+        log.warning("second signal: not waiting for %d requests in flight", requests.count)
+    elif not idle.result():
+        log.warning("%d requests still in flight after %g s: stopping", requests.count, grace)
+
+
+class _SignalWatch:
+    """SIGTERM and SIGINT, as an awaitable; installed before workers start, so a signal
+    during start-up is not lost."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._event.set)
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event.clear()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .config import ConfigError, declared_settings, load_settings
+from . import __version__, logs
+from .config import ConfigError, Settings, declared_settings, load_settings
 
 
 def _add_config_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -48,17 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands other than serve: each module has add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "user": (
+        "tabserve.commands.user",
+        "add, update or delete a user in a password file (TABPY_PWD_FILE)",
+    ),
+    "doctor": (
+        "tabserve.commands.doctor",
+        "check the configuration against what a Tableau connection needs; never prompts",
+    ),
     "deploy-models": (
         "tabserve.commands.deploy_models",
         "deploy the bundled ttest, anova and PCA models to a running server",
     ),
 }
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-    )
 
 
 def run_server(config: str | None) -> int:
@@ -67,19 +68,29 @@ def run_server(config: str | None) -> int:
     except ConfigError as exc:
         print(f"tabserve: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings.log_level)
+    try:
+        logs.configure(settings.log_level, settings.log_format, settings.log_file)
+    except OSError as exc:
+        print(
+            f"tabserve: cannot open the log file {settings.log_file}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 2
+    from .certificates import TLSConfigError
+    from .passwords import PasswordFileError
+
     try:
         asyncio.run(_serve(settings))
-    except OSError as exc:
+    except (OSError, PasswordFileError, TLSConfigError) as exc:
         print(f"tabserve: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-async def _serve(settings: object) -> None:
+async def _serve(settings: Settings) -> None:
     from .app import serve  # tornado and the pool load only when serving
 
-    await serve(settings)  # type: ignore[arg-type]
+    await serve(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

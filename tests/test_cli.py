@@ -32,10 +32,13 @@ def test_bad_config_value_stops_startup_with_one_line(tmp_path: Path) -> None:
     assert "TABPY_EVALUATE_TIMEOUT" in lines[0] and "'soon'" in lines[0]
 
 
-def test_unsupported_auth_key_is_refused(tmp_path: Path) -> None:
-    result = tabserve("serve", env={"TABPY_PWD_FILE": str(tmp_path / "p.txt")})
-    assert result.returncode != 0
-    assert "TABPY_PWD_FILE" in result.stderr and "not supported yet" in result.stderr
+def test_missing_password_file_stops_startup(tmp_path: Path) -> None:
+    result = tabserve(
+        "serve",
+        env={"TABPY_PWD_FILE": str(tmp_path / "p.txt"), "TABPY_STATE_PATH": str(tmp_path)},
+    )
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "p.txt: cannot read" in result.stderr
 
 
 def test_serve_prints_banner_accepts_tabpy_flags_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -100,3 +103,12 @@ def test_no_prompt_even_without_a_terminal() -> None:
     assert time.monotonic() - started < 30
     assert result.returncode != 0
     assert "cannot read config file" in result.stderr
+
+
+def test_unwritable_log_file_stops_startup_with_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "no-such-dir" / "tabserve.log"
+    result = tabserve("serve", env={"TABSERVE_LOG_FILE": str(target)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "cannot open the log file" in lines[0] and str(target) in lines[0]

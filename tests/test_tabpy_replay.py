@@ -43,7 +43,7 @@ BODY_DIFFERS = {
     "static_index": "tabserve's own page",
 }
 # Exercised by other test modules until the feature they need lands here.
-ELSEWHERE = {"evaluate_credentials_without_auth": "authentication (tests of the auth matrix)"}
+ELSEWHERE: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
