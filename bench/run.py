@@ -49,13 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--duration",
         type=float,
         default=None,
-        help="seconds of load per server per throughput workload (default 10; 1 smoke)",
+        help="seconds of load per server per throughput workload (default 12; 1 smoke)",
     )
     p.add_argument(
         "--rounds",
         type=int,
         default=None,
-        help="alternation rounds per workload (default 2: ABBA; 1 smoke)",
+        help="alternation rounds per workload (default 4: ABBA ABBA; 1 smoke)",
     )
     p.add_argument(
         "--only", default="", help="comma-separated workload ids or groups, e.g. w1,w2,rows,workers"
@@ -251,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.smoke:
         args.skip_tabpy = True
-    duration = args.duration or (1.0 if args.smoke else 10.0)
+    duration = args.duration or (1.0 if args.smoke else 12.0)
     settings = Settings(
         duration=duration,
-        rounds=args.rounds or (1 if args.smoke else 2),
+        # Short rounds, many times alternated: bursts from other work on a shared machine
+        # then land on both servers instead of on whichever happened to be running.
+        rounds=args.rounds or (1 if args.smoke else 4),
         smoke=args.smoke,
         tool=args.loadgen,
         cpu_count=os.cpu_count() or 2,
