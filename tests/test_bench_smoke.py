@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +36,11 @@ EXPECTED = {
 }
 
 
-def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+def run_bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bench.run", *args],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -69,9 +71,10 @@ def test_smoke_run_reports_every_workload(tmp_path: Path) -> None:
 def test_smoke_run_never_writes_into_docs(tmp_path: Path) -> None:
     committed = REPO / "docs" / "benchmarks" / "results.json"
     before = committed.read_bytes() if committed.exists() else None
-    proc = run_bench("--smoke", "--only", "rows_10")
+    # TMPDIR keeps the harness's default temp output inside pytest's own temp dir.
+    proc = run_bench("--smoke", "--only", "rows_10", env={**os.environ, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     written = [line for line in proc.stderr.splitlines() if "wrote" in line]
-    assert written and all("docs/benchmarks" not in line for line in written)
+    assert written and all(str(tmp_path) in line for line in written)
     after = committed.read_bytes() if committed.exists() else None
     assert before == after
