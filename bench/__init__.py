@@ -1,0 +1,1 @@
+"""Benchmark harness comparing tabserve with TabPy (see docs/benchmarks.md)."""
