@@ -20,6 +20,7 @@ from .config import Settings
 from .endpoints import EndpointService
 from .executor import Executor, PoolConfig
 from .handlers import (
+    AssetHandler,
     EndpointHandler,
     EndpointsHandler,
     EvaluateHandler,
@@ -48,6 +49,7 @@ def make_app(services: Services) -> Application:
     page = (static / "index.html") if static else Path(__file__).parent / "static" / "index.html"
     routes = [
         (r"/", RootHandler, {**deps, "page": page}),
+        (r"/assets/([^/]+)", AssetHandler, deps),
         (r"/info", InfoHandler, deps),
         (r"/evaluate", EvaluateHandler, deps),
         (r"/status", StatusHandler, deps),
