@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .commands import check
 from .config import ConfigError, declared_settings, load_settings
 
 
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the server (the default)")
     _add_config_options(serve, suppress=True)
+    check_parser = commands.add_parser(
+        "check", help="replay Tableau's requests against any Analytics Extensions server"
+    )
+    check.add_arguments(check_parser)
     return parser
 
 
@@ -73,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in (None, "serve"):
         return run_server(args.config)
+    if args.command == "check":
+        return check.run(args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -122,8 +122,13 @@ function describeSandbox(sandbox) {
   return String(sandbox);
 }
 
-function renderUptime(health) {
-  const seconds = health && typeof health === "object" ? health.uptime_seconds : undefined;
+function renderUptime(health, metrics) {
+  let seconds = health && typeof health === "object" ? health.uptime_seconds : undefined;
+  if (typeof seconds !== "number" && typeof metrics === "string") {
+    // Fall back on the standard process collector's start time (server clock).
+    const start = parsePrometheus(metrics).find((s) => s.name === "process_start_time_seconds");
+    if (start) seconds = Math.max(0, Date.now() / 1000 - start.value);
+  }
   $("uptime").textContent = typeof seconds === "number" ? formatDuration(seconds) : "unknown";
 }
 
@@ -397,7 +402,7 @@ async function refresh() {
     $("content").hidden = false;
     $("page-error").hidden = true;
     renderInfo(info);
-    renderUptime(health);
+    renderUptime(health, metrics);
     renderEndpoints(endpoints, statuses);
     renderMetrics(metrics);
     $("refreshed").textContent = `updated ${new Date().toLocaleTimeString()}`;
