@@ -26,6 +26,7 @@ from .handlers import (
     EvaluateHandler,
     InfoHandler,
     NotFoundHandler,
+    OpenApiHandler,
     QueryHandler,
     RootHandler,
     Services,
@@ -50,6 +51,7 @@ def make_app(services: Services) -> Application:
     routes = [
         (r"/", RootHandler, {**deps, "page": page}),
         (r"/assets/([^/]+)", AssetHandler, deps),
+        (r"/openapi.json", OpenApiHandler, deps),
         (r"/info", InfoHandler, deps),
         (r"/evaluate", EvaluateHandler, deps),
         (r"/status", StatusHandler, deps),

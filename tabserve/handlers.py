@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from . import __version__
+from . import __version__, openapi
 from .config import Settings
 from .endpoints import EndpointService
 from .errors import (
@@ -301,6 +301,9 @@ ASSET_DIR = Path(__file__).parent / "static"
 class PageHandler(JsonHandler):
     """Base of the status page's files: public, never cached, same-origin only."""
 
+    # The page shell is public (as TabPy's static files are); its data calls authenticate.
+    public = True
+
     def send_file(self, path: Path, content_type: str) -> None:
         self.set_header("Content-Type", content_type)
         self.set_header("Cache-Control", "no-cache")
@@ -325,6 +328,15 @@ class AssetHandler(PageHandler):
         if name not in ASSETS:
             raise NotFound("Not found", f"No route for {self.request.method} {self.request.path}")
         self.send_file(ASSET_DIR / name, ASSETS[name])
+
+
+class OpenApiHandler(JsonHandler):
+    public = True
+
+    async def get(self) -> None:
+        """The OpenAPI 3.1 description of this API."""
+        self.add_cors_headers()
+        self.write_json(openapi.document())
 
 
 class NotFoundHandler(JsonHandler):
