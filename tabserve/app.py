@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -25,15 +26,21 @@ from .handlers import (
     EndpointsHandler,
     EvaluateHandler,
     InfoHandler,
+    LiveHandler,
+    MetricsHandler,
     NotFoundHandler,
     OpenApiHandler,
     QueryHandler,
+    ReadyHandler,
+    RequestTracker,
     RootHandler,
     Services,
     StatusHandler,
     UploadDestinationHandler,
     log_request,
 )
+from .health import CheckResult, Readiness, sandbox_placeholder
+from .metrics import Metrics
 from .registry import EndpointRegistry
 from .store import ensure_state_dir, read_state, service_info
 
@@ -59,6 +66,9 @@ def make_app(services: Services) -> Application:
         (r"/endpoints/([^/]+)", EndpointHandler, deps),
         (r"/query/([^/]+)", QueryHandler, deps),
         (r"/configurations/endpoint_upload_destination", UploadDestinationHandler, deps),
+        (r"/health/live", LiveHandler, deps),
+        (r"/health/ready", ReadyHandler, deps),
+        (r"/metrics", MetricsHandler, deps),
     ]
     return Application(
         routes,  # type: ignore[arg-type]
@@ -78,6 +88,8 @@ def pool_config(settings: Settings) -> PoolConfig:
         env_allow=settings.worker_env,
         gzip_enabled=settings.gzip_enabled,
         log_level=settings.log_level,
+        log_format=settings.log_format,
+        log_file=str(settings.log_file) if settings.log_file else None,
     )
 
 
@@ -99,8 +111,41 @@ def banner(settings: Settings, port: int) -> str:
     )
 
 
+def readiness_checks(
+    readiness: Readiness, executor: Executor, requests: RequestTracker, state_file: Path
+) -> None:
+    """The built-in checks; other services add theirs (a real sandbox check replaces its
+    placeholder by name)."""
+
+    def state() -> CheckResult:
+        # Loaded before the server listened; this catches the volume going away underneath.
+        if not state_file.is_file():
+            return False, f"{state_file} is missing"
+        return True, "state.ini loaded"
+
+    def workers() -> CheckResult:
+        alive, wanted = executor.alive, executor.config.workers
+        return alive > 0, f"{alive} of {wanted} workers alive"
+
+    def accepting() -> CheckResult:
+        if requests.draining:
+            return False, "shutting down"
+        return True, "accepting requests"
+
+    readiness.add("state", state)
+    readiness.add("workers", workers)
+    readiness.add("sandbox", sandbox_placeholder)
+    readiness.add("accepting", accepting)
+
+
 async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
-    """Run the server until SIGTERM or SIGINT, then stop workers and return."""
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully and return.
+
+    Shutdown: stop accepting connections, let in-flight requests finish for up to
+    ``TABSERVE_SHUTDOWN_GRACE`` seconds (a second signal cuts that short), then stop the
+    workers, killing any still running.
+    """
+    signals = _SignalWatch()
     # Workers start first, before anything secret is loaded into this process.
     executor = Executor(pool_config(settings))
     await executor.start()
@@ -111,12 +156,18 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             EndpointRegistry(settings.state_path), executor, settings.evaluate_timeout
         )
         await endpoints.start()
+        requests = RequestTracker()
+        readiness = Readiness()
+        readiness_checks(readiness, executor, requests, Path(state_file))
         services = Services(
             settings=settings,
             executor=executor,
             endpoints=endpoints,
             service=service_info(read_state(state_file)),
             state_path=os.path.realpath(settings.state_path),
+            requests=requests,
+            metrics=Metrics(executor, lambda: requests.count),
+            readiness=readiness,
         )
         server = HTTPServer(
             make_app(services),
@@ -128,18 +179,50 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
         print(banner(settings, port), file=out, flush=True)
-        await _wait_for_signal()
-        log.info("shutting down")
-        server.stop()
+        await signals.wait()
+        server.stop()  # closes the listening sockets: new connections are refused
+        requests.draining = True
+        await _drain(requests, settings.shutdown_grace, signals)
+        # Idle keep-alive connections would otherwise outlive the loop.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.close_all_connections(), 1.0)
     finally:
         if endpoints is not None:
             await endpoints.close()
         await executor.close()
+        log.info("stopped")
 
 
-async def _wait_for_signal() -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+async def _drain(requests: RequestTracker, grace: float, signals: _SignalWatch) -> None:
+    if requests.count:
+        log.info(
+            "shutting down: waiting up to %g s for %d requests in flight", grace, requests.count
+        )
+    else:
+        log.info("shutting down")
+    idle = asyncio.create_task(requests.wait_idle(grace))
+    again = asyncio.create_task(signals.wait())
+    try:
+        await asyncio.wait({idle, again}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        again.cancel()
+    if not idle.done():
+        idle.cancel()
+        log.warning("second signal: not waiting for %d requests in flight", requests.count)
+    elif not idle.result():
+        log.warning("%d requests still in flight after %g s: stopping", requests.count, grace)
+
+
+class _SignalWatch:
+    """SIGTERM and SIGINT, as an awaitable; installed before workers start, so a signal
+    during start-up is not lost."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._event.set)
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event.clear()

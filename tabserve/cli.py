@@ -9,9 +9,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from . import __version__, logs
 from .commands import check
-from .config import ConfigError, declared_settings, load_settings
+from .config import ConfigError, Settings, declared_settings, load_settings
 
 
 def _add_config_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -47,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-    )
+def _setup_logging(settings: Settings) -> None:
+    logs.configure(settings.log_level, settings.log_format, settings.log_file)
+    # Tornado's access log is replaced by tabserve.access (handlers.log_request).
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
 def run_server(config: str | None) -> int:
@@ -59,7 +59,11 @@ def run_server(config: str | None) -> int:
     except ConfigError as exc:
         print(f"tabserve: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings.log_level)
+    try:
+        _setup_logging(settings)
+    except OSError as exc:
+        print(f"tabserve: cannot open the log file {settings.log_file}: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(_serve(settings))
     except OSError as exc:
@@ -68,10 +72,10 @@ def run_server(config: str | None) -> int:
     return 0
 
 
-async def _serve(settings: object) -> None:
+async def _serve(settings: Settings) -> None:
     from .app import serve  # tornado and the pool load only when serving
 
-    await serve(settings)  # type: ignore[arg-type]
+    await serve(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

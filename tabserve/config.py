@@ -69,6 +69,13 @@ def _parse_timeout(raw: str) -> float:
     return value
 
 
+def _parse_grace(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("expected a number of seconds of at least 0")
+    return value
+
+
 def _parse_path(raw: str) -> Path:
     return Path(os.path.expanduser(raw.strip())).resolve()
 
@@ -285,7 +292,29 @@ class Settings:
         "INFO",
     )
     log_format: str = setting(
-        "TABSERVE_LOG_FORMAT", _parse_log_format, "Log line format: `text` or `json`.", "text"
+        "TABSERVE_LOG_FORMAT",
+        _parse_log_format,
+        "Log line format: `text` or `json` (one JSON object per line).",
+        "text",
+    )
+    log_file: Path | None = setting(
+        "TABSERVE_LOG_FILE",
+        _parse_optional_path,
+        "File the server and its workers append log lines to; reopened if rotated away.",
+        doc="unset (stderr)",
+    )
+    metrics_auth: bool = setting(
+        "TABSERVE_METRICS_AUTH",
+        _parse_bool,
+        "Whether `/metrics` needs credentials when authentication is on.",
+        True,
+    )
+    shutdown_grace: float = setting(
+        "TABSERVE_SHUTDOWN_GRACE",
+        _parse_grace,
+        "On SIGTERM or SIGINT, seconds in-flight requests may take to finish before the "
+        "workers are stopped.",
+        20.0,
     )
 
     @property

@@ -141,6 +141,10 @@ class EndpointService:
 
     # -- querying --------------------------------------------------------------------------
 
+    def resolve(self, name: str) -> Endpoint:
+        """The model answering for ``name`` (following aliases); NotFound if there is none."""
+        return self.registry.resolve(name)
+
     async def query(self, name: str, body: bytes, encoding: str) -> JobResult:
         self.registry.resolve(name)  # an unknown name is a 404 without using a worker
         return await self.executor.run(

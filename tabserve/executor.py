@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from . import logs
 from .errors import Overloaded, ScriptTimeout, TabserveError, WorkerDied
 from .protocol import PREFIX, ProtocolError, decode_header, decode_prefix, encode_prefix
 
@@ -57,6 +58,8 @@ class PoolConfig:
     env_allow: Sequence[str] = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
     gzip_enabled: bool = True
     log_level: str = "INFO"
+    log_format: str = "text"
+    log_file: str | None = None  # None: the server's stderr
     start_timeout: float = 60.0
     command_prefix: Sequence[str] = ()  # e.g. a sandbox launcher put in front of python
 
@@ -71,11 +74,14 @@ class JobResult:
 
 @dataclass
 class PoolStats:
+    """Counters since start; read by the metrics collector, never reset."""
+
     started: int = 0
-    restarts: int = 0
-    timeouts: int = 0
-    crashes: int = 0
-    rejected: int = 0
+    restarts: int = 0  # replacement workers started
+    timeouts: int = 0  # jobs answered 408, while running or still queued
+    crashes: int = 0  # workers that died by themselves, busy or idle
+    kills: int = 0  # workers retired for a running job's timeout or a crash
+    rejected: int = 0  # jobs refused because the queue was full
 
 
 def worker_environment(allow: Sequence[str], source: Mapping[str, str]) -> dict[str, str]:
@@ -109,6 +115,7 @@ class WorkerProcess:
         self.pid = process.pid
         self.jobs = 0
         self.context_generation = -1
+        self.busy = False
 
     @classmethod
     async def spawn(cls, config: PoolConfig, env: Mapping[str, str]) -> WorkerProcess:
@@ -117,6 +124,8 @@ class WorkerProcess:
             "request_limit": config.request_limit,
             "gzip_enabled": config.gzip_enabled,
             "log_level": config.log_level,
+            "log_format": config.log_format,
+            "log_file": config.log_file,
         }
         argv = [
             *config.command_prefix,
@@ -221,6 +230,10 @@ class Executor:
         return len(self._workers)
 
     @property
+    def alive(self) -> int:
+        return sum(1 for worker in self._workers if worker.alive)
+
+    @property
     def pids(self) -> list[int]:
         return sorted(worker.pid for worker in self._workers)
 
@@ -242,6 +255,22 @@ class Executor:
         self.stats.started += 1
         self._workers.add(worker)
         self._idle.put_nowait(worker)
+        self._background(self._watch(worker))
+
+    def _background(self, job: Any) -> None:
+        task = asyncio.create_task(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        """Replace a worker that dies while idle, so the pool heals without waiting for a job."""
+        code = await worker.process.wait()
+        if self._closing or worker.busy or worker not in self._workers:
+            return  # shutting down, or already handled by run() or _retire
+        self.stats.crashes += 1
+        self.stats.kills += 1
+        log.error("idle worker %d %s; replacing it", worker.pid, describe_exit(code))
+        self._retire(worker)
 
     async def run(
         self, kind: str, payload: bytes, timeout: float, options: Mapping[str, Any] | None = None
@@ -255,22 +284,25 @@ class Executor:
         enqueued = time.perf_counter()
         worker = await self._acquire(deadline, timeout)
         queue_ms = (time.perf_counter() - enqueued) * 1000
-        header = {"kind": kind, **(options or {})}
+        header = {"kind": kind, "call_id": logs.call_id.get(), **(options or {})}
         if worker.context_generation != self._context_generation:
             header["context"] = self._context
             worker.context_generation = self._context_generation
         self._busy += 1
+        worker.busy = True
         try:
             reply, body = await asyncio.wait_for(
                 worker.call(header, payload), max(deadline - loop.time(), 0)
             )
         except TimeoutError:
             self.stats.timeouts += 1
+            self.stats.kills += 1
             log.warning("job timed out after %.1f s: killing worker %d", timeout, worker.pid)
             self._retire(worker)
             raise ScriptTimeout.after(timeout) from None
         except (ProtocolError, asyncio.IncompleteReadError, ConnectionError) as exc:
             self.stats.crashes += 1
+            self.stats.kills += 1
             code = await self._exit_code(worker)
             self._retire(worker)
             reason = describe_exit(code)
@@ -278,6 +310,7 @@ class Executor:
             raise WorkerDied(info=f"The worker process running this request {reason}.") from exc
         finally:
             self._busy -= 1
+            worker.busy = False
         if reply.pop("recycle", False):
             self._retire(worker)
         else:
@@ -308,9 +341,11 @@ class Executor:
                     raise ScriptTimeout.after(timeout) from None
                 if worker.alive:
                     return worker
-                # It died while idle (killed from outside): replace it, take the next one.
-                self.stats.crashes += 1
-                self._retire(worker)
+                if worker in self._workers:
+                    # It died while idle and _watch has not run yet: replace it here.
+                    self.stats.crashes += 1
+                    self.stats.kills += 1
+                    self._retire(worker)
         finally:
             self._waiting -= 1
 
@@ -325,9 +360,7 @@ class Executor:
         worker.kill()
         self._workers.discard(worker)
         if not self._closing:
-            task = asyncio.create_task(self._replace())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background(self._replace())
 
     async def _replace(self) -> None:
         delay = 0.1

@@ -8,18 +8,23 @@ place as TabPy's ``{"message", "info"}`` envelope, and responses are JSON.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
+import re
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+from tornado.escape import utf8
+from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from . import __version__, openapi
+from . import __version__, logs, openapi
 from .config import Settings
 from .endpoints import EndpointService
 from .errors import (
@@ -31,9 +36,17 @@ from .errors import (
     TabserveError,
 )
 from .executor import Executor
+from .health import Readiness
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .store import ServiceInfo
 
 log = logging.getLogger("tabserve.http")
+access_log = logging.getLogger("tabserve.access")
+
+# An incoming X-Request-Id is reused as the call id only if it is short and plain: it is
+# echoed in a header and written to the log.
+_CALL_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 
 # An oversized body is read and thrown away (so the client, still sending, can read our 413)
 # up to this much past the limit; beyond it the connection is closed instead.
@@ -42,15 +55,45 @@ DRAIN_LIMIT = 64 * 1024 * 1024
 _Verb = TypeVar("_Verb", bound=Callable[..., Awaitable[None] | None])
 
 
+class RequestTracker:
+    """Requests being handled, so that shutdown can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = False  # set at shutdown: readiness fails, connections are not kept
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no request is in flight; False if ``timeout`` seconds pass first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 @dataclass
 class Services:
-    """What handlers may use; built once in ``app.make_app``."""
+    """What handlers may use; built once in ``app.serve``."""
 
     settings: Settings
     executor: Executor
     endpoints: EndpointService
     service: ServiceInfo
     state_path: str
+    requests: RequestTracker
+    metrics: Metrics
+    readiness: Readiness
 
 
 def _reject_oversized(verb: _Verb) -> _Verb:
@@ -69,6 +112,8 @@ class JsonHandler(RequestHandler):
     """Base of every handler: streamed size-checked bodies, JSON errors, CORS headers."""
 
     services: Services
+    # The route pattern, for metrics and the access log: bounded, unlike the raw path.
+    route: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # A streamed body is complete only when the verb method starts; guarding each verb
@@ -83,15 +128,42 @@ class JsonHandler(RequestHandler):
         self._chunks: list[bytes] = []
         self._received = 0
         self._too_large = False
+        self._sent = 0
+        # What the worker reported about this request's job (pid, timings, rows), if any.
+        self.meta: dict[str, Any] = {}
+        self.endpoint: str | None = None  # a deployed endpoint's name, once known to exist
+        self.error_summary = ""
+        self._tracked = True
+        services.requests.begin()
+
+    @functools.cached_property
+    def call_id(self) -> str:
+        incoming = self.request.headers.get("X-Request-Id", "")
+        return incoming if _CALL_ID.fullmatch(incoming) else uuid.uuid4().hex
+
+    def needs_credentials(self) -> bool:
+        """Whether this route asks for credentials when authentication is on."""
+        return True
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.clear_header("Server")
+        # Here rather than in prepare: error responses start again from the default headers.
+        self.set_header("X-Request-Id", self.call_id)
+        if self.services_draining():
+            self.set_header("Connection", "close")
+
+    def services_draining(self) -> bool:
+        services = getattr(self, "services", None)  # set_default_headers runs before initialize
+        return services is not None and services.requests.draining
 
     def _declared_size(self) -> str:
         return self.request.headers.get("Content-Length") or str(self._received)
 
     async def prepare(self) -> None:
+        logs.call_id.set(self.call_id)  # every log line of this request names it
+        if self.services.requests.draining:
+            self.set_header("Connection", "close")
         limit = self.services.settings.max_request_bytes
         declared = self.request.headers.get("Content-Length")
         if declared is None or not declared.isdigit() or int(declared) <= limit:
@@ -140,6 +212,38 @@ class JsonHandler(RequestHandler):
     def content_encoding(self) -> str:
         return self.request.headers.get("Content-Encoding", "").strip().lower()
 
+    def write(self, chunk: str | bytes | dict[str, Any]) -> None:
+        if isinstance(chunk, bytes):
+            self._sent += len(chunk)
+        elif isinstance(chunk, str):
+            chunk = utf8(chunk)
+            self._sent += len(chunk)
+        super().write(chunk)
+
+    def on_finish(self) -> None:
+        self._untrack()
+        route = self.route or type(self).__name__
+        request = self.request
+        self.services.metrics.observe(
+            route,
+            request.method or "",
+            self.get_status(),
+            request.request_time(),
+            self._received,
+            self._sent,
+            self.meta,
+            self.endpoint,
+        )
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        self._untrack()  # the client is gone: shutdown need not wait for this answer
+
+    def _untrack(self) -> None:
+        if self._tracked:
+            self._tracked = False
+            self.services.requests.end()
+
     def add_cors_headers(self) -> None:
         for key, value in self.services.service.cors:
             self.set_header(key, value)
@@ -165,7 +269,9 @@ class JsonHandler(RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """The one place errors become responses: TabPy's envelope, JSON, never HTML."""
-        error = _as_tabserve_error(status_code, kwargs.get("exc_info"))
+        error = _as_tabserve_error(status_code, kwargs.get("exc_info"), self.call_id)
+        self.meta = error.meta
+        self.error_summary = error.message
         self.set_status(error.status)
         for key, value in error.headers().items():
             self.set_header(key, value)
@@ -175,10 +281,17 @@ class JsonHandler(RequestHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, TabserveError | HTTPError):
             return  # an answer, not a fault: the access log line records it
-        super().log_exception(typ, value, tb)
+        if isinstance(value, StreamClosedError):
+            log.info("client closed the connection before the answer")
+            return
+        # Not Tornado's version: it logs the request's headers, credentials included.
+        log.error(
+            "unexpected error in %s %s", self.request.method, self.route or self.request.path,
+            exc_info=(typ, value, tb),
+        )  # fmt: skip
 
 
-def _as_tabserve_error(status_code: int, exc_info: Any) -> TabserveError:
+def _as_tabserve_error(status_code: int, exc_info: Any, call_id: str) -> TabserveError:
     value = exc_info[1] if exc_info else None
     if isinstance(value, TabserveError):
         return value
@@ -191,10 +304,14 @@ def _as_tabserve_error(status_code: int, exc_info: Any) -> TabserveError:
         error.status = status_code  # type: ignore[misc]
         return error
     # Never echo an unexpected exception: its text may carry paths or internals.
-    return TabserveError("Internal server error", "The server failed; see its log for details.")
+    return TabserveError(
+        "Internal server error", f"The server failed; its log has the details under call {call_id}."
+    )
 
 
 class InfoHandler(JsonHandler):
+    route = "/info"
+
     async def get(self) -> None:
         """Tableau's Test Connection: static facts about this server."""
         settings = self.services.settings
@@ -218,6 +335,8 @@ class InfoHandler(JsonHandler):
 
 
 class EvaluateHandler(JsonHandler):
+    route = "/evaluate"
+
     async def post(self) -> None:
         """Run an ad-hoc script in a worker; the worker parses the body and encodes the result."""
         settings = self.services.settings
@@ -226,11 +345,14 @@ class EvaluateHandler(JsonHandler):
         result = await self.services.executor.run(
             "evaluate", self.body, settings.evaluate_timeout, {"encoding": self.content_encoding}
         )
+        self.meta = result.meta
         self.add_cors_headers()
         self.finish(result.body)
 
 
 class StatusHandler(JsonHandler):
+    route = "/status"
+
     async def get(self) -> None:
         """Load status of every deployed endpoint."""
         self.add_cors_headers()
@@ -238,6 +360,8 @@ class StatusHandler(JsonHandler):
 
 
 class EndpointsHandler(JsonHandler):
+    route = "/endpoints"
+
     async def get(self) -> None:
         """Every deployed endpoint's description, keyed by name."""
         self.add_cors_headers()
@@ -250,6 +374,8 @@ class EndpointsHandler(JsonHandler):
 
 
 class EndpointHandler(JsonHandler):
+    route = "/endpoints/{name}"
+
     async def get(self, name: str) -> None:
         """One endpoint's description, unwrapped (as TabPy answers)."""
         self.add_cors_headers()
@@ -268,6 +394,8 @@ class EndpointHandler(JsonHandler):
 
 
 class UploadDestinationHandler(JsonHandler):
+    route = "/configurations/endpoint_upload_destination"
+
     async def get(self) -> None:
         """Where TabPy's client writes pickles before deploying (shared filesystems only)."""
         staging = self.services.endpoints.registry.staging
@@ -275,9 +403,14 @@ class UploadDestinationHandler(JsonHandler):
 
 
 class QueryHandler(JsonHandler):
+    route = "/query/{name}"
+
     async def post(self, name: str) -> None:
         """Call a deployed function in a worker: ``{"data": {...}}`` or ``{"data": [...]}``."""
+        self.services.endpoints.resolve(name)  # an unknown name is a 404 without using a worker
+        self.endpoint = name  # deployed, so a bounded metrics label
         result = await self.services.endpoints.query(name, self.body, self.content_encoding)
+        self.meta = result.meta
         self.add_cors_headers()
         self.finish(result.body)
 
@@ -301,8 +434,8 @@ ASSET_DIR = Path(__file__).parent / "static"
 class PageHandler(JsonHandler):
     """Base of the status page's files: public, never cached, same-origin only."""
 
-    # The page shell is public (as TabPy's static files are); its data calls authenticate.
-    public = True
+    def needs_credentials(self) -> bool:
+        return False  # the page shell is public (as TabPy's static files are); its data is not
 
     def send_file(self, path: Path, content_type: str) -> None:
         self.set_header("Content-Type", content_type)
@@ -313,6 +446,8 @@ class PageHandler(JsonHandler):
 
 
 class RootHandler(PageHandler):
+    route = "/"
+
     def initialize(self, services: Services, page: Path) -> None:  # type: ignore[override]
         super().initialize(services)
         self.page = page
@@ -323,6 +458,8 @@ class RootHandler(PageHandler):
 
 
 class AssetHandler(PageHandler):
+    route = "/assets/{name}"
+
     async def get(self, name: str) -> None:
         """The status page's script and style sheet."""
         if name not in ASSETS:
@@ -331,7 +468,10 @@ class AssetHandler(PageHandler):
 
 
 class OpenApiHandler(JsonHandler):
-    public = True
+    route = "/openapi.json"
+
+    def needs_credentials(self) -> bool:
+        return False  # a description of the API, as public as the page that links to it
 
     async def get(self) -> None:
         """The OpenAPI 3.1 description of this API."""
@@ -342,23 +482,95 @@ class OpenApiHandler(JsonHandler):
 class NotFoundHandler(JsonHandler):
     """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page."""
 
+    route = "unmatched"
+
     async def get(self, *args: str) -> None:
         raise NotFound("Not found", f"No route for {self.request.method} {self.request.path}")
 
     post = put = delete = patch = get
 
 
+class OperationsHandler(JsonHandler):
+    """Base of the routes for machines (probes, scrapers): no credentials, never cached."""
+
+    def needs_credentials(self) -> bool:
+        return False
+
+    def compute_etag(self) -> None:
+        return None  # a live answer every time, never a 304
+
+
+class LiveHandler(OperationsHandler):
+    route = "/health/live"
+
+    async def get(self) -> None:
+        """Liveness: the process is up and its event loop answers."""
+        self.write_json({"status": "alive"})
+
+
+class ReadyHandler(OperationsHandler):
+    route = "/health/ready"
+
+    async def get(self) -> None:
+        """Readiness: 200 when every check passes, else 503; the body says which failed."""
+        ready, outcomes = await self.services.readiness.run()
+        self.write_json(
+            {
+                "status": "ready" if ready else "not ready",
+                "checks": [outcome.document() for outcome in outcomes],
+            },
+            status=200 if ready else 503,
+        )
+
+
+class MetricsHandler(OperationsHandler):
+    route = "/metrics"
+
+    def needs_credentials(self) -> bool:
+        return self.services.settings.metrics_auth
+
+    async def get(self) -> None:
+        """Prometheus text format, for the whole server: every worker's jobs are counted here."""
+        self.set_header("Content-Type", METRICS_CONTENT_TYPE)
+        self.finish(self.services.metrics.exposition())
+
+
 def log_request(handler: RequestHandler) -> None:
-    """One access-log line per request (Tornado's log_function hook)."""
+    """One access-log line per request (Tornado's log_function hook).
+
+    The fields are gathered only when the line is going to be written: the level check comes
+    first, so a disabled access log costs one comparison.
+    """
     status = handler.get_status()
     level = logging.INFO if status < 500 else logging.ERROR
-    if log.isEnabledFor(level):
-        request = handler.request
-        log.log(
-            level,
-            "%s %s %d %.1fms",
-            request.method,
-            request.path,
-            status,
-            1000.0 * request.request_time(),
-        )
+    if not access_log.isEnabledFor(level) or not isinstance(handler, JsonHandler):
+        return
+    request = handler.request
+    meta = handler.meta
+    fields: dict[str, Any] = {
+        "call_id": handler.call_id,
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "duration_ms": round(1000.0 * request.request_time(), 1),
+        "route": handler.route or type(handler).__name__,
+        "endpoint": handler.endpoint or meta.get("model"),
+        "version": meta.get("version"),
+        "rows_in": meta.get("rows_in"),
+        "rows_out": meta.get("rows_out"),
+        "bytes_in": handler._received,
+        "bytes_out": handler._sent,
+        "queue_ms": meta.get("queue_ms"),
+        "exec_ms": meta.get("exec_ms"),
+        "worker_pid": meta.get("worker_pid"),
+        "script_hash": meta.get("script_hash"),
+        "error": handler.error_summary or None,
+    }
+    if handler.services.settings.log_details:
+        # TABPY_LOG_DETAILS: who called, as TabPy logs it. Off by default (it names users).
+        headers = request.headers
+        fields["caller"] = request.remote_ip
+        fields["client"] = headers.get("TabPy-Client")
+        fields["user"] = headers.get("TabPy-User")
+    summary = f"{request.method} {request.path} {status} {fields['duration_ms']}ms"
+    access_log.log(level, logs.AccessRecord(summary, fields))

@@ -97,6 +97,15 @@ _INFO = {
     },
 }
 
+_READY = {
+    "type": "object",
+    "required": ["status", "checks"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "not ready"]},
+        "checks": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
 _EVALUATE_BODY = {
     "type": "object",
     "required": ["script", "data"],
@@ -253,6 +262,39 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "200": _json({"type": "object"}, "OpenAPI 3.1"),
                         **_errors(405, 413),
+                    },
+                }
+            },
+            "/health/live": {
+                "get": {
+                    "summary": "Liveness probe (no credentials)",
+                    "security": [{}],
+                    "responses": {
+                        "200": _json(
+                            {"type": "object", "required": ["status"]}, "The process is up"
+                        ),
+                        **_errors(405, 413),
+                    },
+                }
+            },
+            "/health/ready": {
+                "get": {
+                    "summary": "Readiness probe (no credentials): named checks",
+                    "security": [{}],
+                    "responses": {
+                        "200": _json(_READY, "Every check passed"),
+                        "503": _json(_READY, "A check failed; the body says which"),
+                        **_errors(405, 413),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus text format (credentials unless TABSERVE_METRICS_AUTH "
+                    "is false)",
+                    "responses": {
+                        "200": {"description": "Prometheus text", "content": {"text/plain": {}}},
+                        **_errors(401, 405, 406, 413),
                     },
                 }
             },

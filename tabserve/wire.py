@@ -116,6 +116,22 @@ def check_result_length(data: Mapping[str, Any], result: Any) -> None:
         )
 
 
+def count_rows(value: Any) -> int | None:
+    """Rows in a result, for metrics: its length when it has one, 1 for a scalar.
+
+    None when counting would cost more than a ``len`` (a dict or an arbitrary object).
+    """
+    if isinstance(value, list | tuple | pd.Series | pd.DataFrame | ExtensionArray):
+        return len(value)
+    if isinstance(value, np.ndarray):
+        return int(value.shape[0]) if value.ndim else 1
+    if value is None:
+        return 0
+    if isinstance(value, str | bytes | int | float | bool | np.generic):
+        return 1
+    return None
+
+
 def _fallback(value: Any) -> Any:
     """Turn what orjson cannot encode natively into something it can."""
     if isinstance(value, pd.DataFrame):

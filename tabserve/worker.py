@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ import numpy
 import orjson
 import pandas
 
+from . import logs
 from .archive import load_archive, python_mismatch, target_function
 from .errors import BadRequest, EndpointNotFound, ScriptError, TabserveError
 from .protocol import BlockingChannel, ProtocolError
@@ -35,7 +37,14 @@ from .script import (
     describe_exception,
     load_function,
 )
-from .wire import EvaluateRequest, check_result_length, decode_body, encode_result, parse_json
+from .wire import (
+    EvaluateRequest,
+    check_result_length,
+    count_rows,
+    decode_body,
+    encode_result,
+    parse_json,
+)
 
 log = logging.getLogger("tabserve.worker")
 
@@ -121,6 +130,7 @@ class Worker:
 
     def handle(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         started = time.perf_counter()
+        logs.call_id.set(header.get("call_id") or "")
         if "context" in header:
             self.set_context(header["context"])
         try:
@@ -151,6 +161,10 @@ class Worker:
     def evaluate(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
         body = decode_body(payload, header.get("encoding"), self.request_limit, self.gzip_enabled)
         request = EvaluateRequest.parse(parse_json(body))
+        # The text itself only at DEBUG: scripts can embed data or credentials.
+        script_hash = hashlib.sha256(request.script.encode("utf-8", "surrogatepass")).hexdigest()
+        script_hash = script_hash[:12]
+        log.debug("script %s:\n%s", script_hash, request.script)
         try:
             code = compile_script(request.script, request.arg_names)
         except ScriptSyntaxError as exc:
@@ -161,11 +175,14 @@ class Worker:
         except MemoryError:
             raise
         except (Exception, SystemExit) as exc:
-            log.error("script failed", exc_info=exc)
+            log.error("script %s failed", script_hash, exc_info=exc)
             raise ScriptError(info=describe_exception(exc)) from None
         check_result_length(request.data, result)
-        rows_in = max((len(v) for v in request.data.values() if isinstance(v, list)), default=0)
-        return encode_result(result), {"rows_in": rows_in}
+        meta = {"rows_in": _rows_in(request.data.values()), "script_hash": script_hash}
+        rows_out = count_rows(result)
+        if rows_out is not None:
+            meta["rows_out"] = rows_out
+        return encode_result(result), meta
 
     def query(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
         """``/query/<name>``: ``data`` as an object is keyword arguments, as an array positional."""
@@ -187,7 +204,15 @@ class Worker:
             envelope = self.call_endpoint(header["name"], args, kwargs)
         except EndpointFailure as failure:
             raise failure.for_query() from None
-        return encode_result(envelope), {"model": envelope["model"], "version": envelope["version"]}
+        meta = {
+            "model": envelope["model"],
+            "version": envelope["version"],
+            "rows_in": _rows_in(kwargs.values() if kwargs else args),
+        }
+        rows_out = count_rows(envelope["response"])
+        if rows_out is not None:
+            meta["rows_out"] = rows_out
+        return encode_result(envelope), meta
 
     def query_from_script(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -256,6 +281,11 @@ class Worker:
         return function
 
 
+def _rows_in(columns: Any) -> int:
+    """The longest list among the arguments: one value per row of Tableau's data."""
+    return max((len(column) for column in columns if isinstance(column, list)), default=0)
+
+
 def _describe_model_error(exc: BaseException, function: Callable[..., Any]) -> str:
     """``ValueError: message (line N)``, N being the line in the deployed function's source."""
     text = f"{type(exc).__name__}: {exc}"
@@ -288,9 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of a worker process: ``python -m tabserve.worker CONFIG_JSON``."""
     args = sys.argv[1:] if argv is None else argv
     config = orjson.loads(args[0]) if args else {"request_limit": 100 * 1024 * 1024}
-    logging.basicConfig(
-        level=config.get("log_level", "INFO"),
-        format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(message)s",
+    logs.configure(
+        config.get("log_level", "INFO"),
+        config.get("log_format", "text"),
+        config.get("log_file"),
+        tag=f"worker[{os.getpid()}]",
     )
     channel = _claim_protocol_fds()
     worker = Worker(config)

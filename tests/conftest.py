@@ -11,8 +11,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def free_port() -> int:
@@ -73,6 +75,19 @@ class Server:
 
     def evaluate(self, script: str, **data: object) -> requests.Response:
         return self.post("/evaluate", json={"script": script, "data": data})
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from /metrics (0 when the series does not exist yet)."""
+        text = self.get("/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                wanted = all(sample.labels.get(k) == v for k, v in labels.items())
+                if sample.name == name and wanted:
+                    return float(sample.value)
+        return 0.0
+
+    def worker_pids(self) -> set[int]:
+        return {child.pid for child in psutil.Process(self.process.pid).children(recursive=True)}
 
     def stop(self) -> int:
         if self.process.poll() is None:

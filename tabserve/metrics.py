@@ -1,0 +1,143 @@
+"""Prometheus metrics, kept in the server process only.
+
+Workers never count anything themselves: each job's answer carries what the worker measured
+(pid, queue and execution time, rows), and the server records it here. The numbers are
+therefore correct however many workers there are, and survive a worker being replaced.
+
+Each ``Metrics`` has its own ``CollectorRegistry`` (not prometheus_client's global one), so
+several apps in one process, as in tests, never share counters. Pool counters and gauges are
+read from the executor when scraped, so the executor needs no metrics code of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .executor import Executor
+
+# Up to the longest timeouts people configure: a histogram that stops at 10 s would put every
+# slow model into +Inf.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# The classic text format, which every Prometheus version (and most other scrapers) reads;
+# all tabserve names are plain ASCII, so nothing needs the newer format's escaping.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _PoolCollector(Collector):
+    """Reads the worker pool's state and counters at scrape time."""
+
+    def __init__(self, executor: Executor, in_flight: Callable[[], int]) -> None:
+        self.executor = executor
+        self.in_flight = in_flight
+        self.started = time.time()
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self.executor
+        stats = pool.stats
+        gauges = (
+            # The standard name (prometheus_client's process collector uses it): dashboards and
+            # the status page compute uptime from it.
+            ("process_start_time_seconds", "Server start, seconds since the epoch.", self.started),
+            ("tabserve_requests_in_flight", "HTTP requests being handled.", self.in_flight()),
+            ("tabserve_queue_depth", "Jobs waiting for a free worker.", pool.queued),
+            ("tabserve_workers", "Worker processes alive.", pool.alive),
+            ("tabserve_workers_busy", "Worker processes running a job.", pool.busy),
+        )
+        for name, text, value in gauges:
+            yield GaugeMetricFamily(name, text, value=value)
+        counters = (
+            ("tabserve_worker_restarts", "Replacement workers started.", stats.restarts),
+            ("tabserve_timeouts", "Jobs that ran out of time (408).", stats.timeouts),
+            (
+                "tabserve_worker_kills",
+                "Workers killed by the server: timeouts and crashed workers replaced.",
+                stats.kills,
+            ),
+            ("tabserve_worker_crashes", "Workers that died on their own.", stats.crashes),
+            ("tabserve_rejected", "Jobs refused because the queue was full (503).", stats.rejected),
+        )
+        for name, text, value in counters:
+            yield CounterMetricFamily(name, text, value=value)
+
+
+class Metrics:
+    """Every tabserve metric; ``observe`` once per finished request, ``exposition`` to scrape."""
+
+    def __init__(self, executor: Executor, in_flight: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.requests = Counter(
+            "tabserve_requests_total",
+            "HTTP requests answered, by route pattern, method and status.",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "tabserve_request_duration_seconds",
+            "Time from request headers to the response, by route pattern.",
+            ["route"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.endpoint_duration = Histogram(
+            "tabserve_endpoint_duration_seconds",
+            "Time to answer a /query call, by deployed endpoint name.",
+            ["endpoint"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.rows_in = Counter(
+            "tabserve_rows_in_total", "Data rows received by scripts and endpoints.",
+            registry=registry,
+        )  # fmt: skip
+        self.rows_out = Counter(
+            "tabserve_rows_out_total", "Result rows sent back by scripts and endpoints.",
+            registry=registry,
+        )  # fmt: skip
+        self.bytes_in = Counter(
+            "tabserve_request_bytes_total", "Request body bytes received (as sent, compressed "
+            "or not).", registry=registry,
+        )  # fmt: skip
+        self.bytes_out = Counter(
+            "tabserve_response_bytes_total", "Response body bytes sent.", registry=registry
+        )
+        registry.register(_PoolCollector(executor, in_flight))
+
+    def observe(
+        self,
+        route: str,
+        method: str,
+        status: int,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        meta: Mapping[str, Any],
+        endpoint: str | None = None,
+    ) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_duration.labels(route).observe(seconds)
+        if endpoint is not None:
+            self.endpoint_duration.labels(endpoint).observe(seconds)
+        rows_in = meta.get("rows_in")
+        if rows_in:
+            self.rows_in.inc(rows_in)
+        rows_out = meta.get("rows_out")
+        if rows_out:
+            self.rows_out.inc(rows_out)
+        if bytes_in:
+            self.bytes_in.inc(bytes_in)
+        if bytes_out:
+            self.bytes_out.inc(bytes_out)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format, served with ``CONTENT_TYPE``."""
+        return generate_latest(self.registry)
