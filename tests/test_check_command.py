@@ -8,10 +8,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import cloudpickle
 import pytest
 from conftest import Server, ServerFactory
+
+from tabserve.passwords import add_user
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -61,6 +64,29 @@ def test_everything_passes_against_tabserve(check_server: Server) -> None:
     assert results["result-length rule"] == "PASS"
     # Only the disabled-evaluate check does not apply to this server.
     assert [name for name, r in results.items() if r != "PASS"] == ["evaluate_enabled: false"]
+
+
+def test_passes_with_authentication_on(server_factory: ServerFactory, tmp_path: Path) -> None:
+    passwords = tmp_path / "passwords.txt"
+    add_user(passwords, "tableau", "kit-pass")
+    server = server_factory(TABPY_PWD_FILE=str(passwords), TABPY_MAX_REQUEST_SIZE_MB="1")
+    code, results, output = run_check(
+        "--target",
+        server.url,
+        "--user",
+        "tableau",
+        "--password",
+        "kit-pass",
+        "--max-request-mb",
+        "1",
+    )
+    assert code == 0, output
+    assert results["auth: probe and 401/406 rules"] == "PASS"
+    assert "401 without or with wrong credentials" in output
+    # Without --user the kit says what is missing.
+    code, results, output = run_check("--target", server.url, "--max-request-mb", "1")
+    assert code == 1
+    assert "pass --user and --password" in output
 
 
 def test_evaluate_disabled_server(server_factory: ServerFactory) -> None:

@@ -22,6 +22,8 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
+from tabserve.passwords import add_user
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 DOCS_SCREENSHOT = Path(__file__).parent.parent / "docs" / "images" / "status-page.png"
@@ -198,3 +200,36 @@ def save_screenshot(driver: webdriver.Chrome, tmp_path: Path) -> None:
     if os.environ.get("TABSERVE_SCREENSHOT") == "1":
         DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         DOCS_SCREENSHOT.write_bytes(shot.read_bytes())
+
+
+def test_with_auth_the_page_asks_for_credentials(
+    browser: webdriver.Chrome, server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    passwords = tmp_path / "passwords.txt"
+    add_user(passwords, "analyst", "page-pass")
+    server = server_factory(TABPY_PWD_FILE=str(passwords))
+    browser.get(server.url + "/?refresh=0.5")
+    # The shell is public; the API is not, so the page shows its own form (no browser prompt).
+    login = wait_for(lambda: browser.find_element(By.ID, "login").is_displayed())
+    assert login
+    assert not browser.find_element(By.ID, "content").is_displayed()
+
+    browser.find_element(By.ID, "login-user").send_keys("analyst")
+    browser.find_element(By.ID, "login-password").send_keys("wrong")
+    browser.find_element(By.ID, "login-submit").click()
+    wait_for(lambda: "Wrong username or password" in text(browser, "login-error"))
+
+    browser.find_element(By.ID, "login-user").clear()
+    browser.find_element(By.ID, "login-user").send_keys("analyst")
+    browser.find_element(By.ID, "login-password").clear()
+    browser.find_element(By.ID, "login-password").send_keys("page-pass")
+    start = refreshes(browser)
+    browser.find_element(By.ID, "login-submit").click()
+    wait_for(lambda: refreshes(browser) > start)
+    assert browser.find_element(By.ID, "content").is_displayed()
+    assert not browser.find_element(By.ID, "login").is_displayed()
+    features = {li.text for li in browser.find_elements(By.CSS_SELECTOR, "#features li")}
+    assert "auth: on" in features
+    # Later refreshes keep working with the credentials the page holds.
+    wait_for(lambda: refreshes(browser) > start + 2)
+    assert browser.find_element(By.ID, "content").is_displayed()

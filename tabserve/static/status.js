@@ -36,7 +36,9 @@ async function api(path, { optional = false } = {}) {
   if (optional && state.missing.has(path)) return null;
   const headers = { Accept: "application/json" };
   if (state.authorization) headers.Authorization = state.authorization;
-  const response = await fetch(path, { headers, cache: "no-store" });
+  // credentials: "omit" keeps the browser's own Basic prompt away on a 401 (it would block
+  // the page, and a headless test); the page sends the Authorization header itself.
+  const response = await fetch(path, { headers, cache: "no-store", credentials: "omit" });
   if (response.status === 401) throw new Unauthorized(path);
   if (optional && !response.ok) {
     if (response.status === 404) state.missing.add(path);
