@@ -116,6 +116,8 @@ def test_schemathesis_finds_no_answer_outside_the_document(
 def test_fuzzer_finding_unencodable_src_path_is_a_400(server: Server) -> None:
     """schemathesis found this 500: realpath raised on a NUL or a lone surrogate."""
     for src_path in ("/tmp/a\u0000b", "/tmp/\udb21x"):
-        answer = server.post("/endpoints", json={"name": "fuzzed", "src_path": src_path})
+        answer = server.post(
+            "/endpoints", json={"name": "fuzzed", "type": "model", "src_path": src_path}
+        )
         assert answer.status_code == 400, answer.text
         assert answer.json()["message"] == "src_path is not a valid path."
