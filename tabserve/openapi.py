@@ -141,6 +141,7 @@ _NAME = {
     "in": "path",
     "required": True,
     "schema": {"type": "string", "pattern": "^[^/]+$"},
+    "example": "add",
 }
 
 
@@ -148,11 +149,21 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {JSON: {"schema": schema}}}
 
 
-# The only 500s tabserve gives: user code failed, or the worker running it died.
+# The only 500s tabserve gives: user code failed (a script, or a deployed function), or the
+# worker running it died. Anything else would be a bug, and the fuzzing test catches it.
 _SCRIPT_ERROR = {
     "allOf": [
         {"$ref": "#/components/schemas/Error"},
-        {"properties": {"message": {"const": "Error processing script"}}},
+        {
+            "properties": {
+                "message": {
+                    "anyOf": [
+                        {"const": "Error processing script"},
+                        {"pattern": "^Error querying function '.*'$"},
+                    ]
+                }
+            }
+        },
     ]
 }
 
