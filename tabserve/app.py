@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -17,6 +18,8 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 from . import __version__
+from .auth import Authenticator
+from .certificates import check_tls_files, make_server_context
 from .config import Settings
 from .endpoints import EndpointService
 from .executor import Executor, PoolConfig
@@ -49,6 +52,9 @@ log = logging.getLogger("tabserve")
 # Tornado's own cap on bodies; the real limit is TABPY_MAX_REQUEST_SIZE_MB, applied by the
 # handlers so that they can answer 413 in TabPy's shape (see handlers.DRAIN_LIMIT).
 _TRANSPORT_BODY_CAP = 1 << 40
+# Bodies arrive in chunks of this size: 1 MiB instead of Tornado's 64 KiB makes a 40 MB Table
+# Extension 40 handler callbacks instead of 640.
+_BODY_CHUNK = 1 << 20
 
 
 def make_app(services: Services) -> Application:
@@ -111,6 +117,48 @@ def banner(settings: Settings, port: int) -> str:
     )
 
 
+def load_authenticator(settings: Settings, realm: str) -> Authenticator:
+    """Read the password file (raises ``PasswordFileError``); auth is off without one."""
+    auth = Authenticator.from_file(
+        settings.password_file, realm=realm, max_delay=settings.auth_max_delay
+    )
+    if auth.enabled:
+        log.info(
+            "Authentication on: %d user(s) in %s (re-read when it changes, or on SIGHUP)",
+            auth.user_count,
+            settings.password_file,
+        )
+    return auth
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context, or None for http; raises ``TLSConfigError`` on a bad setup."""
+    if not settings.tls_enabled:
+        return None
+    report = check_tls_files(settings.certificate_file, settings.key_file)
+    for finding in report.warnings:
+        log.warning("%s", finding.message)
+    return make_server_context(
+        settings.certificate_file,  # type: ignore[arg-type]  # checked just above
+        settings.key_file,  # type: ignore[arg-type]
+        settings.minimum_tls_version,
+        log,
+    )
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """The warning for a server other machines can reach without credentials, if it is one."""
+    if settings.loopback_only or settings.auth_enabled:
+        return None
+    where = settings.bind_address or "every interface"
+    return (
+        f"SECURITY WARNING: listening on {where}, reachable from other machines, WITHOUT "
+        f"authentication: anyone who can reach port {settings.port} can run code here "
+        f"(/evaluate, or by deploying an endpoint). Set TABPY_PWD_FILE (see "
+        f"docs/security.md) or TABSERVE_BIND_ADDRESS = 127.0.0.1."
+    )
+
+
 def readiness_checks(
     readiness: Readiness, executor: Executor, requests: RequestTracker, state_file: Path
 ) -> None:
@@ -146,12 +194,19 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
     workers, killing any still running.
     """
     signals = _SignalWatch()
-    # Workers start first, before anything secret is loaded into this process.
+    # Workers start first, before anything secret (passwords, the TLS key) is loaded into
+    # this process.
     executor = Executor(pool_config(settings))
     await executor.start()
     endpoints: EndpointService | None = None
+    auth: Authenticator | None = None
     try:
         state_file = ensure_state_dir(settings.state_path)
+        service = service_info(read_state(state_file))
+        auth = load_authenticator(settings, service.name)
+        # SIGHUP re-reads the password file (and no longer kills the server, its default).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, auth.reload)
+        context = tls_context(settings)
         endpoints = EndpointService(
             EndpointRegistry(settings.state_path), executor, settings.evaluate_timeout
         )
@@ -163,8 +218,9 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             settings=settings,
             executor=executor,
             endpoints=endpoints,
-            service=service_info(read_state(state_file)),
+            service=service,
             state_path=os.path.realpath(settings.state_path),
+            auth=auth,
             requests=requests,
             metrics=Metrics(executor, lambda: requests.count),
             readiness=readiness,
@@ -174,10 +230,15 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             max_body_size=_TRANSPORT_BODY_CAP,
             max_buffer_size=_TRANSPORT_BODY_CAP,
             decompress_request=False,  # workers inflate gzip bodies, with the size cap
+            chunk_size=_BODY_CHUNK,
+            ssl_options=context,
         )
         sockets = bind_sockets(settings.port, settings.bind_address or None)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
+        warning = exposure_warning(settings)
+        if warning:
+            log.warning("%s", warning)
         print(banner(settings, port), file=out, flush=True)
         await signals.wait()
         server.stop()  # closes the listening sockets: new connections are refused
@@ -187,6 +248,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.close_all_connections(), 1.0)
     finally:
+        if auth is not None:
+            auth.close()
         if endpoints is not None:
             await endpoints.close()
         await executor.close()

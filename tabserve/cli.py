@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__, logs
-from .commands import check
 from .config import ConfigError, Settings, declared_settings, load_settings
 
 
@@ -40,17 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the server (the default)")
     _add_config_options(serve, suppress=True)
-    check_parser = commands.add_parser(
-        "check", help="replay Tableau's requests against any Analytics Extensions server"
-    )
-    check.add_arguments(check_parser)
+    for name, (module, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(sub)
     return parser
 
 
-def _setup_logging(settings: Settings) -> None:
-    logs.configure(settings.log_level, settings.log_format, settings.log_file)
-    # Tornado's access log is replaced by tabserve.access (handlers.log_request).
-    logging.getLogger("tornado.access").setLevel(logging.WARNING)
+# Subcommands other than serve: each module has add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "user": (
+        "tabserve.commands.user",
+        "add, update or delete a user in a password file (TABPY_PWD_FILE)",
+    ),
+    "doctor": (
+        "tabserve.commands.doctor",
+        "check the configuration against what a Tableau connection needs; never prompts",
+    ),
+    "check": (
+        "tabserve.commands.check",
+        "replay Tableau's requests against any Analytics Extensions server; a pass/fail table",
+    ),
+    "deploy-models": (
+        "tabserve.commands.deploy_models",
+        "deploy the bundled ttest, anova and PCA models to a running server",
+    ),
+}
 
 
 def run_server(config: str | None) -> int:
@@ -60,13 +73,19 @@ def run_server(config: str | None) -> int:
         print(f"tabserve: {exc}", file=sys.stderr)
         return 2
     try:
-        _setup_logging(settings)
+        logs.configure(settings.log_level, settings.log_format, settings.log_file)
     except OSError as exc:
-        print(f"tabserve: cannot open the log file {settings.log_file}: {exc}", file=sys.stderr)
+        print(
+            f"tabserve: cannot open the log file {settings.log_file}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 2
+    from .certificates import TLSConfigError
+    from .passwords import PasswordFileError
+
     try:
         asyncio.run(_serve(settings))
-    except OSError as exc:
+    except (OSError, PasswordFileError, TLSConfigError) as exc:
         print(f"tabserve: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -82,9 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in (None, "serve"):
         return run_server(args.config)
-    if args.command == "check":
-        return check.run(args)
-    raise AssertionError(f"unhandled command {args.command}")
+    result: int = importlib.import_module(COMMANDS[args.command][0]).run(args)
+    return result
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ frozen ``Settings`` object.
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -69,10 +70,10 @@ def _parse_timeout(raw: str) -> float:
     return value
 
 
-def _parse_grace(raw: str) -> float:
+def _parse_non_negative_float(raw: str) -> float:
     value = float(raw)
-    if not value >= 0:
-        raise ValueError("expected a number of seconds of at least 0")
+    if not 0 <= value < 86400:  # also refuses nan and inf
+        raise ValueError("expected a number of seconds, at least 0 and less than a day")
     return value
 
 
@@ -118,7 +119,6 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     default_doc: str
-    unsupported: str  # non-empty: the key is recognised but not implemented yet
 
 
 def setting(
@@ -129,10 +129,9 @@ def setting(
     *,
     factory: Callable[[], Any] | None = None,
     doc: str = "",
-    unsupported: str = "",
 ) -> Any:
     """Declare a Settings field together with its config key, parser and help text."""
-    meta = {"key": key, "parse": parse, "help": help, "doc": doc, "unsupported": unsupported}
+    meta = {"key": key, "parse": parse, "help": help, "doc": doc}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -156,6 +155,16 @@ def physical_memory_bytes() -> int:
     except (OSError, ValueError):
         pass
     return total
+
+
+def is_loopback(address: str) -> bool:
+    """Whether listening on ``address`` is reachable from this machine only."""
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip()).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a host name: assume reachable
 
 
 def default_state_path() -> Path:
@@ -192,21 +201,23 @@ class Settings:
     password_file: Path | None = setting(
         "TABPY_PWD_FILE",
         _parse_optional_path,
-        "TabPy password file; setting it turns on HTTP Basic authentication.",
+        "TabPy password file; setting it turns on HTTP Basic authentication for every API "
+        "route. Re-read when it changes, or at once on SIGHUP.",
         doc="unset (no authentication)",
-        unsupported="authentication",
     )
     transfer_protocol: str = setting(
-        "TABPY_TRANSFER_PROTOCOL", _parse_protocol, "`http` or `https`.", "http"
+        "TABPY_TRANSFER_PROTOCOL",
+        _parse_protocol,
+        "`http` or `https` (case-insensitive); `https` needs the certificate and key files.",
+        "http",
     )
     certificate_file: Path | None = setting(
         "TABPY_CERTIFICATE_FILE",
         _parse_optional_path,
-        "PEM certificate (full chain) for https.",
-        unsupported="TLS",
+        "PEM certificate for https: the server certificate first, then its intermediates.",
     )
     key_file: Path | None = setting(
-        "TABPY_KEY_FILE", _parse_optional_path, "PEM private key for https.", unsupported="TLS"
+        "TABPY_KEY_FILE", _parse_optional_path, "PEM private key for https, unencrypted."
     )
     minimum_tls_version: str = setting(
         "TABPY_MINIMUM_TLS_VERSION",
@@ -285,6 +296,13 @@ class Settings:
         _WORKER_ENV,
         doc="`" + ",".join(_WORKER_ENV) + "`",
     )
+    auth_max_delay: float = setting(
+        "TABSERVE_AUTH_MAX_DELAY",
+        _parse_non_negative_float,
+        "Longest delay in seconds before a 401 to an address that keeps failing to log in "
+        "(from the 5th failure in a minute: 0.5 s, doubling); 0 turns the slow-down off.",
+        10.0,
+    )
     log_level: str = setting(
         "TABSERVE_LOG_LEVEL",
         _parse_log_level,
@@ -311,7 +329,7 @@ class Settings:
     )
     shutdown_grace: float = setting(
         "TABSERVE_SHUTDOWN_GRACE",
-        _parse_grace,
+        _parse_non_negative_float,
         "On SIGTERM or SIGINT, seconds in-flight requests may take to finish before the "
         "workers are stopped.",
         20.0,
@@ -333,6 +351,11 @@ class Settings:
     def auth_enabled(self) -> bool:
         return self.password_file is not None
 
+    @property
+    def loopback_only(self) -> bool:
+        """True when only this machine can connect (the bind address is a loopback one)."""
+        return is_loopback(self.bind_address)
+
 
 def declared_settings() -> tuple[Setting, ...]:
     """Every setting, in declaration order, with the text for docs and --help."""
@@ -343,11 +366,7 @@ def declared_settings() -> tuple[Setting, ...]:
             default_doc = meta["doc"] or f"`{_show(f.default)}`"
         else:
             default_doc = meta["doc"]
-        result.append(
-            Setting(
-                meta["key"], f.name, meta["parse"], meta["help"], default_doc, meta["unsupported"]
-            )
-        )
+        result.append(Setting(meta["key"], f.name, meta["parse"], meta["help"], default_doc))
     return tuple(result)
 
 
@@ -398,11 +417,6 @@ def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str
             raise ConfigError(
                 f"invalid value for {setting.key} in the {source}: {raw!r} ({detail})"
             ) from None
-        if setting.unsupported and value is not None:
-            raise ConfigError(
-                f"{setting.key} = {raw!r}: {setting.unsupported} is not supported yet by "
-                "this version of tabserve"
-            )
         values[setting.attr] = value
     settings = Settings(**values)
     return _finish(settings, values)
@@ -414,11 +428,6 @@ def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
         raise ConfigError(
             "TABPY_ARROW_ENABLE = true: the Arrow Flight side channel is not supported by "
             "tabserve; set it to false"
-        )
-    if settings.tls_enabled:
-        raise ConfigError(
-            "TABPY_TRANSFER_PROTOCOL = 'https': TLS is not supported yet by this version "
-            "of tabserve"
         )
     if "worker_memory_mb" not in given:
         per_worker = physical_memory_bytes() // (settings.workers + 1) // (1024 * 1024)

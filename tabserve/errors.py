@@ -71,16 +71,28 @@ class BadRequest(TabserveError):
     default_message = "Bad request"
 
 
+def _challenge(realm: str) -> dict[str, str]:
+    # realm is a quoted-string (RFC 7235): quotes and backslashes in the service name are
+    # escaped, and a control character would make the header invalid.
+    printable = "".join(ch if ch.isprintable() else " " for ch in realm)
+    quoted = printable.replace("\\", "\\\\").replace('"', '\\"')
+    return {"WWW-Authenticate": f'Basic realm="{quoted}"'}
+
+
 class Unauthorized(TabserveError):
+    """Credentials are missing or wrong; ``realm`` is the service name from state.ini."""
+
     status = 401
     default_message = "Invalid credentials provided."
-    realm = "TabPy Server"
 
-    def __init__(self, message: str | None = None, info: Info | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, info: Info | None = None, *, realm: str = "TabPy Server"
+    ) -> None:
         super().__init__(message, info if info is not None else "Unauthorized request.")
+        self.realm = realm
 
     def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": f'Basic realm="{self.realm}"'}
+        return _challenge(self.realm)
 
 
 class Forbidden(TabserveError):
@@ -112,11 +124,20 @@ class MethodNotAllowed(TabserveError):
 
 
 class NotAcceptable(TabserveError):
+    """Credentials were sent to a server without authentication (TabPy answers 406 too)."""
+
     status = 406
     default_message = "Username or password provided when authentication not available."
 
-    def __init__(self, message: str | None = None, info: Info | None = None) -> None:
+    def __init__(
+        self, message: str | None = None, info: Info | None = None, *, realm: str = "TabPy Server"
+    ) -> None:
         super().__init__(message, info if info is not None else "Not Acceptable")
+        self.realm = realm
+
+    def headers(self) -> dict[str, str]:
+        # TabPy sends the challenge with its 406 as well; clients may rely on it.
+        return _challenge(self.realm)
 
 
 class ScriptTimeout(TabserveError):

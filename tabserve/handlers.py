@@ -1,9 +1,11 @@
 """HTTP handlers: parse the request, call a service, write the answer. Nothing more.
 
-Every handler derives from ``JsonHandler``, which owns the three cross-cutting rules:
-request bodies are streamed and size-checked here (so Tornado never parses a JSON body as a
-form, and an oversized body gets TabPy's 413 on every route), errors are rendered in one
-place as TabPy's ``{"message", "info"}`` envelope, and responses are JSON.
+Every handler derives from ``JsonHandler``, which owns the cross-cutting rules: requests are
+authenticated before anything else (``auth.Authenticator``; a handler declares ``public`` or
+the permission each verb needs), request bodies are streamed and size-checked here (so
+Tornado never parses a JSON body as a form, and an oversized body gets TabPy's 413 on every
+route), errors are rendered in one place as TabPy's ``{"message", "info"}`` envelope, and
+responses are JSON.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from . import __version__, logs, openapi
+from .auth import ANONYMOUS, Authenticator
 from .config import Settings
 from .endpoints import EndpointService
 from .errors import (
@@ -39,6 +42,7 @@ from .executor import Executor
 from .health import Readiness
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
+from .passwords import User
 from .store import ServiceInfo
 
 log = logging.getLogger("tabserve.http")
@@ -91,14 +95,17 @@ class Services:
     endpoints: EndpointService
     service: ServiceInfo
     state_path: str
+    auth: Authenticator
     requests: RequestTracker
     metrics: Metrics
     readiness: Readiness
 
 
-def _reject_oversized(verb: _Verb) -> _Verb:
+def _reject_refused(verb: _Verb) -> _Verb:
     @functools.wraps(verb)
     def checked(self: JsonHandler, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
+        if self._refusal is not None:  # authentication first, as in TabPy
+            raise self._refusal
         if self._too_large:
             limit = self.services.settings.max_request_bytes
             raise PayloadTooLarge.for_size(self._declared_size(), limit)
@@ -109,11 +116,16 @@ def _reject_oversized(verb: _Verb) -> _Verb:
 
 @stream_request_body
 class JsonHandler(RequestHandler):
-    """Base of every handler: streamed size-checked bodies, JSON errors, CORS headers."""
+    """Base of every handler: authentication, streamed size-checked bodies, JSON errors."""
 
     services: Services
     # The route pattern, for metrics and the access log: bounded, unlike the raw path.
     route: ClassVar[str] = ""
+    # Public handlers answer without credentials (the page shell, health checks, 404s;
+    # /metrics per TABSERVE_METRICS_AUTH).
+    public: ClassVar[bool] = False
+    # The permission each verb needs beyond a valid login (see passwords.PERMISSION_ORDER).
+    permissions: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # A streamed body is complete only when the verb method starts; guarding each verb
@@ -121,13 +133,15 @@ class JsonHandler(RequestHandler):
         super().__init_subclass__(**kwargs)
         for name in ("get", "post", "put", "delete", "patch"):
             if name in cls.__dict__:
-                setattr(cls, name, _reject_oversized(cls.__dict__[name]))
+                setattr(cls, name, _reject_refused(cls.__dict__[name]))
 
     def initialize(self, services: Services) -> None:
         self.services = services
+        self.user: User = ANONYMOUS
         self._chunks: list[bytes] = []
         self._received = 0
         self._too_large = False
+        self._refusal: TabserveError | None = None
         self._sent = 0
         # What the worker reported about this request's job (pid, timings, rows), if any.
         self.meta: dict[str, Any] = {}
@@ -135,35 +149,35 @@ class JsonHandler(RequestHandler):
         self.error_summary = ""
         self._tracked = True
         services.requests.begin()
+        if services.requests.draining:
+            self.set_header("Connection", "close")  # shutting down: send the client elsewhere
 
     @functools.cached_property
     def call_id(self) -> str:
         incoming = self.request.headers.get("X-Request-Id", "")
         return incoming if _CALL_ID.fullmatch(incoming) else uuid.uuid4().hex
 
-    def needs_credentials(self) -> bool:
-        """Whether this route asks for credentials when authentication is on."""
-        return True
-
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.clear_header("Server")
         # Here rather than in prepare: error responses start again from the default headers.
         self.set_header("X-Request-Id", self.call_id)
-        if self.services_draining():
+        services = getattr(self, "services", None)  # None in the first call, from __init__
+        if services is not None and services.requests.draining:
             self.set_header("Connection", "close")
-
-    def services_draining(self) -> bool:
-        services = getattr(self, "services", None)  # set_default_headers runs before initialize
-        return services is not None and services.requests.draining
 
     def _declared_size(self) -> str:
         return self.request.headers.get("Content-Length") or str(self._received)
 
+    @property
+    def _expects_continue(self) -> bool:
+        return self.request.headers.get("Expect", "").lower() == "100-continue"
+
     async def prepare(self) -> None:
         logs.call_id.set(self.call_id)  # every log line of this request names it
-        if self.services.requests.draining:
-            self.set_header("Connection", "close")
+        # A CORS preflight never carries credentials, so it is answered without them.
+        if not self.public and self.request.method != "OPTIONS":
+            await self._authenticate()
         limit = self.services.settings.max_request_bytes
         declared = self.request.headers.get("Content-Length")
         if declared is None or not declared.isdigit() or int(declared) <= limit:
@@ -171,20 +185,37 @@ class JsonHandler(RequestHandler):
         self._too_large = True
         # Tornado would answer a bare HTML 400 for a length over its own cap; ours rules.
         self.request.connection.set_max_body_size(int(declared))  # type: ignore[union-attr]
-        expects_continue = self.request.headers.get("Expect", "").lower() == "100-continue"
-        if expects_continue or int(declared) > limit + DRAIN_LIMIT:
+        if self._expects_continue or int(declared) > limit + DRAIN_LIMIT:
             # The client has not sent the body (or it is huge): answer now and close.
             self.set_header("Connection", "close")
-            raise PayloadTooLarge.for_size(declared, limit)
+            raise self._refusal or PayloadTooLarge.for_size(declared, limit)
+
+    async def _authenticate(self) -> None:
+        auth = self.services.auth
+        try:
+            self.user = await auth.authenticate(
+                self.request.headers.get("Authorization"), self.request.remote_ip or "?"
+            )
+            auth.authorize(self.user, self.permissions.get(self.request.method or "GET"))
+        except TabserveError as refusal:
+            if self._expects_continue:
+                raise  # the client waits for our answer before sending the body
+            # Answered once the body is in (by the verb guard): Tornado closes a connection
+            # answered before its body is read, and unread bytes turn that close into a
+            # reset, which the client sees instead of the 401.
+            self._refusal = refusal
 
     def data_received(self, chunk: bytes) -> None:
         self._received += len(chunk)
         limit = self.services.settings.max_request_bytes
         if self._received > limit:
             self._too_large = True
+        if self._too_large or self._refusal is not None:
+            # Refused: read on, keeping nothing, so that the client (still sending) can read
+            # the answer; far beyond the limit, answer now and close instead.
             self._chunks.clear()
             if self._received > limit + DRAIN_LIMIT and not self._finished:
-                error = PayloadTooLarge.for_size(self._received, limit)
+                error = self._refusal or PayloadTooLarge.for_size(self._received, limit)
                 self.set_header("Connection", "close")
                 self.send_error(error.status, exc_info=(type(error), error, None))
             return
@@ -253,7 +284,7 @@ class JsonHandler(RequestHandler):
         self.set_status(status)
         self.finish(json.dumps(value))
 
-    @_reject_oversized
+    @_reject_refused
     async def get(self, *args: str) -> None:
         raise MethodNotAllowed(
             "Method not allowed", f"{self.request.method} is not supported on {self.request.path}"
@@ -262,10 +293,9 @@ class JsonHandler(RequestHandler):
     post = put = delete = patch = get
 
     def options(self, *args: str) -> None:
-        """CORS preflight: the configured headers and an empty answer."""
+        """CORS preflight: the configured headers and TabPy's answer, 200 with ``{}``."""
         self.add_cors_headers()
-        self.set_status(204)
-        self.finish()
+        self.write_json({})
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """The one place errors become responses: TabPy's envelope, JSON, never HTML."""
@@ -335,6 +365,7 @@ class InfoHandler(JsonHandler):
 
 
 class EvaluateHandler(JsonHandler):
+    # The 'evaluate' permission is checked in post: Tableau's connection probe is exempt.
     route = "/evaluate"
 
     async def post(self) -> None:
@@ -342,6 +373,7 @@ class EvaluateHandler(JsonHandler):
         settings = self.services.settings
         if not settings.evaluate_enabled:
             raise EvaluateDisabled()
+        self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
         result = await self.services.executor.run(
             "evaluate", self.body, settings.evaluate_timeout, {"encoding": self.content_encoding}
         )
@@ -360,6 +392,7 @@ class StatusHandler(JsonHandler):
 
 
 class EndpointsHandler(JsonHandler):
+    permissions = {"POST": "manage"}
     route = "/endpoints"
 
     async def get(self) -> None:
@@ -374,6 +407,7 @@ class EndpointsHandler(JsonHandler):
 
 
 class EndpointHandler(JsonHandler):
+    permissions = {"PUT": "manage", "DELETE": "manage"}
     route = "/endpoints/{name}"
 
     async def get(self, name: str) -> None:
@@ -403,6 +437,7 @@ class UploadDestinationHandler(JsonHandler):
 
 
 class QueryHandler(JsonHandler):
+    permissions = {"GET": "query", "POST": "query"}
     route = "/query/{name}"
 
     async def post(self, name: str) -> None:
@@ -434,8 +469,8 @@ ASSET_DIR = Path(__file__).parent / "static"
 class PageHandler(JsonHandler):
     """Base of the status page's files: public, never cached, same-origin only."""
 
-    def needs_credentials(self) -> bool:
-        return False  # the page shell is public (as TabPy's static files are); its data is not
+    # The page shell is public (as TabPy's static files are); its data calls are not.
+    public = True
 
     def send_file(self, path: Path, content_type: str) -> None:
         self.set_header("Content-Type", content_type)
@@ -470,8 +505,7 @@ class AssetHandler(PageHandler):
 class OpenApiHandler(JsonHandler):
     route = "/openapi.json"
 
-    def needs_credentials(self) -> bool:
-        return False  # a description of the API, as public as the page that links to it
+    public = True  # a description of the API, as public as the page that links to it
 
     async def get(self) -> None:
         """The OpenAPI 3.1 description of this API."""
@@ -480,7 +514,12 @@ class OpenApiHandler(JsonHandler):
 
 
 class NotFoundHandler(JsonHandler):
-    """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page."""
+    """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page.
+
+    Public, as in TabPy: a 404 reveals nothing, and a 401 would claim the path exists.
+    """
+
+    public = True
 
     route = "unmatched"
 
@@ -493,8 +532,7 @@ class NotFoundHandler(JsonHandler):
 class OperationsHandler(JsonHandler):
     """Base of the routes for machines (probes, scrapers): no credentials, never cached."""
 
-    def needs_credentials(self) -> bool:
-        return False
+    public = True
 
     def compute_etag(self) -> None:
         return None  # a live answer every time, never a 304
@@ -526,8 +564,9 @@ class ReadyHandler(OperationsHandler):
 class MetricsHandler(OperationsHandler):
     route = "/metrics"
 
-    def needs_credentials(self) -> bool:
-        return self.services.settings.metrics_auth
+    @property
+    def public(self) -> bool:  # type: ignore[override]  # a setting, not a constant
+        return not self.services.settings.metrics_auth
 
     async def get(self) -> None:
         """Prometheus text format, for the whole server: every worker's jobs are counted here."""

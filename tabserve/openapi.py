@@ -204,7 +204,7 @@ def _operation(
 
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document, as a dict ready for ``json.dumps``."""
-    run_errors = (400, 404, 408, 415, 500, 503)
+    run_errors = (400, 403, 404, 408, 415, 500, 503)
     endpoint_ref = {"$ref": "#/components/schemas/Endpoint"}
     endpoints_map = {"type": "object", "additionalProperties": endpoint_ref}
     query_answer = {
@@ -343,7 +343,7 @@ def document() -> dict[str, Any]:
                 "post": _operation(
                     "Deploy an endpoint (version 1)",
                     {"201": _json(endpoints_map, "The new endpoint, by name")},
-                    (400, 500, 503, 408),
+                    (400, 403, 500, 503, 408),
                     requestBody=_body(_DEPLOY_BODY, "The endpoint"),
                 ),
             },
@@ -353,11 +353,11 @@ def document() -> dict[str, Any]:
                 "put": _operation(
                     "Update an endpoint (a new version with should_update_version)",
                     {"200": _json(endpoints_map, "The endpoint, by name")},
-                    (400, 404, 408, 500, 503),
+                    (400, 403, 404, 408, 500, 503),
                     requestBody=_body(_DEPLOY_BODY, "The changes"),
                 ),
                 "delete": _operation(
-                    "Remove an endpoint", {"204": {"description": "Removed"}}, (400, 404)
+                    "Remove an endpoint", {"204": {"description": "Removed"}}, (400, 403, 404)
                 ),
             },
             "/query/{name}": {

@@ -39,15 +39,15 @@ import logging
 import os
 import re
 import secrets
-import stat
 import string
-import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .files import atomic_write
 
 __all__ = [
     "ALL_PERMISSIONS",
@@ -424,51 +424,8 @@ def read_password_file(path: str | os.PathLike[str], *, allow_empty: bool = Fals
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers see either the old or the new file, never half.
-
-    The temporary file lives in the same directory (``os.replace`` is only atomic within a
-    file system) and gets the old file's mode and, where permitted, owner; a new file is 0600.
-    """
-    target = Path(os.path.realpath(path))  # write through a symlink, do not replace it
-    try:
-        old = target.stat()
-        mode, owner = stat.S_IMODE(old.st_mode), (old.st_uid, old.st_gid)
-    except FileNotFoundError:
-        mode, owner = 0o600, None
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, mode)
-        if owner is not None and hasattr(os, "chown"):
-            try:
-                os.chown(tmp_name, *owner)
-            except PermissionError:
-                pass  # not root: the file keeps our ownership, as any editor would do
-        os.replace(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename durable on POSIX; directories cannot be opened this way on Windows.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    # A new password file is readable by its owner only: it holds (hashed) secrets.
+    atomic_write(path, text.encode("utf-8"), new_mode=0o600)
 
 
 def _load_for_edit(path: Path, *, create: bool) -> PasswordFile:

@@ -27,7 +27,8 @@ from typing import Any
 
 from .archive import ARCHIVE_FILE, python_mismatch
 from .errors import BadRequest, NotFound
-from .store import atomic_write, read_state
+from .files import atomic_write
+from .store import read_state
 
 VERSIONS = "Query Objects Service Versions"
 DOCSTRINGS = "Query Objects Docstrings"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import json
 import re
 import zlib
 from collections.abc import Mapping
@@ -53,7 +54,13 @@ def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest("Request body is not valid JSON", str(exc)) from None
+        error = str(exc)
+    try:
+        # Python clients (TabPy's among them) send NaN and Infinity as bare tokens, which
+        # TabPy accepted; only the slower parser knows them, and only failures reach it.
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("Request body is not valid JSON", error) from None
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ from .wire import (
 
 log = logging.getLogger("tabserve.worker")
 
+WORKER_NICENESS = 5
+
 # Names that TabPy scripts in the wild use without importing them.
 _CONVENIENCE = {
     "pandas": pandas,
@@ -317,7 +319,7 @@ def _claim_protocol_fds() -> BlockingChannel:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a worker process: ``python -m tabserve.worker CONFIG_JSON``."""
     args = sys.argv[1:] if argv is None else argv
-    config = orjson.loads(args[0]) if args else {"request_limit": 100 * 1024 * 1024}
+    config: dict[str, Any] = orjson.loads(args[0]) if args else {"request_limit": 100 * 1024 * 1024}
     logs.configure(
         config.get("log_level", "INFO"),
         config.get("log_format", "text"),
@@ -327,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     channel = _claim_protocol_fds()
     worker = Worker(config)
     _apply_memory_cap(worker.memory_mb)
+    # User code yields the CPU to the server's event loop, so /info and health checks stay
+    # quick while every worker is busy; on an idle machine this changes nothing.
+    os.nice(WORKER_NICENESS)
     channel.send({"ready": True, "pid": os.getpid()})
     while True:
         try:

@@ -24,13 +24,27 @@ def free_port() -> int:
 
 
 class Server:
-    """A tabserve process started with a config file; ``url`` ends without a slash."""
+    """A tabserve process started with a config file; ``url`` ends without a slash.
 
-    def __init__(self, workdir: Path, config: dict[str, str], env: dict[str, str]) -> None:
+    With ``TABPY_TRANSFER_PROTOCOL = https`` the url is https and requests check the server's
+    certificate against ``verify`` (a CA file). ``auth`` is sent with ``get`` and ``post``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, str],
+        env: dict[str, str],
+        verify: str | bool = True,
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.state_path = workdir / "state"
+        scheme = config.get("TABPY_TRANSFER_PROTOCOL", "http").lower()
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.verify = verify
+        self.auth = auth
+        self.state_path = Path(config.get("TABPY_STATE_PATH", workdir / "state"))
         settings = {
             "TABPY_PORT": str(self.port),
             "TABPY_STATE_PATH": str(self.state_path),
@@ -58,7 +72,7 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tabserve exited early:\n{self.log()}")
             try:
-                requests.get(self.url + "/info", timeout=1)
+                requests.get(self.url + "/info", timeout=1, verify=self.verify)
                 return
             except requests.ConnectionError:
                 time.sleep(0.05)
@@ -67,11 +81,17 @@ class Server:
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")
 
+    def request(self, method: str, path: str, **kwargs: object) -> requests.Response:
+        kwargs.setdefault("verify", self.verify)
+        kwargs.setdefault("auth", self.auth)
+        kwargs.setdefault("timeout", 30)
+        return requests.request(method, self.url + path, **kwargs)  # type: ignore[arg-type]
+
     def get(self, path: str, **kwargs: object) -> requests.Response:
-        return requests.get(self.url + path, timeout=30, **kwargs)  # type: ignore[arg-type]
+        return self.request("GET", path, **kwargs)
 
     def post(self, path: str, **kwargs: object) -> requests.Response:
-        return requests.post(self.url + path, timeout=30, **kwargs)  # type: ignore[arg-type]
+        return self.request("POST", path, **kwargs)
 
     def evaluate(self, script: str, **data: object) -> requests.Response:
         return self.post("/evaluate", json={"script": script, "data": data})
@@ -108,8 +128,13 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerF
     """Start servers on demand; all of them are stopped at the end of the session."""
     servers: list[Server] = []
 
-    def start(env: dict[str, str] | None = None, **config: str) -> Server:
-        server = Server(tmp_path_factory.mktemp("tabserve"), config, env or {})
+    def start(
+        env: dict[str, str] | None = None,
+        verify: str | bool = True,
+        auth: tuple[str, str] | None = None,
+        **config: str,
+    ) -> Server:
+        server = Server(tmp_path_factory.mktemp("tabserve"), config, env or {}, verify, auth)
         servers.append(server)
         return server
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import requests
+
 from conftest import free_port
 
 
@@ -31,10 +32,13 @@ def test_bad_config_value_stops_startup_with_one_line(tmp_path: Path) -> None:
     assert "TABPY_EVALUATE_TIMEOUT" in lines[0] and "'soon'" in lines[0]
 
 
-def test_unsupported_auth_key_is_refused(tmp_path: Path) -> None:
-    result = tabserve("serve", env={"TABPY_PWD_FILE": str(tmp_path / "p.txt")})
-    assert result.returncode != 0
-    assert "TABPY_PWD_FILE" in result.stderr and "not supported yet" in result.stderr
+def test_missing_password_file_stops_startup(tmp_path: Path) -> None:
+    result = tabserve(
+        "serve",
+        env={"TABPY_PWD_FILE": str(tmp_path / "p.txt"), "TABPY_STATE_PATH": str(tmp_path)},
+    )
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "p.txt: cannot read" in result.stderr
 
 
 def test_serve_prints_banner_accepts_tabpy_flags_and_stops_on_sigterm(tmp_path: Path) -> None:
@@ -61,8 +65,8 @@ def test_serve_prints_banner_accepts_tabpy_flags_and_stops_on_sigterm(tmp_path: 
         assert (state / "state.ini").read_text().startswith("# tabserve state file")
     finally:
         process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=20)
-    assert code == 0
+        process.communicate(timeout=20)  # also closes the pipes
+    assert process.returncode == 0
 
 
 def test_default_bind_is_loopback_only(tmp_path: Path) -> None:
@@ -84,7 +88,7 @@ def test_default_bind_is_loopback_only(tmp_path: Path) -> None:
         assert [addr.ip for addr in listening] == ["127.0.0.1"]
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=20)
+        process.communicate(timeout=20)
 
 
 def test_help_lists_settings() -> None:
@@ -99,3 +103,12 @@ def test_no_prompt_even_without_a_terminal() -> None:
     assert time.monotonic() - started < 30
     assert result.returncode != 0
     assert "cannot read config file" in result.stderr
+
+
+def test_unwritable_log_file_stops_startup_with_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "no-such-dir" / "tabserve.log"
+    result = tabserve("serve", env={"TABSERVE_LOG_FILE": str(target)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "cannot open the log file" in lines[0] and str(target) in lines[0]

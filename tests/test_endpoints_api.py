@@ -11,8 +11,9 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import requests
-from conftest import Server, ServerFactory
 from tabpy.tabpy_tools.client import Client
+
+from conftest import Server, ServerFactory
 
 # The server's workers cannot import this test module, so functions deployed from it must be
 # pickled by value, as they are when deployed from a notebook.

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import requests
+
 from conftest import Server, ServerFactory
 
 

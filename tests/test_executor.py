@@ -144,3 +144,72 @@ def test_describe_exit() -> None:
     assert describe_exit(-11) == "was killed by SIGSEGV"
     assert describe_exit(3) == "exited with code 3"
     assert "out-of-memory" in describe_exit(-9)
+
+
+def test_queue_timeouts_never_lose_a_worker() -> None:
+    async def test(executor: Executor) -> None:
+        async def attempt(i: int) -> str:
+            try:
+                await executor.run("evaluate", job("import time; time.sleep(0.05)"), 0.12)
+            except ScriptTimeout:
+                return "timeout"
+            return "ok"
+
+        outcomes = await asyncio.gather(*(attempt(i) for i in range(30)))
+        assert "timeout" in outcomes and "ok" in outcomes
+        await asyncio.sleep(1)  # replacements of killed workers come up
+        assert executor.queued == 0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        sleeps = [executor.run("evaluate", job("import time; time.sleep(0.5)"), 30) for _ in "ab"]
+        await asyncio.gather(*sleeps)
+        assert loop.time() - started < 0.95  # both workers still serve, side by side
+        assert executor.size == 2
+
+    run_with_pool(test, workers=2, queue_length=64)
+
+
+def test_meta_has_rows_out_and_script_hash() -> None:
+    async def test(executor: Executor) -> None:
+        result = await executor.run("evaluate", job("return [1, 2, 3]", _arg1=[0, 0, 0]), 5)
+        assert result.meta["rows_out"] == 3
+        assert len(result.meta["script_hash"]) == 12
+        scalar = await executor.run("evaluate", job("return 7"), 5)
+        assert scalar.meta["rows_out"] == 1
+        same = await executor.run("evaluate", job("return 7"), 5)
+        assert same.meta["script_hash"] == scalar.meta["script_hash"]
+        assert same.meta["script_hash"] != result.meta["script_hash"]
+
+    run_with_pool(test)
+
+
+def test_a_worker_dying_while_idle_is_replaced_without_a_job() -> None:
+    async def test(executor: Executor) -> None:
+        (victim,) = executor.pids
+        os.kill(victim, 9)
+        for _ in range(300):
+            if executor.stats.restarts == 1 and executor.alive == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert (executor.stats.restarts, executor.alive) == (1, 1)
+        assert executor.pids != [victim]
+        assert (executor.stats.crashes, executor.stats.kills) == (1, 1)
+        result = await executor.run("evaluate", job("return 1"), 5)
+        assert result.body == b"1"
+        assert executor.stats.crashes == 1  # the corpse is not counted twice
+
+    run_with_pool(test)
+
+
+def test_kills_count_timeouts_of_running_jobs_not_of_queued_ones() -> None:
+    async def test(executor: Executor) -> None:
+        running = asyncio.ensure_future(executor.run("evaluate", job("while True: pass"), 1))
+        await asyncio.sleep(0.1)
+        with pytest.raises(ScriptTimeout):
+            await executor.run("evaluate", job("return 1"), 0.3)  # times out in the queue
+        with pytest.raises(ScriptTimeout):
+            await running
+        assert executor.stats.timeouts == 2
+        assert executor.stats.kills == 1
+
+    run_with_pool(test)

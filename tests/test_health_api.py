@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 from conftest import Server, ServerFactory
-
 from tabserve.health import Readiness
 
 

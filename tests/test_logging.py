@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Server, ServerFactory
 
+from conftest import Server, ServerFactory
 from tabserve.logs import AccessRecord, JsonFormatter, TextFormatter
 
 SECRET_SCRIPT = "secret_marker = 'xyzzy-42'\nreturn [v + 1 for v in _arg1]"
@@ -183,3 +183,14 @@ def test_json_lines_carry_tracebacks_and_plain_messages() -> None:
     assert document["message"] == "plain %s"
     assert document["call_id"] == "c1"
     assert "ValueError: bad" in document["traceback"]
+
+
+def test_unexpected_errors_are_summarised_with_the_call_id() -> None:
+    from tabserve.handlers import _as_tabserve_error
+
+    secret = RuntimeError("/etc/tabserve/secret.key is unreadable")
+    error = _as_tabserve_error(500, (RuntimeError, secret, None), "call-77")
+    assert error.envelope() == {
+        "message": "Internal server error",
+        "info": "The server failed; its log has the details under call call-77.",
+    }

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
 import pytest
-from conftest import Server, ServerFactory
 from prometheus_client.parser import text_string_to_metric_families
 from tabpy.tabpy_tools.client import Client
 
+from conftest import Server, ServerFactory
 from tabserve.executor import Executor, PoolConfig
 from tabserve.metrics import Metrics
 
@@ -177,3 +177,17 @@ def test_each_app_has_its_own_registry() -> None:
     assert b"tabserve_rows_in_total 4.0" in first.exposition()
     assert b'route="/evaluate"' not in second.exposition()
     assert b"tabserve_rows_in_total 0.0" in second.exposition()
+
+
+def test_metrics_credentials_follow_the_setting_and_probes_never_need_them() -> None:
+    from types import SimpleNamespace
+
+    from tabserve.config import load_settings
+    from tabserve.handlers import LiveHandler, MetricsHandler, ReadyHandler
+
+    assert LiveHandler.public is True and ReadyHandler.public is True
+    for raw, public in (("true", False), ("false", True)):
+        settings = load_settings(None, {"TABSERVE_METRICS_AUTH": raw})
+        handler = SimpleNamespace(services=SimpleNamespace(settings=settings))
+        assert MetricsHandler.public.fget(handler) is public  # type: ignore[attr-defined]
+    assert load_settings(None, {}).metrics_auth is True

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 import requests
+
 from conftest import Server, ServerFactory
 
 
@@ -94,3 +95,21 @@ def test_grace_period_bounds_the_wait(server_factory: ServerFactory) -> None:
             stuck.result(timeout=30)
     assert_gone(workers)
     assert "still in flight after 1 s" in server.log()
+
+
+def test_a_second_signal_skips_the_rest_of_the_grace(server_factory: ServerFactory) -> None:
+    server = server_factory(TABPY_EVALUATE_TIMEOUT="60", TABSERVE_SHUTDOWN_GRACE="60")
+    workers = server.worker_pids()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        stuck = pool.submit(server.evaluate, "while True: pass")
+        wait_until_busy(server)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        server.process.send_signal(signal.SIGTERM)
+        assert exit_code(server, 20) == 0
+        assert time.monotonic() - started < 15  # not the 60 s grace
+        with pytest.raises(requests.ConnectionError):
+            stuck.result(timeout=30)
+    assert_gone(workers)
+    assert "second signal" in server.log()

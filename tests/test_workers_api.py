@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 import requests
+
 from conftest import Server, ServerFactory
 
 

@@ -1,0 +1,293 @@
+"""Request authentication: an ``Authorization`` header and a client address in, a user out.
+
+With a password file (``TABPY_PWD_FILE``) every API request must carry HTTP Basic
+credentials (RFC 7617) of a user in the file; without one, credentials are refused with
+TabPy's 406, because a client that sends them believes they protect something.
+
+* The header is split at the **first** ``:``, so passwords may contain ``:`` (TabPy splits at
+  every ``:`` and such passwords never work there). The scheme name is case-insensitive.
+* A verified (user, password) pair is remembered by :class:`~tabserve.passwords.CredentialCache`,
+  so the hash (PBKDF2 or scrypt, milliseconds each) is computed once, not per request, and
+  never on the event loop: a cache miss is hashed in a small thread pool, and identical
+  concurrent misses share one hash.
+* The file is re-read when it changes (checked at most once a second); :meth:`reload`
+  (wired to SIGHUP) forces it.
+* Each failure is logged with its reason and never with a secret. After repeated failures
+  from one address, the 401 is delayed (:class:`~tabserve.passwords.FailureThrottle`); valid
+  credentials are never delayed, since Tableau Server sends every user's requests from the
+  same few addresses.
+
+Nothing here knows HTTP framing: handlers pass the header value and the address, and get a
+:class:`~tabserve.passwords.User` or a :class:`~tabserve.errors.TabserveError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import zlib
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .errors import Forbidden, NotAcceptable, Unauthorized
+from .passwords import (
+    ALL_PERMISSIONS,
+    PERMISSION_ORDER,
+    AuthResult,
+    CredentialCache,
+    FailureThrottle,
+    User,
+    normalize_username,
+)
+
+log = logging.getLogger("tabserve.auth")
+
+# Who a request runs as when authentication is off: allowed everything, as in TabPy.
+ANONYMOUS = User("", ALL_PERMISSIONS)
+
+# What each permission allows, for 403 messages.
+_ALLOWS = {
+    "evaluate": "run ad-hoc scripts (/evaluate)",
+    "query": "query deployed endpoints (/query)",
+    "manage": "deploy, update or delete endpoints",
+}
+
+# Tableau's Test Connection (and its check before SCRIPT_ calls), with credentials, sends
+# this script. It runs no user code, so any authenticated user may send it, including one
+# without the 'evaluate' permission (e.g. a query-only user for MODEL_EXTENSION_ calls).
+_PROBE_SCRIPT = "return int(1)"
+_PROBE_MAX_BYTES = 1024
+
+# Enough threads to keep a cache miss from queueing behind another, few enough that a flood
+# of wrong passwords cannot take more than this many cores away from the workers.
+_HASH_THREADS = 2
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A user name and password from a Basic ``Authorization`` header."""
+
+    username: str
+    password: str
+
+    def __repr__(self) -> str:  # never show the password, even in a traceback
+        return f"Credentials(username={self.username!r}, password=<hidden>)"
+
+
+class BadHeader(ValueError):
+    """The ``Authorization`` header is not usable Basic credentials; the text is loggable."""
+
+
+def _shown(text: str, limit: int = 64) -> str:
+    # For log lines: repr escapes control characters (no forged log lines), and the cut keeps
+    # a pasted token or a password typed as a user name from being logged in full.
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def parse_basic(header: str) -> Credentials:
+    """Parse ``Basic <base64(user:password)>`` per RFC 7617; raise :class:`BadHeader`."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        raise BadHeader(f"unsupported scheme {_shown(scheme, 20)} (only Basic is accepted)")
+    token = token.strip()
+    if not token:
+        raise BadHeader("Basic scheme without credentials")
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadHeader("Basic credentials are not valid base64") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadHeader("Basic credentials are not UTF-8 text") from None
+    username, colon, password = text.partition(":")
+    if not colon:
+        raise BadHeader("Basic credentials have no ':' between user name and password")
+    return Credentials(username, password)
+
+
+def is_connection_probe(body: bytes, encoding: str = "") -> bool:
+    """Whether ``body`` is Tableau's connection probe (a tiny, fixed /evaluate script)."""
+    if len(body) > _PROBE_MAX_BYTES:  # checked first: no large body is parsed here
+        return False
+    if encoding == "gzip":
+        try:
+            inflater = zlib.decompressobj(wbits=31)
+            body = inflater.decompress(body, _PROBE_MAX_BYTES + 1)
+        except zlib.error:
+            return False
+    elif encoding:
+        return False
+    if len(body) > _PROBE_MAX_BYTES:
+        return False
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    script = document.get("script") if isinstance(document, dict) else None
+    return isinstance(script, str) and script.strip() == _PROBE_SCRIPT
+
+
+class Authenticator:
+    """Checks requests against the password file, or refuses credentials when there is none.
+
+    ``cache`` None means authentication is off. ``sleep`` is how the 401 delay is waited
+    for (a parameter so that tests need not wait).
+    """
+
+    def __init__(
+        self,
+        cache: CredentialCache | None,
+        *,
+        realm: str,
+        throttle: FailureThrottle | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.cache = cache
+        self.realm = realm
+        self.throttle = throttle
+        self._sleep = sleep
+        self._pool: ThreadPoolExecutor | None = None
+        # Identical concurrent cache misses wait for one hash instead of computing several.
+        self._pending: dict[bytes, asyncio.Future[AuthResult]] = {}
+        self._pending_key = secrets.token_bytes(32)
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike[str] | None, *, realm: str, max_delay: float
+    ) -> Authenticator:
+        """Load the password file (raises ``PasswordFileError``); None turns auth off."""
+        if path is None:
+            return cls(None, realm=realm)
+        throttle = None
+        if max_delay > 0:
+            throttle = FailureThrottle(base_delay=min(0.5, max_delay), max_delay=max_delay)
+        return cls(CredentialCache(path), realm=realm, throttle=throttle)
+
+    @property
+    def enabled(self) -> bool:
+        return self.cache is not None
+
+    @property
+    def user_count(self) -> int:
+        return len(self.cache.users) if self.cache is not None else 0
+
+    async def authenticate(self, header: str | None, client: str) -> User:
+        """The user a request runs as; raises Unauthorized (401) or NotAcceptable (406)."""
+        if self.cache is None:
+            return self._without_auth(header, client)
+        if header is None:
+            raise self._refuse(client, "no Authorization header")
+        try:
+            credentials = parse_basic(header)
+        except BadHeader as exc:
+            raise self._refuse(client, str(exc)) from None
+        user = self.cache.cached(credentials.username, credentials.password)
+        if user is not None:
+            return user
+        result = await self._check(credentials)
+        if result.user is not None:
+            return result.user
+        name = _shown(normalize_username(credentials.username))
+        reason = "unknown user" if result.reason == "unknown user" else "wrong password for user"
+        await self._delay_failure(client)
+        raise self._refuse(client, f"{reason} {name}")
+
+    def authorize(self, user: User, permission: str | None) -> None:
+        """Raise Forbidden (403) unless ``user`` holds ``permission`` (None: any user may)."""
+        if permission is None or user.can(permission):
+            return
+        granted = ",".join(p for p in PERMISSION_ORDER if p in user.permissions) or "nothing"
+        log.warning(
+            "Permission denied: user %s lacks %r (has %s)", _shown(user.name), permission, granted
+        )
+        raise Forbidden(
+            f"User '{user.name}' is not allowed to {_ALLOWS.get(permission, permission)}.",
+            f"This needs the '{permission}' permission; the password file grants this user: "
+            f"{granted}.",
+        )
+
+    def authorize_evaluate(self, user: User, body: bytes, encoding: str) -> None:
+        """Like ``authorize(user, "evaluate")``, but Tableau's connection probe is allowed."""
+        if user.can("evaluate") or is_connection_probe(body, encoding):
+            return
+        self.authorize(user, "evaluate")
+
+    def reload(self) -> bool:
+        """Re-read the password file now (SIGHUP); True when a new version was loaded."""
+        if self.cache is None:
+            log.info("No password file to reload: authentication is off")
+            return False
+        return self.cache.reload_if_changed(force=True)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _without_auth(self, header: str | None, client: str) -> User:
+        if header is None:
+            return ANONYMOUS
+        try:
+            parse_basic(header)
+        except BadHeader:
+            return ANONYMOUS  # TabPy treats an unparseable header as absent
+        log.warning(
+            "Credentials from %s refused with 406: authentication is off (no TABPY_PWD_FILE)",
+            client,
+        )
+        raise NotAcceptable(realm=self.realm)
+
+    async def _check(self, credentials: Credentials) -> AuthResult:
+        assert self.cache is not None
+        key = hmac.new(
+            self._pending_key,
+            credentials.username.encode("utf-8", "surrogatepass")
+            + b"\0"
+            + credentials.password.encode("utf-8", "surrogatepass"),
+            hashlib.sha256,
+        ).digest()
+        pending = self._pending.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        loop = asyncio.get_running_loop()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="tabserve-auth")
+        future = loop.run_in_executor(
+            self._pool, self.cache.authenticate, credentials.username, credentials.password
+        )
+        self._pending[key] = future
+        try:
+            return await asyncio.shield(future)
+        finally:
+            if future.done():
+                self._pending.pop(key, None)
+            else:  # the request went away; keep sharing the hash until it finishes
+                future.add_done_callback(lambda _: self._pending.pop(key, None))
+
+    async def _delay_failure(self, client: str) -> None:
+        if self.throttle is None:
+            return
+        self.throttle.record_failure(client)
+        delay = self.throttle.delay_for(client)
+        if delay > 0:
+            log.warning(
+                "Slowing down %s: %d failed logins in %.0f s, answering after %.1f s",
+                client,
+                self.throttle.failures(client),
+                self.throttle.window,
+                delay,
+            )
+            await self._sleep(delay)
+
+    def _refuse(self, client: str, reason: str) -> Unauthorized:
+        log.warning("Authentication failed from %s: %s", client, reason)
+        return Unauthorized(realm=self.realm)

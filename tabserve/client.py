@@ -1,0 +1,529 @@
+"""The tabserve client: TabPy's ``Client`` API, deploying over HTTP.
+
+Notebooks written for ``tabpy.tabpy_tools.client.Client`` switch by changing the import::
+
+    from tabserve import Client
+
+    client = Client("http://tabserve.example.com:9004")
+
+    def add(x, y):
+        '''Add two lists element-wise.'''
+        return [a + b for a, b in zip(x, y)]
+
+    client.deploy("add", add, "Adds two columns")
+    client.query("add", [1, 2], [3, 4])["response"]        # [4, 6]
+
+Unlike TabPy's client, a deploy sends the cloudpickled function in the request body, so
+client and server need not share a filesystem (another host, a container). The server
+loads the pickle in a worker before it answers, so a deploy either succeeds or raises with
+the reason; there is no status polling.
+
+This module imports nothing from tabserve but ``errors``: installing the server's
+dependencies is not needed to read it, and importing it never imports tornado, numpy or
+pandas. See ``docs/client.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import json
+import math
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import TracebackType
+from typing import Any, Protocol, TypedDict, cast
+from urllib.parse import quote, urlsplit
+
+import cloudpickle
+import requests
+
+from .errors import BadRequest, TabserveError
+
+__all__ = [
+    "Client",
+    "Endpoint",
+    "EndpointExists",
+    "EndpointStatus",
+    "QueryObject",
+    "QueryResponse",
+]
+
+# Longest non-JSON error body kept in an exception message: a proxy's HTML error page can be
+# large, and the start of it is what says what went wrong.
+_MAX_ERROR_TEXT = 2000
+
+
+class EndpointExists(BadRequest, RuntimeError):
+    """``deploy`` or ``alias`` found the name taken and ``override`` was false.
+
+    It is also a ``RuntimeError`` because TabPy's client raises that here, and notebooks
+    catch it.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"An endpoint with that name ({name}) already exists. "
+            'Use "override = True" to force update an existing endpoint.'
+        )
+        self.name = name
+
+
+class QueryObject(Protocol):
+    """Anything with a ``query`` method, as TabPy's ``QueryObject`` subclasses have."""
+
+    @property
+    def query(self) -> Callable[..., Any]: ...  # a property, so that any method matches
+
+
+class QueryResponse(TypedDict):
+    """What ``Client.query`` returns: TabPy's response dict, unchanged."""
+
+    response: Any
+    version: int
+    model: str
+    uuid: str
+
+
+class EndpointStatus(TypedDict):
+    """One entry of ``Client.get_status()``."""
+
+    version: int
+    type: str
+    status: str  # "LoadSuccessful", "LoadFailed" or "LoadInProgress"
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A deployed endpoint's description, as ``GET /endpoints`` reports it.
+
+    ``python_version``, ``cloudpickle_version`` and ``signature`` are recorded by this
+    client at deploy time; they are None for endpoints deployed by TabPy's client and for
+    aliases. Fields the server adds later are kept in ``extra`` rather than dropped.
+    """
+
+    name: str
+    type: str
+    version: int
+    description: str = ""
+    docstring: str = ""
+    target: str | None = None
+    dependencies: list[str] = field(default_factory=list)
+    schema: Any = None
+    is_public: bool = False
+    creation_time: datetime | None = None
+    last_modified_time: datetime | None = None
+    python_version: str | None = None
+    cloudpickle_version: str | None = None
+    signature: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_info(cls, name: str, info: Mapping[str, Any]) -> Endpoint:
+        """Build from the server's info object (epoch seconds become UTC datetimes)."""
+        known = {
+            "type", "version", "description", "docstring", "target", "dependencies",
+            "schema", "is_public", "creation_time", "last_modified_time",
+            "python_version", "cloudpickle_version", "signature",
+        }  # fmt: skip
+        return cls(
+            name=name,
+            type=str(info.get("type", "model")),
+            version=int(info.get("version", 1)),
+            description=info.get("description") or "",
+            docstring=info.get("docstring") or "",
+            target=info.get("target"),
+            dependencies=list(info.get("dependencies") or []),
+            schema=info.get("schema"),
+            is_public=_as_bool(info.get("is_public", False)),
+            creation_time=_as_datetime(info.get("creation_time")),
+            last_modified_time=_as_datetime(info.get("last_modified_time")),
+            python_version=info.get("python_version"),
+            cloudpickle_version=info.get("cloudpickle_version"),
+            signature=info.get("signature"),
+            extra={k: v for k, v in info.items() if k not in known},
+        )
+
+
+class Client:
+    """Talks to one tabserve (or TabPy) server. Use it as a context manager to close it.
+
+    ``query_timeout`` is in seconds and bounds every request (TabPy's docstring says
+    milliseconds, but TabPy hands the value to ``requests`` as seconds too). A deploy
+    includes loading the function in a server worker, so it is bounded by the same value.
+
+    ``remote_server`` and ``localhost_endpoint`` are accepted for TabPy compatibility and
+    ignored: every deploy here goes over HTTP, which is what ``remote_server`` was for.
+
+    ``verify`` is passed to ``requests``: True checks TLS certificates (TabPy's client never
+    does), a path names a CA bundle, False turns checking off for self-signed test servers.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        query_timeout: float = 1000,
+        remote_server: bool = False,
+        localhost_endpoint: str | None = None,
+        *,
+        verify: bool | str = True,
+    ) -> None:
+        self._endpoint = _base_url(endpoint)
+        self._query_timeout = _check_timeout(query_timeout)
+        self._session = requests.Session()
+        self._session.verify = verify
+        # Also given with each request: requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE in
+        # the environment override a session's verify, but not a request's.
+        self._verify = verify
+        self._closed = False
+
+    # -- TabPy's API -----------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        """The server's base URL, always ending with ``/``."""
+        return self._endpoint
+
+    @property
+    def query_timeout(self) -> float:
+        """Seconds each request may take before ``requests.Timeout`` is raised."""
+        return self._query_timeout
+
+    @query_timeout.setter
+    def query_timeout(self, value: float) -> None:
+        # TabPy's setter silently ignores bad values; failing loudly is kinder.
+        self._query_timeout = _check_timeout(value)
+
+    def get_status(self) -> dict[str, EndpointStatus]:
+        """Every endpoint's version, type and load status (``GET /status``)."""
+        return cast("dict[str, EndpointStatus]", self._request("GET", "status"))
+
+    def query(self, name: str, /, *args: Any, **kwargs: Any) -> QueryResponse:
+        """Call a deployed endpoint with positional or keyword arguments (not both).
+
+        Returns TabPy's dict: ``{"response", "version", "model", "uuid"}``. ``name`` is
+        positional-only so that a function with a parameter called ``name`` can be called
+        by keyword (with TabPy's client that is a TypeError).
+        """
+        if args and kwargs:
+            raise ValueError(
+                "Mixing of keyword arguments and positional arguments when querying an "
+                "endpoint is not supported."
+            )
+        data: list[Any] | dict[str, Any] = dict(kwargs) if kwargs else list(args)
+        return cast("QueryResponse", self._request("POST", f"query/{_quote(name)}", {"data": data}))
+
+    def get_endpoints(self, type: str | None = None) -> dict[str, Endpoint]:
+        """Deployed endpoints by name; ``type`` ("model" or "alias") keeps only that kind.
+
+        TabPy sent ``type`` to a server that ignored it; here the filter works.
+        """
+        infos = self._request("GET", "endpoints") or {}
+        endpoints = {name: Endpoint.from_info(name, info) for name, info in infos.items()}
+        if type is None:
+            return endpoints
+        return {name: e for name, e in endpoints.items() if e.type == type}
+
+    def deploy(
+        self,
+        name: str,
+        obj: Callable[..., Any] | QueryObject,
+        description: str = "",
+        schema: Any = None,
+        override: bool = False,
+        is_public: bool = False,
+    ) -> Endpoint:
+        """Deploy ``obj`` as endpoint ``name``; ``override=True`` replaces it as a new version.
+
+        ``obj`` is pickled by cloudpickle and sent in the request. Functions defined in a
+        notebook or in ``__main__`` travel by value; functions imported from a module travel
+        by reference and need that module on the server, unless the module is registered
+        with ``cloudpickle.register_pickle_by_value``. ``schema`` is any JSON value.
+        Raises ``EndpointExists`` when the name is taken and ``override`` is false, and a
+        ``TabserveError`` with the server's reason when the server cannot load ``obj``.
+        """
+        _check_name(name)
+        if not (callable(obj) or callable(getattr(obj, "query", None))):
+            raise TypeError(f"cannot deploy a {type(obj).__name__}: it is not callable")
+        exists = name in self._endpoint_infos()
+        if exists and not override:
+            raise EndpointExists(name)
+        body = {
+            "name": name,
+            "type": "model",
+            "description": description,
+            "docstring": getattr(obj, "__doc__", None) or "",
+            "schema": schema,
+            "is_public": is_public,
+            "dependencies": [],
+            "methods": [{"method": "query"}],
+            **_archive_fields(obj),
+        }
+        return self._save(name, body, exists)
+
+    def remove(self, name: str) -> None:
+        """Delete an endpoint (``DELETE /endpoints/<name>``); it stops answering at once."""
+        self._request("DELETE", f"endpoints/{_quote(name)}")
+
+    def update_endpoint_info(
+        self,
+        name: str,
+        description: str | None = None,
+        schema: Any = None,
+        is_public: bool | None = None,
+    ) -> Endpoint:
+        """Change an endpoint's metadata, keeping its code, version and unsent fields.
+
+        None means "leave as is", so a schema cannot be cleared this way (as with TabPy).
+        """
+        if description is not None and not isinstance(description, str):
+            raise TypeError("description must be a string")
+        if is_public is not None and not isinstance(is_public, bool):
+            raise TypeError("is_public must be a bool")
+        changes = {"description": description, "schema": schema, "is_public": is_public}
+        body = {k: v for k, v in changes.items() if v is not None}
+        if not body:
+            return self.get_endpoint(name)  # nothing to change; still checks it exists
+        answer = self._request(
+            "PUT", f"endpoints/{_quote(name)}", {**body, "should_update_version": False}
+        )
+        return _single_endpoint(answer, name)
+
+    def set_credentials(self, username: str, password: str) -> None:
+        """Send HTTP basic-auth credentials with every later request."""
+        self._session.auth = (username, password)
+
+    # -- tabserve extras -------------------------------------------------------------------
+
+    def get_info(self) -> dict[str, Any]:
+        """The server's description (``GET /info``): versions, features, timeouts."""
+        return cast("dict[str, Any]", self._request("GET", "info"))
+
+    def get_endpoint(self, name: str) -> Endpoint:
+        """One endpoint's description; ``NotFound`` if there is none by that name."""
+        return Endpoint.from_info(name, self._request("GET", f"endpoints/{_quote(name)}"))
+
+    def evaluate(self, script: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Run an ad-hoc script as Tableau's SCRIPT_* calls do; returns the decoded result.
+
+        Positional arguments become ``_arg1`` … ``_argN``; keyword arguments are sent under
+        their own names (so ``_arg1=...`` works too).
+        """
+        data = {f"_arg{i}": value for i, value in enumerate(args, start=1)}
+        clash = sorted(data.keys() & kwargs.keys())
+        if clash:
+            raise ValueError(f"{', '.join(clash)} given both positionally and by keyword")
+        data.update(kwargs)
+        return self._request("POST", "evaluate", {"script": script, "data": data})
+
+    def alias(
+        self, name: str, target: str, description: str = "", override: bool = False
+    ) -> Endpoint:
+        """Make ``name`` another name for endpoint ``target`` (``override`` re-points it)."""
+        _check_name(name)
+        exists = name in self._endpoint_infos()
+        if exists and not override:
+            raise EndpointExists(name)
+        body = {"name": name, "type": "alias", "target": target, "description": description}
+        return self._save(name, body, exists)
+
+    def close(self) -> None:
+        """Close the connection pool; later calls raise ``RuntimeError``."""
+        self._closed = True
+        self._session.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self._endpoint!r})"
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _endpoint_infos(self) -> dict[str, Any]:
+        return cast("dict[str, Any]", self._request("GET", "endpoints") or {})
+
+    def _save(self, name: str, body: dict[str, Any], exists: bool) -> Endpoint:
+        """POST a new endpoint or PUT a new version of an existing one."""
+        if exists:
+            body["should_update_version"] = True
+            answer = self._request("PUT", f"endpoints/{_quote(name)}", body)
+        else:
+            answer = self._request("POST", "endpoints", body)
+        if answer is None:  # a server that answers with no body: ask for the result
+            return self.get_endpoint(name)
+        return _single_endpoint(answer, name)
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        """Send one request; return the decoded JSON (None for an empty body) or raise."""
+        if self._closed:
+            raise RuntimeError("this tabserve Client has been closed")
+        url = self._endpoint + path
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = _encode_json(body)
+            headers["Content-Type"] = "application/json"
+        response = self._session.request(
+            method,
+            url,
+            data=data,
+            headers=headers,
+            timeout=self._query_timeout,
+            verify=self._verify,
+        )
+        if not 200 <= response.status_code < 300:
+            raise _error_from(response)
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise TabserveError(
+                f"{method} {url} answered {response.status_code} with a body that is not "
+                f"JSON: {_excerpt(response.text)}"
+            ) from None
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _base_url(endpoint: str) -> str:
+    """Normalise the server address to ``scheme://host[:port][/prefix]/``.
+
+    TabPy's client turned ``http://h:9004`` (no trailing slash) into ``http://h:9004info``;
+    here a trailing slash is optional, and a path prefix (behind a proxy) is kept.
+    """
+    if not isinstance(endpoint, str):
+        raise TypeError(f"endpoint must be a str, not {type(endpoint).__name__}")
+    parts = urlsplit(endpoint.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"endpoint must look like http://host:9004/, got {endpoint!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"endpoint must not have a query or fragment: {endpoint!r}")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError as exc:
+        raise ValueError(f"endpoint has an invalid port: {endpoint!r}") from exc
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
+
+
+def _check_timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"query_timeout must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _check_name(name: Any) -> None:
+    # The server checks the characters; a non-string would only fail later and obscurely.
+    if not isinstance(name, str) or not name:
+        raise TypeError("endpoint name must be a non-empty str")
+
+
+def _quote(name: str) -> str:
+    # Endpoint names may hold spaces ("Sentiment Analysis"); '/' must not split the path.
+    return quote(name, safe="")
+
+
+def _archive_fields(obj: Any) -> dict[str, Any]:
+    """The pickle and the fingerprint the server checks before loading it."""
+    # What the server calls: the object itself, or the query method of a TabPy-style object.
+    called = obj if callable(obj) else obj.query
+    try:
+        signature: str | None = str(inspect.signature(called))
+    except (TypeError, ValueError):  # builtins and some C callables have none
+        signature = None
+    return {
+        "archive": base64.b64encode(cloudpickle.dumps(obj)).decode("ascii"),
+        "archive_format": "cloudpickle",
+        # Pickled bytecode loads only on the same minor version; the server says so early.
+        "python_version": platform.python_version(),
+        "cloudpickle_version": cloudpickle.__version__,
+        "signature": signature,
+    }
+
+
+def _encode_json(body: Any) -> bytes:
+    """JSON for the server, which (like Tableau) has no NaN: NaN and ±Inf become null.
+
+    numpy arrays and pandas Series are sent as lists through their ``tolist`` method, so
+    the client never has to import either library.
+    """
+    try:
+        return json.dumps(body, allow_nan=False, default=_tolist).encode("utf-8")
+    except ValueError:  # a NaN or an infinity somewhere: take the slower, cleaning path
+        return json.dumps(_finite(body), allow_nan=False, default=_tolist).encode("utf-8")
+
+
+def _tolist(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if callable(getattr(value, "tolist", None)):
+        return _finite(value.tolist())
+    return value
+
+
+def _error_from(response: requests.Response) -> TabserveError:
+    """The TabserveError for a non-2xx answer; any body, JSON or not, still gives one."""
+    message: str | None = None
+    info: Any = None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        message, info = body["message"], body.get("info")
+    else:
+        message = _excerpt(response.text) or response.reason or f"HTTP {response.status_code}"
+    return TabserveError.from_wire(
+        {"status": response.status_code, "message": message, "info": info}
+    )
+
+
+def _excerpt(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + " …"
+
+
+def _single_endpoint(answer: Any, name: str) -> Endpoint:
+    """POST and PUT answer ``{name: info}``; older servers may answer a bare info object."""
+    if isinstance(answer, dict) and isinstance(answer.get(name), dict):
+        return Endpoint.from_info(name, answer[name])
+    if isinstance(answer, dict):
+        return Endpoint.from_info(name, answer)
+    raise TabserveError(f"unexpected answer for endpoint {name}: {answer!r}")
+
+
+def _as_bool(value: Any) -> bool:
+    # state.ini files written by TabPy may hold "True"/"False" strings.
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    return None

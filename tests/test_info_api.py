@@ -1,0 +1,77 @@
+"""GET /info (Tableau's Test Connection) and CORS headers from state.ini."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import Server, ServerFactory
+from tabserve import __version__
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_info_has_exactly_tabpys_shape(server: Server) -> None:
+    response = server.get("/info")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "application/json"
+    body = response.json()
+    assert list(body) == [
+        "description", "creation_time", "state_path", "server_version", "name", "versions",
+    ]  # fmt: skip
+    assert body["creation_time"] == "0" and isinstance(body["creation_time"], str)
+    assert body["server_version"] == __version__
+    assert body["state_path"] == str(server.state_path.resolve())
+    assert body["versions"] == {
+        "v1": {"features": {"evaluate_enabled": True, "gzip_enabled": True, "arrow_enabled": False}}
+    }
+
+
+def test_info_matches_the_recorded_tabpy_answer_key_for_key(server: Server) -> None:
+    recorded = next(
+        r for r in json.loads((FIXTURES / "tabpy_responses.json").read_text())
+        if r["method"] == "GET" and r["path"] == "/info"
+    )  # fmt: skip
+    tabpy = json.loads(recorded["response_body"])
+    ours = server.get("/info").json()
+    assert list(ours) == list(tabpy)
+    assert ours["versions"] == tabpy["versions"]
+
+
+@pytest.fixture(scope="module")
+def cors_server(server_factory: ServerFactory, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    state = tmp_path_factory.mktemp("cors")
+    (state / "state.ini").write_text(
+        "[Service Info]\nName = Sales 100% server\nDescription = forecasts\n"
+        "Creation Time = 1700000000\nAccess-Control-Allow-Origin = https://tableau.example\n"
+        "Access-Control-Allow-Headers = Authorization, Content-Type\n"
+        "Access-Control-Allow-Methods = GET, POST, OPTIONS\n"
+    )
+    return server_factory(TABSERVE_WORKERS="1", TABPY_STATE_PATH=str(state))
+
+
+def test_service_info_comes_from_state_ini(cors_server: Server) -> None:
+    body = cors_server.get("/info").json()
+    assert (body["name"], body["description"], body["creation_time"]) == (
+        "Sales 100% server", "forecasts", "1700000000",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/info"), ("POST", "/evaluate"), ("OPTIONS", "/evaluate"), ("GET", "/status")],
+)
+def test_cors_headers_are_sent(cors_server: Server, method: str, path: str) -> None:
+    body = {"script": "return 1", "data": {}} if method == "POST" else None
+    response = requests.request(method, cors_server.url + path, json=body, timeout=10)
+    assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "https://tableau.example"
+    assert response.headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
+    assert response.headers["Access-Control-Allow-Headers"] == "Authorization, Content-Type"
+
+
+def test_no_cors_headers_when_not_configured(server: Server) -> None:
+    assert "Access-Control-Allow-Origin" not in server.get("/info").headers
