@@ -12,8 +12,8 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-from conftest import Server, ServerFactory
 
+from conftest import Server, ServerFactory
 from tabserve.passwords import add_user
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

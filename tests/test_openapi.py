@@ -12,8 +12,8 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from conftest import Server, ServerFactory
 
+from conftest import Server, ServerFactory
 from tabserve import openapi
 from tabserve.app import make_app
 from tabserve.config import load_settings

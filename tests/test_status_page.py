@@ -17,11 +17,11 @@ from typing import Any
 
 import cloudpickle
 import pytest
-from conftest import Server, ServerFactory
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
+from conftest import Server, ServerFactory
 from tabserve.passwords import add_user
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
