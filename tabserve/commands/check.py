@@ -221,6 +221,8 @@ def _needs_evaluate(target: Target) -> None:
 @check("Test Connection: GET /info")
 def info(target: Target) -> str:
     response = target.request("GET", "/info")
+    if response.status == 401 and target.user is None:
+        raise CheckFailed("401: the server requires authentication: pass --user and --password")
     expect_status(response, 200)
     body = response.json()
     for key in ("description", "creation_time", "state_path", "server_version", "name"):
@@ -237,6 +239,8 @@ def info(target: Target) -> str:
 
 @check("auth: probe and 401/406 rules")
 def auth_rules(target: Target) -> str:
+    if not target.features:
+        raise CheckFailed("no /info answer to read the authentication feature from")
     required = "authentication" in target.features
     if required:
         if target.user is None:
