@@ -24,6 +24,7 @@ from .config import Settings
 from .endpoints import EndpointService
 from .executor import Executor
 from .handlers import (
+    AssetHandler,
     EndpointHandler,
     EndpointsHandler,
     EvaluateHandler,
@@ -31,6 +32,7 @@ from .handlers import (
     LiveHandler,
     MetricsHandler,
     NotFoundHandler,
+    OpenApiHandler,
     QueryHandler,
     ReadyHandler,
     RequestTracker,
@@ -62,6 +64,8 @@ def make_app(services: Services) -> Application:
     page = (static / "index.html") if static else Path(__file__).parent / "static" / "index.html"
     routes = [
         (r"/", RootHandler, {**deps, "page": page}),
+        (r"/assets/([^/]+)", AssetHandler, deps),
+        (r"/openapi.json", OpenApiHandler, deps),
         (r"/info", InfoHandler, deps),
         (r"/evaluate", EvaluateHandler, deps),
         (r"/status", StatusHandler, deps),

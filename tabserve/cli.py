@@ -55,6 +55,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tabserve.commands.doctor",
         "check the configuration against what a Tableau connection needs; never prompts",
     ),
+    "check": (
+        "tabserve.commands.check",
+        "replay Tableau's requests against any Analytics Extensions server; a pass/fail table",
+    ),
     "deploy-models": (
         "tabserve.commands.deploy_models",
         "deploy the bundled ttest, anova and PCA models to a running server",

@@ -11,6 +11,7 @@ read from the executor when scraped, so the executor needs no metrics code of it
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +38,15 @@ class _PoolCollector(Collector):
     def __init__(self, executor: Executor, in_flight: Callable[[], int]) -> None:
         self.executor = executor
         self.in_flight = in_flight
+        self.started = time.time()
 
     def collect(self) -> Iterator[Metric]:
         pool = self.executor
         stats = pool.stats
         gauges = (
+            # The standard name (prometheus_client's process collector uses it): dashboards and
+            # the status page compute uptime from it.
+            ("process_start_time_seconds", "Server start, seconds since the epoch.", self.started),
             ("tabserve_requests_in_flight", "HTTP requests being handled.", self.in_flight()),
             ("tabserve_queue_depth", "Jobs waiting for a free worker.", pool.queued),
             ("tabserve_workers", "Worker processes alive.", pool.alive),

@@ -223,7 +223,10 @@ class EndpointRegistry:
             raise BadRequest("src_path is required to add/update an endpoint.")
         if not isinstance(src_path, str):
             raise BadRequest("src_path must be a string.")
-        source = Path(src_path).resolve()
+        try:
+            source = Path(src_path).resolve()
+        except ValueError:  # a NUL, or a lone surrogate the filesystem cannot encode
+            raise BadRequest("src_path is not a valid path.") from None
         staging = self.staging.resolve()
         if not source.is_relative_to(staging):
             # TabPy copied any directory the server could read; only its upload area is allowed.

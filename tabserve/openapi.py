@@ -1,0 +1,375 @@
+"""The OpenAPI 3.1 description of tabserve's HTTP API, served at ``GET /openapi.json``.
+
+Written by hand from docs/api.md; ``tests/test_openapi.py`` checks it against the live routes
+and the doc, and a schemathesis run checks every answer of a live server against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import __version__
+
+JSON = "application/json"
+
+_ENVELOPE = {
+    "type": "object",
+    "description": "TabPy's error envelope; every error has it.",
+    "required": ["message", "info"],
+    "properties": {
+        "message": {"type": "string"},
+        "info": {"anyOf": [{"type": "string"}, {"type": "object"}]},
+    },
+}
+
+_ERRORS = {
+    "400": "The request is malformed; the message says what is wrong.",
+    "401": "Authentication is on and the credentials are missing or wrong.",
+    "403": "The user may not use this route.",
+    "404": "Unknown path, endpoint, or /evaluate disabled.",
+    "405": "The method is not supported on this path.",
+    "406": "Credentials were sent to a server without authentication.",
+    "408": "The script or endpoint ran out of time.",
+    "413": "The body (or the inflated gzip body) is over TABPY_MAX_REQUEST_SIZE_MB.",
+    "415": "A Content-Encoding this server does not accept.",
+    "500": "Error processing script, or the worker running it failed.",
+    "503": "Every worker is busy and the queue is full (Retry-After: 1).",
+}
+
+_ANY_JSON = {"description": "Any JSON value: the script's or function's result."}
+
+_ENDPOINT = {
+    "type": "object",
+    "description": "A deployed endpoint, as TabPy describes it.",
+    "properties": {
+        "description": {"type": "string"},
+        "type": {"type": "string", "enum": ["model", "alias"]},
+        "version": {"type": "integer"},
+        "dependencies": {"type": "array", "items": {"type": "string"}},
+        "target": {"type": ["string", "null"]},
+        "creation_time": {"type": ["number", "string"]},
+        "last_modified_time": {"type": ["number", "string"]},
+        "schema": {"description": "As the client sent it: TabPy's client sends a str()."},
+        "is_public": {"type": "boolean"},
+        "docstring": {"type": "string"},
+        "python_version": {"type": "string"},
+        "cloudpickle_version": {"type": "string"},
+        "signature": {"type": "string"},
+    },
+}
+
+_INFO = {
+    "type": "object",
+    "required": [
+        "description",
+        "creation_time",
+        "state_path",
+        "server_version",
+        "name",
+        "versions",
+    ],
+    "properties": {
+        "description": {"type": "string"},
+        "creation_time": {"type": "string"},
+        "state_path": {"type": "string"},
+        "server_version": {"type": "string"},
+        "name": {"type": "string"},
+        "versions": {
+            "type": "object",
+            "properties": {
+                "v1": {
+                    "type": "object",
+                    "properties": {
+                        "features": {
+                            "type": "object",
+                            "required": ["evaluate_enabled", "gzip_enabled", "arrow_enabled"],
+                            "properties": {
+                                "evaluate_enabled": {"type": "boolean"},
+                                "gzip_enabled": {"type": "boolean"},
+                                "arrow_enabled": {"type": "boolean"},
+                                "authentication": {"type": "object"},
+                            },
+                        }
+                    },
+                }
+            },
+        },
+    },
+}
+
+_READY = {
+    "type": "object",
+    "required": ["status", "checks"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ready", "not ready"]},
+        "checks": {"type": "array", "items": {"type": "object"}},
+    },
+}
+
+_EVALUATE_BODY = {
+    "type": "object",
+    "required": ["script", "data"],
+    "properties": {
+        "script": {"type": "string", "description": "The body of a Python function."},
+        "data": {
+            "type": "object",
+            "description": "_arg1 … _argN, numbered from 1 without gaps; {} is allowed.",
+            "propertyNames": {"pattern": "^_arg[1-9][0-9]*$"},
+        },
+    },
+}
+
+_DEPLOY_BODY = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"},
+        "type": {"type": "string", "enum": ["model", "alias"]},
+        "description": {"type": "string"},
+        "archive": {"type": "string", "description": "base64 of the cloudpickled function"},
+        "src_path": {"type": "string", "description": "TabPy's client: a staged directory"},
+        "target": {"type": "string", "description": "alias: the endpoint it names"},
+        "docstring": {"type": "string"},
+        "schema": {},
+        "is_public": {"type": "boolean"},
+        "should_update_version": {"type": "boolean"},
+    },
+}
+
+_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[^/]+$"},
+    "example": "add",
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+# The only 500s tabserve gives: user code failed (a script, or a deployed function), or the
+# worker running it died. Anything else would be a bug, and the fuzzing test catches it.
+_SCRIPT_ERROR = {
+    "allOf": [
+        {"$ref": "#/components/schemas/Error"},
+        {
+            "properties": {
+                "message": {
+                    "anyOf": [
+                        {"const": "Error processing script"},
+                        {"pattern": "^Error querying function '.*'$"},
+                    ]
+                }
+            }
+        },
+    ]
+}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    return {
+        str(code): {
+            "description": _ERRORS[str(code)],
+            "content": {
+                JSON: {
+                    "schema": _SCRIPT_ERROR
+                    if code == 500
+                    else {"$ref": "#/components/schemas/Error"}
+                }
+            },
+        }
+        for code in codes
+    }
+
+
+def _body(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    # Tableau 2020.1 labels its JSON as a form; the body is JSON whatever the type says.
+    return {
+        "required": True,
+        "description": description,
+        "content": {JSON: {"schema": schema}},
+    }
+
+
+def _operation(
+    summary: str, ok: dict[str, dict[str, Any]], errors: tuple[int, ...], **extra: Any
+) -> dict[str, Any]:
+    auth = (401, 406)
+    common = (405, 413)
+    codes = tuple(sorted(set(errors + auth + common)))
+    return {"summary": summary, "responses": {**ok, **_errors(*codes)}, **extra}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document, as a dict ready for ``json.dumps``."""
+    run_errors = (400, 403, 404, 408, 415, 500, 503)
+    endpoint_ref = {"$ref": "#/components/schemas/Endpoint"}
+    endpoints_map = {"type": "object", "additionalProperties": endpoint_ref}
+    query_answer = {
+        "type": "object",
+        "required": ["response", "version", "model", "uuid"],
+        "properties": {
+            "response": {},
+            "version": {"type": "integer"},
+            "model": {"type": "string"},
+            "uuid": {"type": "string"},
+        },
+    }
+    query = _operation(
+        "Call a deployed endpoint (MODEL_EXTENSION_*)",
+        {"200": _json(query_answer, "The function's result and which version answered.")},
+        run_errors,
+        parameters=[_NAME],
+    )
+    query_body = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"type": ["object", "array"]}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tabserve",
+            "version": __version__,
+            "description": "Tableau Analytics Extensions API v1 and TabPy's REST API. "
+            "Errors always have the {message, info} envelope.",
+        },
+        "components": {
+            "schemas": {"Error": _ENVELOPE, "Endpoint": _ENDPOINT, "Info": _INFO},
+            "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
+        },
+        "security": [{}, {"basic": []}],
+        "paths": {
+            "/": {
+                "get": {
+                    "summary": "The status page (public)",
+                    "security": [{}],
+                    "responses": {
+                        "200": {"description": "HTML", "content": {"text/html": {}}},
+                        **_errors(405, 413),
+                    },
+                }
+            },
+            "/assets/{name}": {
+                "get": {
+                    "summary": "The status page's script and style sheet (public)",
+                    "security": [{}],
+                    "parameters": [_NAME],
+                    "responses": {
+                        "200": {
+                            "description": "the file",
+                            "content": {"text/javascript": {}, "text/css": {}},
+                        },
+                        **_errors(404, 405, 413),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document (public)",
+                    "security": [{}],
+                    "responses": {
+                        "200": _json({"type": "object"}, "OpenAPI 3.1"),
+                        **_errors(405, 413),
+                    },
+                }
+            },
+            "/health/live": {
+                "get": {
+                    "summary": "Liveness probe (no credentials)",
+                    "security": [{}],
+                    "responses": {
+                        "200": _json(
+                            {"type": "object", "required": ["status"]}, "The process is up"
+                        ),
+                        **_errors(405, 413),
+                    },
+                }
+            },
+            "/health/ready": {
+                "get": {
+                    "summary": "Readiness probe (no credentials): named checks",
+                    "security": [{}],
+                    "responses": {
+                        "200": _json(_READY, "Every check passed"),
+                        "503": _json(_READY, "A check failed; the body says which"),
+                        **_errors(405, 413),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus text format (credentials unless TABSERVE_METRICS_AUTH "
+                    "is false)",
+                    "responses": {
+                        "200": {"description": "Prometheus text", "content": {"text/plain": {}}},
+                        **_errors(401, 405, 406, 413),
+                    },
+                }
+            },
+            "/info": {
+                "get": _operation(
+                    "Test Connection: static facts about the server",
+                    {"200": _json({"$ref": "#/components/schemas/Info"}, "Server facts")},
+                    (),
+                )
+            },
+            "/evaluate": {
+                "post": _operation(
+                    "Run a script (SCRIPT_* calculations, Table Extensions)",
+                    {"200": {"description": _ANY_JSON["description"], "content": {JSON: {}}}},
+                    run_errors,
+                    requestBody=_body(_EVALUATE_BODY, "JSON, optionally gzip-encoded"),
+                )
+            },
+            "/status": {
+                "get": _operation(
+                    "Load status of every deployed endpoint",
+                    {
+                        "200": _json(
+                            {"type": "object", "additionalProperties": {"type": "object"}},
+                            "By endpoint name: version, type, status, last_error",
+                        )
+                    },
+                    (),
+                )
+            },
+            "/endpoints": {
+                "get": _operation(
+                    "Every deployed endpoint", {"200": _json(endpoints_map, "By name")}, ()
+                ),
+                "post": _operation(
+                    "Deploy an endpoint (version 1)",
+                    {"201": _json(endpoints_map, "The new endpoint, by name")},
+                    (400, 403, 500, 503, 408),
+                    requestBody=_body(_DEPLOY_BODY, "The endpoint"),
+                ),
+            },
+            "/endpoints/{name}": {
+                "parameters": [_NAME],
+                "get": _operation("One endpoint", {"200": _json(endpoint_ref, "It")}, (404,)),
+                "put": _operation(
+                    "Update an endpoint (a new version with should_update_version)",
+                    {"200": _json(endpoints_map, "The endpoint, by name")},
+                    (400, 403, 404, 408, 500, 503),
+                    requestBody=_body(_DEPLOY_BODY, "The changes"),
+                ),
+                "delete": _operation(
+                    "Remove an endpoint", {"204": {"description": "Removed"}}, (400, 403, 404)
+                ),
+            },
+            "/query/{name}": {
+                "post": {**query, "requestBody": _body(query_body, "Named or positional args")},
+                "get": {**query, "summary": "As POST, for TabPy's clients"},
+            },
+            "/configurations/endpoint_upload_destination": {
+                "get": _operation(
+                    "Where TabPy's client stages pickles",
+                    {"200": _json({"type": "object", "required": ["path"]}, "The directory")},
+                    (),
+                )
+            },
+        },
+    }

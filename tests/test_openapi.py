@@ -1,0 +1,158 @@
+"""GET /openapi.json: it matches the live routes and docs/api.md, and a fuzzer finds no answer
+that contradicts it (schemathesis against a live server)."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from conftest import Server, ServerFactory
+from tabserve import openapi
+from tabserve.app import make_app
+from tabserve.config import load_settings
+
+API_DOC = Path(__file__).parent.parent / "docs" / "api.md"
+METHODS = ("get", "post", "put", "delete", "patch")
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def add(x: list[float], y: list[float]) -> list[float]:
+    return [a + b for a, b in zip(x, y, strict=True)]
+
+
+def live_routes() -> dict[str, set[str]]:
+    """Every route of the real Application as an OpenAPI path, with the methods it serves."""
+    settings = load_settings(None, {})
+    app = make_app(type("S", (), {"settings": settings})())  # type: ignore[arg-type]
+    routes: dict[str, set[str]] = {}
+    for rule in app.default_router.rules[0].target.rules:  # type: ignore[attr-defined]
+        pattern = rule.matcher.regex.pattern.rstrip("$").replace("/?", "")
+        path = re.sub(r"\(\[\^/\]\+\)", "{name}", pattern)
+        handler = rule.target
+        methods = {m for m in METHODS if any(m in c.__dict__ for c in handler.__mro__[:-4])}
+        routes[path] = {m for m in methods if getattr(handler, m) is not None}
+    return routes
+
+
+def test_every_live_route_and_method_is_documented() -> None:
+    paths = openapi.document()["paths"]
+    routes = live_routes()
+    assert "/endpoints/{name}" in routes and "/evaluate" in routes
+    for path, methods in routes.items():
+        assert path in paths, f"{path} is routed but missing from /openapi.json"
+        documented = {m for m in paths[path] if m in METHODS}
+        own = {m for m in methods if m in documented or m != "get"}
+        assert own <= documented, f"{path}: {own - documented} not documented"
+    assert set(paths) <= set(routes), "documents a path that is not routed"
+
+
+def api_md_headings(text: str) -> set[tuple[str, str]]:
+    """(METHOD, path) from headings such as '## GET /a, GET /b/<name>' or '## GET|POST /q'."""
+    found = set()
+    for heading in re.findall(r"^## (.*)$", text, re.M):
+        for methods, path in re.findall(
+            r"((?:GET|POST|PUT|DELETE)(?:\|[A-Z]+)*) (/[^\s,]*)", heading
+        ):
+            for method in methods.split("|"):
+                found.add((method, path.replace("<name>", "{name}")))
+    return found
+
+
+def test_api_md_and_the_document_name_the_same_routes() -> None:
+    text = API_DOC.read_text()
+    headed = api_md_headings(text)
+    assert ("DELETE", "/endpoints/{name}") in headed
+    paths = openapi.document()["paths"]
+    for method, path in headed:
+        assert method.lower() in paths.get(path, {}), f"api.md's {method} {path} not in the doc"
+    for path, operations in paths.items():
+        for method in operations:
+            if method in METHODS:
+                assert f"`{method.upper()} {path}`" in text or (method.upper(), path) in headed, (
+                    f"{method.upper()} {path} is in /openapi.json but not in docs/api.md"
+                )
+
+
+def test_document_is_served(server: Server) -> None:
+    answer = server.get("/openapi.json")
+    assert answer.status_code == 200
+    assert answer.headers["Content-Type"].startswith("application/json")
+    document: dict[str, Any] = answer.json()
+    assert document["openapi"] == "3.1.0"
+    assert document["info"]["version"] == server.get("/info").json()["server_version"]
+    assert document == openapi.document()
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(server_factory: ServerFactory) -> Server:
+    # A short timeout: random scripts are fine (script errors), but none may hold a worker.
+    server = server_factory(TABPY_EVALUATE_TIMEOUT="2", TABPY_MAX_REQUEST_SIZE_MB="1")
+    # The document's example name, deployed, so that the fuzzer reaches /query's real work.
+    body = {
+        "name": "add",
+        "type": "model",
+        "archive": base64.b64encode(cloudpickle.dumps(add)).decode(),
+        "docstring": "Add two columns.",
+    }
+    assert server.post("/endpoints", json=body).status_code == 201
+    return server
+
+
+def test_schemathesis_finds_no_answer_outside_the_document(
+    fuzz_server: Server, tmp_path: Path
+) -> None:
+    """Undocumented statuses (so any 5xx but script errors), wrong content types and bodies
+    that break their schema all fail; the 500 schema admits only 'Error processing script'."""
+    command = [
+        str(Path(sys.executable).parent / "schemathesis"),
+        "run",
+        f"{fuzz_server.url}/openapi.json",
+        "--checks",
+        "status_code_conformance,content_type_conformance,response_schema_conformance,"
+        "response_headers_conformance",
+        "--max-examples",
+        "10",
+        "--max-time",
+        "60",
+        "--request-timeout",
+        "10",
+        "--workers",
+        "1",
+        "--seed",
+        "20261123",
+        "--no-shrink",
+        "--suppress-health-check",
+        "all",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=240, cwd=tmp_path, stdin=subprocess.DEVNULL
+    )
+    output = done.stdout[-6000:] + done.stderr[-2000:]
+    assert done.returncode == 0, output
+    # Every operation was exercised (schemathesis does not test the schema's own URL).
+    selected = re.search(r"Selected: (\d+)/(\d+)", done.stdout)
+    tested = re.search(r"Tested: (\d+)", done.stdout)
+    assert selected and tested, output
+    assert selected[1] == selected[2] == tested[1], output
+    assert int(tested[1]) >= 16, output
+    # The server survived the run and logged no unexpected exception.
+    assert fuzz_server.get("/info").status_code == 200
+    assert "Uncaught exception" not in fuzz_server.log()
+
+
+def test_fuzzer_finding_unencodable_src_path_is_a_400(server: Server) -> None:
+    """schemathesis found this 500: realpath raised on a NUL or a lone surrogate."""
+    for src_path in ("/tmp/a\u0000b", "/tmp/\udb21x"):
+        answer = server.post(
+            "/endpoints", json={"name": "fuzzed", "type": "model", "src_path": src_path}
+        )
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["message"] == "src_path is not a valid path."

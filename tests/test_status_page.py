@@ -1,0 +1,235 @@
+"""The status page at /, driven in a real headless Chromium (Debian's chromium + chromedriver).
+
+Set TABSERVE_SCREENSHOT=1 to refresh docs/images/status-page.png on purpose; every run saves
+a screenshot in its pytest tmp dir.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from conftest import Server, ServerFactory
+from tabserve.passwords import add_user
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+DOCS_SCREENSHOT = Path(__file__).parent.parent / "docs" / "images" / "status-page.png"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def add(x: list[float], y: list[float]) -> list[float]:
+    """Add two columns row by row."""
+    return [a + b for a, b in zip(x, y, strict=True)]
+
+
+# What TabPy's client sends as `schema`: the str() of a Python dict, not JSON.
+ADD_SCHEMA = str(
+    {
+        "input": {
+            "type": "object",
+            "properties": {
+                "x": {"type": "number", "description": "first column"},
+                "y": {"type": "number", "description": "second column"},
+            },
+            "required": ["x", "y"],
+        },
+        "output": {"type": "number", "description": "the sum"},
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="tabserve-chromium-")
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",  # root in CI
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1100,1400",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page_server(server_factory: ServerFactory) -> Server:
+    return server_factory(TABPY_EVALUATE_TIMEOUT="20")
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {condition}")
+        time.sleep(0.1)
+
+
+def refreshes(driver: webdriver.Chrome) -> int:
+    return int(driver.find_element(By.TAG_NAME, "body").get_attribute("data-refreshes") or 0)
+
+
+def text(driver: webdriver.Chrome, element_id: str) -> str:
+    return str(driver.find_element(By.ID, element_id).text)
+
+
+def severe_logs(driver: webdriver.Chrome) -> list[dict[str, Any]]:
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def open_page(driver: webdriver.Chrome, server: Server) -> None:
+    driver.get(server.url + "/?refresh=0.5")
+    start = refreshes(driver)
+    wait_for(lambda: refreshes(driver) > start)
+
+
+def deploy(server: Server, name: str, func: object, **extra: object) -> None:
+    body = {
+        "name": name,
+        "type": "model",
+        "archive": base64.b64encode(cloudpickle.dumps(func)).decode(),
+        "description": "Adds two columns",
+        "docstring": func.__doc__,  # type: ignore[attr-defined]
+        **extra,
+    }
+    answer = server.post("/endpoints", json=body)
+    assert answer.status_code == 201, answer.text
+
+
+def test_page_loads_without_console_errors(browser: webdriver.Chrome, page_server: Server) -> None:
+    browser.get_log("browser")  # start from a clean log
+    open_page(browser, page_server)
+    wait_for(lambda: refreshes(browser) >= 3)  # a few refresh cycles, not just the first
+    assert text(browser, "server-name") == "tabserve"
+    assert text(browser, "server-version") == page_server.get("/info").json()["server_version"]
+    features = {li.text for li in browser.find_elements(By.CSS_SELECTOR, "#features li")}
+    assert {"auth: off", "TLS: off", "evaluate: on", "sandbox: unknown"} <= features
+    assert browser.find_element(By.ID, "login").is_displayed() is False
+    assert severe_logs(browser) == []
+
+
+def test_deployed_endpoint_appears_with_snippets(
+    browser: webdriver.Chrome, page_server: Server
+) -> None:
+    open_page(browser, page_server)
+    assert browser.find_elements(By.CSS_SELECTOR, "[data-endpoint='add']") == []
+    deploy(page_server, "add", add, schema=ADD_SCHEMA)
+
+    card = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "[data-endpoint='add']"))[0]
+    assert "Add two columns row by row." in card.text
+    assert "Adds two columns" in card.text
+    model = card.find_element(By.CSS_SELECTOR, "[data-snippet='model']").text
+    script = card.find_element(By.CSS_SELECTOR, "[data-snippet='script']").text
+    assert model == 'MODEL_EXTENSION_REAL("add", "x,y", SUM([X]), SUM([Y]))'
+    assert script == (
+        "SCRIPT_REAL(\"return tabpy.query('add', _arg1, _arg2)['response']\", SUM([X]), SUM([Y]))"
+    )
+    # The Python-repr schema is shown as readable JSON.
+    card.find_element(By.TAG_NAME, "summary").click()
+    schema = card.find_element(By.CSS_SELECTOR, "pre.schema").text
+    assert '"description": "first column"' in schema
+
+    # The snippets are what Tableau would send, and they work against this server.
+    query = page_server.post("/query/add", json={"data": {"x": [1, 2], "y": [10, 20]}})
+    assert query.json()["response"] == [11, 22]
+    evaluate = page_server.evaluate(
+        "return tabpy.query('add', _arg1, _arg2)['response']", _arg1=[1, 2], _arg2=[10, 20]
+    )
+    assert evaluate.json() == [11, 22]
+
+    assert severe_logs(browser) == []
+
+
+def test_counters_move_after_requests(
+    browser: webdriver.Chrome, page_server: Server, tmp_path: Path
+) -> None:
+    open_page(browser, page_server)
+    assert browser.find_element(By.ID, "metrics").is_displayed()
+    assert text(browser, "uptime").endswith("s")
+    before = int(text(browser, "m-requests"))
+    # A few bursts across refreshes, so that the chart has several points.
+    for burst in range(5):
+        for _ in range(5):
+            script = "import time; time.sleep(_arg1); return _arg1"
+            assert page_server.evaluate(script, _arg1=0.01 * burst).status_code == 200
+        time.sleep(0.6)
+    wait_for(lambda: int(text(browser, "m-requests")) >= before + 25)
+    # The latency chart got a point for the interval that saw the requests.
+    wait_for(lambda: "ms over" in text(browser, "m-latency"))
+    routes = browser.find_element(By.ID, "routes").text
+    assert "/evaluate" in routes
+    save_screenshot(browser, tmp_path)
+    assert severe_logs(browser) == []
+
+
+def save_screenshot(driver: webdriver.Chrome, tmp_path: Path) -> None:
+    shot = tmp_path / "status-page.png"
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1100, max(900, int(height) + 40))
+    assert driver.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("TABSERVE_SCREENSHOT") == "1":
+        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        DOCS_SCREENSHOT.write_bytes(shot.read_bytes())
+
+
+def test_with_auth_the_page_asks_for_credentials(
+    browser: webdriver.Chrome, server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    passwords = tmp_path / "passwords.txt"
+    add_user(passwords, "analyst", "page-pass")
+    server = server_factory(TABPY_PWD_FILE=str(passwords))
+    browser.get(server.url + "/?refresh=0.5")
+    # The shell is public; the API is not, so the page shows its own form (no browser prompt).
+    login = wait_for(lambda: browser.find_element(By.ID, "login").is_displayed())
+    assert login
+    assert not browser.find_element(By.ID, "content").is_displayed()
+
+    browser.find_element(By.ID, "login-user").send_keys("analyst")
+    browser.find_element(By.ID, "login-password").send_keys("wrong")
+    browser.find_element(By.ID, "login-submit").click()
+    wait_for(lambda: "Wrong username or password" in text(browser, "login-error"))
+
+    browser.find_element(By.ID, "login-user").clear()
+    browser.find_element(By.ID, "login-user").send_keys("analyst")
+    browser.find_element(By.ID, "login-password").clear()
+    browser.find_element(By.ID, "login-password").send_keys("page-pass")
+    start = refreshes(browser)
+    browser.find_element(By.ID, "login-submit").click()
+    wait_for(lambda: refreshes(browser) > start)
+    assert browser.find_element(By.ID, "content").is_displayed()
+    assert not browser.find_element(By.ID, "login").is_displayed()
+    features = {li.text for li in browser.find_elements(By.CSS_SELECTOR, "#features li")}
+    assert "auth: on" in features
+    # Later refreshes keep working with the credentials the page holds.
+    wait_for(lambda: refreshes(browser) > start + 2)
+    assert browser.find_element(By.ID, "content").is_displayed()
