@@ -211,10 +211,18 @@ def write_chart(results: dict[str, Any], out_dir: Path) -> Path:
     ax.set_ylabel("req/s")
     ax.set_title("w1 throughput vs tabserve workers (c=64; TabPy has cpu_count threads)")
 
-    fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "chart.png"
-    fig.savefig(path, dpi=110)
+    try:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    except ValueError:
+        # A panel with no positive value (a smoke run's) cannot be drawn on a log scale.
+        for axis in fig.axes:
+            axis.set_xscale("linear")
+            axis.set_yscale("linear")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

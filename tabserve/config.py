@@ -332,9 +332,11 @@ class Settings:
     worker_user: str = setting(
         "TABSERVE_WORKER_USER",
         str.strip,
-        "When the server runs as root: the user (name or uid) that runs user code. `root` "
-        "keeps root (not recommended). Ignored when the server is not root.",
-        "nobody",
+        "When the server runs as root: the user (name or uid) that runs user code. `auto` "
+        "means `nobody`, or root with a warning when `nobody` cannot read the Python "
+        "installation (sandbox `none` only); a named user must work or scripts are refused. "
+        "`root` keeps root (not recommended). Ignored when the server is not root.",
+        "auto",
     )
     trust_deployed_code: bool = setting(
         "TABSERVE_TRUST_DEPLOYED_CODE",

@@ -44,6 +44,7 @@ log = logging.getLogger("tabserve.sandbox")
 
 NONE = "none"
 BUBBLEWRAP = "bubblewrap"
+AUTO_USER = "auto"
 
 # Levels of a finding, mildest first. Only "error" fails the check.
 OK, INFO, WARNING, ERROR = "ok", "info", "warning", "error"
@@ -131,10 +132,24 @@ class SandboxReport:
 # -- planning --------------------------------------------------------------------------
 
 
-def worker_ids(user: str) -> tuple[int, int] | None:
-    """(uid, gid) for TABSERVE_WORKER_USER when the server is root; None keeps the user."""
+def worker_ids(user: str, mode: str = NONE) -> tuple[int, int] | None:
+    """(uid, gid) for TABSERVE_WORKER_USER when the server is root; None keeps the user.
+
+    ``auto`` (the default) means ``nobody``, unless that user could not read the Python
+    installation in ``none`` mode (e.g. a pyenv under /root): then workers keep the server's
+    user and the self-check warns. A user named explicitly is used, or the check fails.
+    """
     if os.geteuid() != 0 or user in ("", "root", "0"):
         return None
+    if user == AUTO_USER:
+        try:
+            entry = pwd.getpwnam("nobody")
+        except KeyError:
+            return None
+        ids = entry.pw_uid, entry.pw_gid
+        if mode == NONE and any(closed_ancestor(p, *ids) for p in _runtime_paths()):
+            return None
+        return ids
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except KeyError:
@@ -276,7 +291,7 @@ def confinement(settings: Settings, mode: str | None = None) -> Confinement:
     """
     mode = mode or settings.sandbox
     root = os.geteuid() == 0
-    drop_to = worker_ids(settings.worker_user)
+    drop_to = worker_ids(settings.worker_user, mode)
     archives = endpoint_root(settings)
     # It must exist before the workers start: bubblewrap mounts it, workers keep it open.
     archives.mkdir(parents=True, exist_ok=True)
@@ -380,11 +395,17 @@ def assess(
             f"user code runs as uid {uid}, not as {settings.worker_user}",
         )
     elif uid == 0:
+        why = (
+            "user 'nobody' cannot read the Python installation, so TABSERVE_WORKER_USER = "
+            "auto kept root; install Python where 'nobody' can read it, name another user, "
+            "or use TABSERVE_SANDBOX = bubblewrap"
+            if settings.worker_user == AUTO_USER
+            else f"TABSERVE_WORKER_USER = {settings.worker_user}"
+        )
         findings.append(
             (
                 ERROR if strict else WARNING,
-                "user code runs as root (TABSERVE_WORKER_USER = root): it can read every "
-                "root-owned file it can see",
+                f"user code runs as root ({why}): it can read every root-owned file it can see",
             )
         )
     else:

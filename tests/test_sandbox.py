@@ -580,3 +580,20 @@ def test_launcher_exit_codes_name_the_signal() -> None:
     assert describe_exit(128 + 24, launcher=True) == "was killed by SIGXCPU"
     assert describe_exit(3, launcher=True) == "exited with code 3"
     assert describe_exit(128 + 24) == "exited with code 152"
+
+
+def test_default_worker_user_keeps_a_root_install_working(server_factory: ServerFactory) -> None:
+    """The README's quick start as root: with TABSERVE_WORKER_USER = auto, scripts run.
+
+    As 'nobody' when that user can read the Python installation; otherwise (a pyenv under
+    /root, as on CI's machine) as root, with the self-check warning instead of refusing.
+    """
+    server = server_factory(TABSERVE_WORKERS="1", TABSERVE_WORKER_USER="auto")
+    response = server.evaluate("return _arg1 + _arg2", _arg1=1, _arg2=2)
+    assert response.status_code == 200 and response.json() == 3
+    uid = server.evaluate("import os\nreturn os.getuid()").json()
+    assert server.get("/health/ready").status_code == 200
+    if os.geteuid() == 0 and uid == 0:
+        assert "'nobody' cannot read the Python installation" in server.log()
+    elif os.geteuid() == 0:
+        assert uid == pwd.getpwnam("nobody").pw_uid
