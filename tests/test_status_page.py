@@ -132,7 +132,7 @@ def test_page_loads_without_console_errors(browser: webdriver.Chrome, page_serve
     assert text(browser, "server-name") == "tabserve"
     assert text(browser, "server-version") == page_server.get("/info").json()["server_version"]
     features = {li.text for li in browser.find_elements(By.CSS_SELECTOR, "#features li")}
-    assert {"auth: off", "TLS: off", "evaluate: on", "sandbox: unknown"} <= features
+    assert {"auth: off", "TLS: off", "evaluate: on", "sandbox: none: self-check passed"} <= features
     assert browser.find_element(By.ID, "login").is_displayed() is False
     assert severe_logs(browser) == []
 

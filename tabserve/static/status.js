@@ -93,7 +93,7 @@ function formatDuration(seconds) {
   return `${s}s`;
 }
 
-function renderInfo(info) {
+function renderInfo(info, readiness) {
   const name = info.name || "tabserve";
   $("server-name").textContent = name;
   document.title = `${name} status`;
@@ -110,18 +110,24 @@ function renderInfo(info) {
   for (const [label, on] of flags) {
     list.append(element("li", { className: on ? "on" : "off", textContent: `${label}: ${on ? "on" : "off"}` }));
   }
-  // The sandbox is reported only by servers that have one; otherwise we cannot know.
-  const sandbox = features.sandbox;
-  const sandboxText = sandbox === undefined ? "unknown" : describeSandbox(sandbox);
-  list.append(element("li", { className: sandbox ? "on" : "off", textContent: `sandbox: ${sandboxText}` }));
+  // The sandbox verdict is the readiness check of that name ("<mode>: self-check ...");
+  // a server without one (another Analytics Extensions server) leaves it unknown.
+  const check = readiness && Array.isArray(readiness.checks)
+    ? readiness.checks.find((c) => c.name === "sandbox")
+    : undefined;
+  const sandboxText = check ? String(check.detail) : "unknown";
+  list.append(element("li", { className: check && check.ok ? "on" : "off", textContent: `sandbox: ${sandboxText}` }));
   for (const li of list.children) li.dataset.feature = li.textContent.split(":")[0];
 }
 
-function describeSandbox(sandbox) {
-  if (sandbox === true) return "on";
-  if (sandbox === false || sandbox === null) return "off";
-  if (typeof sandbox === "object") return sandbox.enabled === false ? "off" : sandbox.mode || "on";
-  return String(sandbox);
+// /health/ready is public and answers 503 with the same body when not ready.
+async function readinessReport() {
+  try {
+    const response = await fetch("/health/ready", { cache: "no-store", credentials: "omit" });
+    return (response.headers.get("Content-Type") || "").includes("json") ? response.json() : null;
+  } catch {
+    return null;
+  }
 }
 
 function renderUptime(health, metrics) {
@@ -394,16 +400,17 @@ function showLogin(message) {
 async function refresh() {
   try {
     const info = await api("/info");
-    const [endpoints, statuses, metrics, health] = await Promise.all([
+    const [endpoints, statuses, metrics, health, readiness] = await Promise.all([
       api("/endpoints"),
       api("/status"),
       api("/metrics", { optional: true }),
       api("/health/live", { optional: true }),
+      readinessReport(),
     ]);
     $("login").hidden = true;
     $("content").hidden = false;
     $("page-error").hidden = true;
-    renderInfo(info);
+    renderInfo(info, readiness);
     renderUptime(health, metrics);
     renderEndpoints(endpoints, statuses);
     renderMetrics(metrics);
