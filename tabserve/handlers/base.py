@@ -19,32 +19,29 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from tornado.escape import utf8
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from . import __version__, logs, openapi
-from .auth import ANONYMOUS, Authenticator
-from .config import Settings
-from .endpoints import EndpointService
-from .errors import (
+from .. import logs
+from ..auth import ANONYMOUS, Authenticator
+from ..config import Settings
+from ..endpoints import EndpointService
+from ..errors import (
     BadRequest,
-    EvaluateDisabled,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     TabserveError,
 )
-from .executor import Executor
-from .health import Readiness
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics
-from .passwords import User
-from .sandbox import SandboxReport
-from .store import ServiceInfo
+from ..executor import Executor
+from ..health import Readiness
+from ..metrics import Metrics
+from ..passwords import User
+from ..sandbox import SandboxReport
+from ..store import ServiceInfo
 
 log = logging.getLogger("tabserve.http")
 access_log = logging.getLogger("tabserve.access")
@@ -341,184 +338,6 @@ def _as_tabserve_error(status_code: int, exc_info: Any, call_id: str) -> Tabserv
     )
 
 
-class InfoHandler(JsonHandler):
-    route = "/info"
-
-    async def get(self) -> None:
-        """Tableau's Test Connection: static facts about this server."""
-        settings = self.services.settings
-        features: dict[str, Any] = {}
-        if settings.auth_enabled:
-            features["authentication"] = {"required": True, "methods": {"basic-auth": {}}}
-        # A failed sandbox self-check refuses ad-hoc scripts: Tableau should know up front.
-        features["evaluate_enabled"] = settings.evaluate_enabled and self.services.sandbox.ok
-        features["gzip_enabled"] = settings.gzip_enabled
-        features["arrow_enabled"] = settings.arrow_enabled
-        info: dict[str, Any] = {
-            "description": self.services.service.description,
-            "creation_time": self.services.service.creation_time,
-            "state_path": self.services.state_path,
-            "server_version": __version__,
-            "name": self.services.service.name,
-            "versions": {"v1": {"features": features}},
-        }
-        if not self.services.sandbox.ok:
-            # Exactly TabPy's answer while all is well; the reason only when something is not.
-            info["sandbox"] = self.services.sandbox.info()
-        self.add_cors_headers()
-        self.write_json(info)
-
-
-class EvaluateHandler(JsonHandler):
-    # The 'evaluate' permission is checked in post: Tableau's connection probe is exempt.
-    route = "/evaluate"
-
-    async def post(self) -> None:
-        """Run an ad-hoc script in a worker; the worker parses the body and encodes the result."""
-        settings = self.services.settings
-        if not settings.evaluate_enabled:
-            raise EvaluateDisabled()
-        self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
-        self.services.sandbox.require_evaluate()
-        result = await self.services.executor.run(
-            "evaluate", self.body, settings.evaluate_timeout, {"encoding": self.content_encoding}
-        )
-        self.meta = result.meta
-        self.add_cors_headers()
-        self.finish(result.body)
-
-
-class StatusHandler(JsonHandler):
-    route = "/status"
-
-    async def get(self) -> None:
-        """Load status of every deployed endpoint."""
-        self.add_cors_headers()
-        self.write_json(self.services.endpoints.statuses())
-
-
-class EndpointsHandler(JsonHandler):
-    permissions = {"POST": "manage"}
-    route = "/endpoints"
-
-    async def get(self) -> None:
-        """Every deployed endpoint's description, keyed by name."""
-        self.add_cors_headers()
-        self.write_json(self.services.endpoints.infos())
-
-    async def post(self) -> None:
-        """Deploy a new endpoint (version 1)."""
-        endpoint = await self.services.endpoints.add(self.json_body())
-        self.write_json({endpoint.name: endpoint.info()}, status=201)
-
-
-class EndpointHandler(JsonHandler):
-    permissions = {"PUT": "manage", "DELETE": "manage"}
-    route = "/endpoints/{name}"
-
-    async def get(self, name: str) -> None:
-        """One endpoint's description, unwrapped (as TabPy answers)."""
-        self.add_cors_headers()
-        self.write_json(self.services.endpoints.info(name))
-
-    async def put(self, name: str) -> None:
-        """Update an endpoint; a new version when ``should_update_version`` is true."""
-        endpoint = await self.services.endpoints.update(name, self.json_body())
-        self.write_json({endpoint.name: endpoint.info()})
-
-    async def delete(self, name: str) -> None:
-        """Remove an endpoint: it stops answering at once."""
-        await self.services.endpoints.remove(name)
-        self.set_status(204)
-        self.finish()
-
-
-class UploadDestinationHandler(JsonHandler):
-    route = "/configurations/endpoint_upload_destination"
-
-    async def get(self) -> None:
-        """Where TabPy's client writes pickles before deploying (shared filesystems only)."""
-        staging = self.services.endpoints.registry.staging
-        self.write_json({"path": str(staging)})
-
-
-class QueryHandler(JsonHandler):
-    permissions = {"GET": "query", "POST": "query"}
-    route = "/query/{name}"
-
-    async def post(self, name: str) -> None:
-        """Call a deployed function in a worker: ``{"data": {...}}`` or ``{"data": [...]}``."""
-        self.services.endpoints.resolve(name)  # an unknown name is a 404 without using a worker
-        self.endpoint = name  # deployed, so a bounded metrics label
-        result = await self.services.endpoints.query(name, self.body, self.content_encoding)
-        self.meta = result.meta
-        self.add_cors_headers()
-        self.finish(result.body)
-
-    get = post
-
-
-# The status page may load only what this server serves: no CDN, no inline script.
-_PAGE_POLICY = (
-    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-)
-
-# The status page's own files, served at /assets/<name> (a fixed list, never a path).
-ASSETS = {
-    "status.js": "text/javascript; charset=UTF-8",
-    "status.css": "text/css; charset=UTF-8",
-}
-ASSET_DIR = Path(__file__).parent / "static"
-
-
-class PageHandler(JsonHandler):
-    """Base of the status page's files: public, never cached, same-origin only."""
-
-    # The page shell is public (as TabPy's static files are); its data calls are not.
-    public = True
-
-    def send_file(self, path: Path, content_type: str) -> None:
-        self.set_header("Content-Type", content_type)
-        self.set_header("Cache-Control", "no-cache")
-        self.set_header("Content-Security-Policy", _PAGE_POLICY)
-        self.set_header("X-Content-Type-Options", "nosniff")
-        self.finish(path.read_bytes())
-
-
-class RootHandler(PageHandler):
-    route = "/"
-
-    def initialize(self, services: Services, page: Path) -> None:  # type: ignore[override]
-        super().initialize(services)
-        self.page = page
-
-    async def get(self) -> None:
-        """The status page at /; its data comes from the (authenticated) API."""
-        self.send_file(self.page, "text/html; charset=UTF-8")
-
-
-class AssetHandler(PageHandler):
-    route = "/assets/{name}"
-
-    async def get(self, name: str) -> None:
-        """The status page's script and style sheet."""
-        if name not in ASSETS:
-            raise NotFound("Not found", f"No route for {self.request.method} {self.request.path}")
-        self.send_file(ASSET_DIR / name, ASSETS[name])
-
-
-class OpenApiHandler(JsonHandler):
-    route = "/openapi.json"
-
-    public = True  # a description of the API, as public as the page that links to it
-
-    async def get(self) -> None:
-        """The OpenAPI 3.1 description of this API."""
-        self.add_cors_headers()
-        self.write_json(openapi.document())
-
-
 class NotFoundHandler(JsonHandler):
     """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page.
 
@@ -533,51 +352,6 @@ class NotFoundHandler(JsonHandler):
         raise NotFound("Not found", f"No route for {self.request.method} {self.request.path}")
 
     post = put = delete = patch = get
-
-
-class OperationsHandler(JsonHandler):
-    """Base of the routes for machines (probes, scrapers): no credentials, never cached."""
-
-    public = True
-
-    def compute_etag(self) -> None:
-        return None  # a live answer every time, never a 304
-
-
-class LiveHandler(OperationsHandler):
-    route = "/health/live"
-
-    async def get(self) -> None:
-        """Liveness: the process is up and its event loop answers."""
-        self.write_json({"status": "alive"})
-
-
-class ReadyHandler(OperationsHandler):
-    route = "/health/ready"
-
-    async def get(self) -> None:
-        """Readiness: 200 when every check passes, else 503; the body says which failed."""
-        ready, outcomes = await self.services.readiness.run()
-        self.write_json(
-            {
-                "status": "ready" if ready else "not ready",
-                "checks": [outcome.document() for outcome in outcomes],
-            },
-            status=200 if ready else 503,
-        )
-
-
-class MetricsHandler(OperationsHandler):
-    route = "/metrics"
-
-    @property
-    def public(self) -> bool:  # type: ignore[override]  # a setting, not a constant
-        return not self.services.settings.metrics_auth
-
-    async def get(self) -> None:
-        """Prometheus text format, for the whole server: every worker's jobs are counted here."""
-        self.set_header("Content-Type", METRICS_CONTENT_TYPE)
-        self.finish(self.services.metrics.exposition())
 
 
 def log_request(handler: RequestHandler) -> None:

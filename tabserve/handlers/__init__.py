@@ -1,0 +1,49 @@
+"""HTTP handlers: parse the request, call a service, write the answer. Nothing more.
+
+``base`` holds ``JsonHandler``, which every handler derives from and which owns the
+cross-cutting rules (authentication, streamed size-checked bodies, the one error renderer,
+call ids, the access log); ``api`` the Analytics Extensions and TabPy routes; ``pages`` the
+status page and the OpenAPI document; ``operations`` the health probes and metrics.
+"""
+
+from .api import (
+    EndpointHandler,
+    EndpointsHandler,
+    EvaluateHandler,
+    InfoHandler,
+    QueryHandler,
+    StatusHandler,
+    UploadDestinationHandler,
+)
+from .base import (
+    DRAIN_LIMIT,
+    JsonHandler,
+    NotFoundHandler,
+    RequestTracker,
+    Services,
+    log_request,
+)
+from .operations import LiveHandler, MetricsHandler, ReadyHandler
+from .pages import AssetHandler, OpenApiHandler, RootHandler
+
+__all__ = [
+    "DRAIN_LIMIT",
+    "AssetHandler",
+    "EndpointHandler",
+    "EndpointsHandler",
+    "EvaluateHandler",
+    "InfoHandler",
+    "JsonHandler",
+    "LiveHandler",
+    "MetricsHandler",
+    "NotFoundHandler",
+    "OpenApiHandler",
+    "QueryHandler",
+    "ReadyHandler",
+    "RequestTracker",
+    "RootHandler",
+    "Services",
+    "StatusHandler",
+    "UploadDestinationHandler",
+    "log_request",
+]

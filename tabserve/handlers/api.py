@@ -1,0 +1,128 @@
+"""The Analytics Extensions and TabPy API: /info, /evaluate, /status, /endpoints, /query."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from ..errors import (
+    EvaluateDisabled,
+)
+from .base import JsonHandler
+
+
+class InfoHandler(JsonHandler):
+    route = "/info"
+
+    async def get(self) -> None:
+        """Tableau's Test Connection: static facts about this server."""
+        settings = self.services.settings
+        features: dict[str, Any] = {}
+        if settings.auth_enabled:
+            features["authentication"] = {"required": True, "methods": {"basic-auth": {}}}
+        # A failed sandbox self-check refuses ad-hoc scripts: Tableau should know up front.
+        features["evaluate_enabled"] = settings.evaluate_enabled and self.services.sandbox.ok
+        features["gzip_enabled"] = settings.gzip_enabled
+        features["arrow_enabled"] = settings.arrow_enabled
+        info: dict[str, Any] = {
+            "description": self.services.service.description,
+            "creation_time": self.services.service.creation_time,
+            "state_path": self.services.state_path,
+            "server_version": __version__,
+            "name": self.services.service.name,
+            "versions": {"v1": {"features": features}},
+        }
+        if not self.services.sandbox.ok:
+            # Exactly TabPy's answer while all is well; the reason only when something is not.
+            info["sandbox"] = self.services.sandbox.info()
+        self.add_cors_headers()
+        self.write_json(info)
+
+
+class EvaluateHandler(JsonHandler):
+    # The 'evaluate' permission is checked in post: Tableau's connection probe is exempt.
+    route = "/evaluate"
+
+    async def post(self) -> None:
+        """Run an ad-hoc script in a worker; the worker parses the body and encodes the result."""
+        settings = self.services.settings
+        if not settings.evaluate_enabled:
+            raise EvaluateDisabled()
+        self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
+        self.services.sandbox.require_evaluate()
+        result = await self.services.executor.run(
+            "evaluate", self.body, settings.evaluate_timeout, {"encoding": self.content_encoding}
+        )
+        self.meta = result.meta
+        self.add_cors_headers()
+        self.finish(result.body)
+
+
+class StatusHandler(JsonHandler):
+    route = "/status"
+
+    async def get(self) -> None:
+        """Load status of every deployed endpoint."""
+        self.add_cors_headers()
+        self.write_json(self.services.endpoints.statuses())
+
+
+class EndpointsHandler(JsonHandler):
+    permissions = {"POST": "manage"}
+    route = "/endpoints"
+
+    async def get(self) -> None:
+        """Every deployed endpoint's description, keyed by name."""
+        self.add_cors_headers()
+        self.write_json(self.services.endpoints.infos())
+
+    async def post(self) -> None:
+        """Deploy a new endpoint (version 1)."""
+        endpoint = await self.services.endpoints.add(self.json_body())
+        self.write_json({endpoint.name: endpoint.info()}, status=201)
+
+
+class EndpointHandler(JsonHandler):
+    permissions = {"PUT": "manage", "DELETE": "manage"}
+    route = "/endpoints/{name}"
+
+    async def get(self, name: str) -> None:
+        """One endpoint's description, unwrapped (as TabPy answers)."""
+        self.add_cors_headers()
+        self.write_json(self.services.endpoints.info(name))
+
+    async def put(self, name: str) -> None:
+        """Update an endpoint; a new version when ``should_update_version`` is true."""
+        endpoint = await self.services.endpoints.update(name, self.json_body())
+        self.write_json({endpoint.name: endpoint.info()})
+
+    async def delete(self, name: str) -> None:
+        """Remove an endpoint: it stops answering at once."""
+        await self.services.endpoints.remove(name)
+        self.set_status(204)
+        self.finish()
+
+
+class UploadDestinationHandler(JsonHandler):
+    route = "/configurations/endpoint_upload_destination"
+
+    async def get(self) -> None:
+        """Where TabPy's client writes pickles before deploying (shared filesystems only)."""
+        staging = self.services.endpoints.registry.staging
+        self.write_json({"path": str(staging)})
+
+
+class QueryHandler(JsonHandler):
+    permissions = {"GET": "query", "POST": "query"}
+    route = "/query/{name}"
+
+    async def post(self, name: str) -> None:
+        """Call a deployed function in a worker: ``{"data": {...}}`` or ``{"data": [...]}``."""
+        self.services.endpoints.resolve(name)  # an unknown name is a 404 without using a worker
+        self.endpoint = name  # deployed, so a bounded metrics label
+        result = await self.services.endpoints.query(name, self.body, self.content_encoding)
+        self.meta = result.meta
+        self.add_cors_headers()
+        self.finish(result.body)
+
+    get = post

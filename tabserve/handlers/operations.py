@@ -1,0 +1,51 @@
+"""Operations routes: health probes and Prometheus metrics."""
+
+from __future__ import annotations
+
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .base import JsonHandler
+
+
+class OperationsHandler(JsonHandler):
+    """Base of the routes for machines (probes, scrapers): no credentials, never cached."""
+
+    public = True
+
+    def compute_etag(self) -> None:
+        return None  # a live answer every time, never a 304
+
+
+class LiveHandler(OperationsHandler):
+    route = "/health/live"
+
+    async def get(self) -> None:
+        """Liveness: the process is up and its event loop answers."""
+        self.write_json({"status": "alive"})
+
+
+class ReadyHandler(OperationsHandler):
+    route = "/health/ready"
+
+    async def get(self) -> None:
+        """Readiness: 200 when every check passes, else 503; the body says which failed."""
+        ready, outcomes = await self.services.readiness.run()
+        self.write_json(
+            {
+                "status": "ready" if ready else "not ready",
+                "checks": [outcome.document() for outcome in outcomes],
+            },
+            status=200 if ready else 503,
+        )
+
+
+class MetricsHandler(OperationsHandler):
+    route = "/metrics"
+
+    @property
+    def public(self) -> bool:  # type: ignore[override]  # a setting, not a constant
+        return not self.services.settings.metrics_auth
+
+    async def get(self) -> None:
+        """Prometheus text format, for the whole server: every worker's jobs are counted here."""
+        self.set_header("Content-Type", METRICS_CONTENT_TYPE)
+        self.finish(self.services.metrics.exposition())
