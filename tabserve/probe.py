@@ -25,7 +25,13 @@ LIMITS = {
 
 
 def readable(path: str) -> bool:
-    """Whether at least one byte of ``path`` can be read (an empty stand-in does not count)."""
+    """Whether at least one byte of ``path`` can be read (an empty stand-in does not count).
+
+    A directory is readable when it can be listed and is not empty: open() would fail on
+    any directory, hidden or not.
+    """
+    if os.path.isdir(path):
+        return bool(listing(path))
     try:
         with open(path, "rb") as handle:
             return bool(handle.read(1))

@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from conftest import Server, ServerFactory
-from tabserve import sandbox
+from tabserve import probe, sandbox
 from tabserve.config import load_settings
 from tabserve.errors import SandboxUnavailable
 from tabserve.executor import describe_exit
@@ -597,3 +597,17 @@ def test_default_worker_user_keeps_a_root_install_working(server_factory: Server
         assert "'nobody' cannot read the Python installation" in server.log()
     elif os.geteuid() == 0:
         assert uid == pwd.getpwnam("nobody").pw_uid
+
+
+def test_probe_reads_a_directory_by_listing_it(tmp_path: Path) -> None:
+    visible = tmp_path / "visible"
+    visible.mkdir()
+    (visible / "secret.txt").write_text("s")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    seen = probe.run({"secrets": [str(visible), str(empty), str(tmp_path / "missing")]})
+    assert seen["secrets"] == {
+        str(visible): True,
+        str(empty): False,
+        str(tmp_path / "missing"): False,
+    }
