@@ -54,6 +54,15 @@ OK, INFO, WARNING, ERROR = "ok", "info", "warning", "error"
 # unreachable.
 _PRIVATE_TOPS = ("/tmp",)
 _HIDDEN_TOPS_OFFLINE = ("/run",)
+# Directories never hidden whole to protect a secret in them: scripts need what else they
+# hold (CA certificates, user names, the installation).
+_SHARED_DIRS = frozenset(
+    (
+        "/", "/bin", "/boot", "/dev", "/etc", "/etc/pki", "/etc/ssl", "/home", "/lib",
+        "/lib64", "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv",
+        "/sys", "/tmp", "/usr", "/usr/lib", "/usr/local", "/var", "/var/lib", "/var/tmp",
+    )
+)  # fmt: skip
 _PROBE_TIMEOUT = 60.0
 _MIN_TMP_MB = 16
 
@@ -67,7 +76,9 @@ class Confinement:
     drop_to: tuple[int, int] | None = None
     limits: dict[str, int] = field(default_factory=dict)
     nproc_note: str = ""  # why RLIMIT_NPROC is not applied, when it is not
-    hidden: tuple[str, ...] = ()  # secrets replaced by empty stand-ins (bubblewrap)
+    hidden: tuple[str, ...] = ()  # replaced by empty stand-ins (bubblewrap)
+    secrets: tuple[str, ...] = ()  # what the probe tries to read
+    notes: tuple[tuple[str, str], ...] = ()  # findings known before the probe runs
     endpoint_root: str = ""
     state_path: str = ""
 
@@ -212,6 +223,38 @@ def _parents(path: str, covered: list[str]) -> list[str]:
     return args
 
 
+def _hide_plan(secrets: list[str], needed: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """What to hide for each secret file, and warnings where that falls short.
+
+    A mount over the file itself does not last: replacing the file by rename on the host
+    (``tabserve user``, any editor, a certificate renewal) detaches the mount in the sandbox
+    and the new file shows through. So the directory holding the file is hidden instead,
+    and for a symlink also the directory of its target (where renewals put the new key),
+    unless the directory holds something workers need.
+    """
+    hidden: list[str] = []
+    notes: list[tuple[str, str]] = []
+    for secret in secrets:
+        for path in dict.fromkeys((secret, os.path.realpath(secret))):
+            directory = os.path.dirname(path)
+            shared = directory in _SHARED_DIRS or any(_within(n, [directory]) for n in needed)
+            if not shared:
+                hidden.append(directory)
+                continue
+            hidden.append(path)
+            notes.append(
+                (
+                    WARNING,
+                    f"{path} is hidden by a mount over the file alone, because {directory} "
+                    "holds what workers need; replacing the file (tabserve user, an editor, "
+                    "a key renewal) makes the new one readable to scripts until the workers "
+                    "are restarted; keep the password file and the TLS key in a directory "
+                    "of their own",
+                )
+            )
+    return list(dict.fromkeys(hidden)), notes
+
+
 def bubblewrap_prefix(
     settings: Settings, root: bool, drop_to: tuple[int, int] | None, hidden: list[str]
 ) -> tuple[str, ...]:
@@ -308,7 +351,11 @@ def confinement(settings: Settings, mode: str | None = None) -> Confinement:
             "RLIMIT_NPROC is not applied: workers run as the server's own user, whose other "
             "processes would count against it" + (" (and root is exempt)" if root else "")
         )
-    hidden = [str(p) for p in (settings.password_file, settings.key_file) if p is not None]
+    secrets = [str(p) for p in (settings.password_file, settings.key_file) if p is not None]
+    needed = [*_runtime_paths(), str(settings.state_path), os.getcwd()]
+    if settings.log_file is not None:
+        needed.append(str(settings.log_file))
+    hidden, notes = _hide_plan(secrets, needed)
     hidden += [str(p) for p in settings.sandbox_hide]
     prefix: tuple[str, ...] = ()
     if mode == BUBBLEWRAP:
@@ -320,6 +367,8 @@ def confinement(settings: Settings, mode: str | None = None) -> Confinement:
         limits=limits,
         nproc_note=nproc_note,
         hidden=tuple(hidden),
+        secrets=tuple(dict.fromkeys([*secrets, *hidden])),
+        notes=tuple(notes) if mode == BUBBLEWRAP else (),
         endpoint_root=str(archives),
         state_path=str(settings.state_path),
     )
@@ -442,6 +491,7 @@ def assess(
             f"{path} cannot be read",
             f"scripts can read {path}",
         )
+    findings += confined.notes
     if strict:
         listing = result.get("state_listing") or []
         add(
@@ -529,7 +579,7 @@ def _assess_limits(
 
 async def probe(settings: Settings, confined: Confinement, executor: Executor) -> SandboxReport:
     """Have a worker try the denied actions; judge the result."""
-    secrets = list(confined.hidden)
+    secrets = list(confined.secrets or confined.hidden)
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)

@@ -148,7 +148,7 @@ except OSError as exc:
     seen = attempt(case.server, script, _arg1=[str(case.secret)])
     assert (PASSWORD_HASH not in seen) is case.denied, seen
     if case.denied:
-        assert seen == "", "bubblewrap replaces the file with an empty one"
+        assert "FileNotFoundError" in seen, "bubblewrap hides the file's whole directory"
 
 
 def test_deny_write_state_dir(case: Case) -> None:
@@ -258,6 +258,54 @@ except OSError as exc:
             assert "Read-only file system" in seen
     finally:
         target.unlink(missing_ok=True)
+
+
+def test_deny_read_password_file_after_it_was_replaced(case: Case) -> None:
+    # What `tabserve user add` and every editor do: write a new file, rename it over the old.
+    # Same content, so that the server's own authentication keeps working; readable by
+    # everyone, so that only the sandbox (not the worker user's rights) can stop the script.
+    fresh = case.secret.with_name("passwd.new")
+    fresh.write_text(case.secret.read_text())
+    fresh.chmod(0o644)
+    os.replace(fresh, case.secret)
+    script = """
+try:
+    with open(_arg1[0]) as handle:
+        return [handle.read()]
+except OSError as exc:
+    return [repr(exc)]
+"""
+    seen = attempt(case.server, script, _arg1=[str(case.secret)])
+    assert (PASSWORD_HASH not in seen) is case.denied, seen
+
+
+def test_a_secret_beside_what_workers_need_is_hidden_alone_with_a_warning(
+    outside_tmp: Path,
+) -> None:
+    base = outside_tmp / "shared"
+    base.mkdir()
+    (base / "passwd").write_text("pw")
+    target = outside_tmp / "renewed"
+    target.mkdir()
+    (target / "key1.pem").write_text("key")
+    link = outside_tmp / "live"
+    link.mkdir()
+    (link / "key.pem").symlink_to(target / "key1.pem")
+    settings = load_settings(
+        None, {"TABPY_STATE_PATH": str(base / "state"), "TABSERVE_SANDBOX": "bubblewrap"}
+    )
+    settings = replace(settings, password_file=base / "passwd", key_file=link / "key.pem")
+    confined = sandbox.confinement(settings)
+    prefix = " ".join(confined.prefix)
+    assert f"--dev-bind /dev/null {base / 'passwd'}" in prefix
+    assert f"--tmpfs {base} " not in prefix
+    # A key given through a symlink: both the link's directory and the target's are hidden.
+    assert f"--tmpfs {link} --remount-ro {link}" in prefix
+    assert f"--tmpfs {target} --remount-ro {target}" in prefix
+    assert [level for level, _ in confined.notes] == ["warning"]
+    assert str(base) in confined.notes[0][1] and "directory of their own" in confined.notes[0][1]
+    findings = sandbox.assess(settings, confined, _probe_result())
+    assert confined.notes[0] in findings
 
 
 def test_sandboxed_workers_write_the_log_file(isolated: Case) -> None:
@@ -466,8 +514,10 @@ def test_bubblewrap_command_hides_secrets_and_state(outside_tmp: Path) -> None:
     )
     prefix = " ".join(sandbox.confinement(settings).prefix)
     state = outside_tmp / "plan"
-    assert f"--dev-bind /dev/null {secrets / 'passwd'}" in prefix
-    assert f"--dev-bind /dev/null {secrets / 'key.pem'}" in prefix
+    # The secrets' own directory is hidden whole: a mount over the file alone would not
+    # survive the file being replaced by rename.
+    assert f"--tmpfs {secrets} --remount-ro {secrets}" in prefix
+    assert "/dev/null" not in prefix.replace("--dev-bind /dev/null /dev/null", "")
     assert f"--tmpfs {state} --ro-bind {state}/query_objects {state}/query_objects" in prefix
     assert f"--remount-ro {state}" in prefix
     assert f"--tmpfs {extra} --remount-ro {extra}" in prefix
