@@ -522,6 +522,15 @@ def assess(
         )
     else:
         findings.append((INFO, "scripts can open network connections"))
+    if not strict:
+        findings.append(
+            (
+                INFO,
+                "a timeout kills the worker's process group only: a process a script starts "
+                "in a new session (os.setsid, start_new_session=True) outlives it; "
+                "TABSERVE_SANDBOX = bubblewrap kills it too (its own PID namespace)",
+            )
+        )
     add(
         bool(result.get("endpoints_readable")),
         WARNING,

@@ -2,7 +2,8 @@
 
 Started by ``executor.WorkerProcess`` as a fresh interpreter (never forked from the server,
 so it holds none of the server's memory or secrets), in its own process group so that a
-timeout can kill it together with anything it spawned. It knows nothing of HTTP.
+timeout can kill it together with anything it spawned in that group (a child in a new
+session escapes, except in bubblewrap's PID namespace). It knows nothing of HTTP.
 """
 
 from __future__ import annotations

@@ -378,6 +378,29 @@ def test_timeout_kills_everything_the_script_started_in_the_sandbox(isolated: Ca
     assert _gone(marker)
 
 
+def test_timeout_kills_a_child_in_a_new_session_in_the_sandbox(isolated: Case) -> None:
+    # setsid takes the child out of the worker's process group, which is all a timeout kills
+    # in none mode; bubblewrap's PID namespace dies with the worker, taking it along.
+    marker = f"orphan-{uuid.uuid4().hex}"
+    spawn = _SPAWN.replace('"{marker}"])', '"{marker}"], start_new_session=True)').format(
+        marker=marker
+    )
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(isolated.server.evaluate, spawn + "time.sleep(60)")
+        deadline = time.monotonic() + 10
+        while not _orphans(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _orphans(marker), "the script's child should be running (and visible) by now"
+        assert future.result().status_code == 408
+    assert _gone(marker)
+
+
+def test_none_mode_says_a_timeout_reaches_only_the_process_group() -> None:
+    findings = _judge("none")
+    assert any(level == "info" and "process group only" in message for level, message in findings)
+    assert not any("process group only" in message for _, message in _judge("bubblewrap"))
+
+
 def test_file_size_and_open_file_limits(isolated: Case) -> None:
     script = """
 import os
