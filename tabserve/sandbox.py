@@ -123,12 +123,16 @@ class SandboxReport:
         return f"The {self.mode} sandbox self-check failed: " + "; ".join(self.problems) + "."
 
     def readiness(self) -> tuple[bool, str]:
-        """The ``sandbox`` readiness check: not ready while nothing may run."""
+        """The ``sandbox`` readiness check: not ready while nothing may run.
+
+        /health/ready is public, so the detail names no problem (they say which secrets
+        scripts could read); /info, behind authentication, and the log do.
+        """
         if self.ok:
             return True, f"{self.mode}: self-check passed"
         if self.trust_deployed_code:
             return True, f"{self.mode}: self-check failed; serving deployed code only"
-        return False, f"{self.mode}: self-check failed: " + "; ".join(self.problems)
+        return False, f"{self.mode}: self-check failed"
 
     def info(self) -> dict[str, Any]:
         """The ``sandbox`` member of /info (present only when the check failed)."""
