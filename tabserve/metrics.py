@@ -32,6 +32,9 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
 class _PoolCollector(Collector):
     """Reads the worker pool's state and counters at scrape time."""
 
@@ -123,6 +126,8 @@ class Metrics:
         meta: Mapping[str, Any],
         endpoint: str | None = None,
     ) -> None:
+        if method not in _KNOWN_METHODS:
+            method = "other"  # answered 405 before authentication: any client can make these up
         self.requests.labels(route, method, str(status)).inc()
         self.request_duration.labels(route).observe(seconds)
         if endpoint is not None:
