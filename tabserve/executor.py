@@ -222,7 +222,7 @@ class WorkerProcess:
         worker = cls(transport, protocol)
         try:
             header, _ = await asyncio.wait_for(protocol.next_frame(), config.start_timeout)
-        except (TimeoutError, ProtocolError) as exc:
+        except (asyncio.TimeoutError, ProtocolError) as exc:
             worker.kill()
             code = await worker.wait()
             raise RuntimeError(f"worker failed to start: it {describe_exit(code)}") from exc
@@ -268,15 +268,17 @@ class WorkerProcess:
             stdin.close()
         try:
             await asyncio.wait_for(self.wait(), grace)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             pass
         self.kill()  # also reaps anything the script left behind in the group
         await self.wait()
 
 
+# asyncio.TimeoutError throughout: on Python 3.10 it is not yet the builtin TimeoutError
+# (they are one class from 3.11), and wait_for raises the asyncio one.
 def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
-        future.set_exception(TimeoutError())
+        future.set_exception(asyncio.TimeoutError())
 
 
 class Executor:
@@ -386,7 +388,7 @@ class Executor:
         worker.busy = True
         try:
             reply, body = await worker.call(header, payload, deadline)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self.stats.timeouts += 1
             self.stats.kills += 1
             log.warning("job timed out after %.1f s: killing worker %d", timeout, worker.pid)
@@ -437,7 +439,7 @@ class Executor:
         timer = loop.call_at(deadline, _expire, waiter)
         try:
             return await waiter
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self.stats.timeouts += 1
             raise ScriptTimeout.after(timeout) from None
         except asyncio.CancelledError:
@@ -450,7 +452,7 @@ class Executor:
     async def _exit_code(self, worker: WorkerProcess) -> int | None:
         try:
             return await asyncio.wait_for(worker.wait(), 2.0)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             return None
 
     def _retire(self, worker: WorkerProcess) -> None:

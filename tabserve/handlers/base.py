@@ -79,7 +79,7 @@ class RequestTracker:
         """True once no request is in flight; False if ``timeout`` seconds pass first."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             return False
         return True
 
