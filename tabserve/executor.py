@@ -226,6 +226,9 @@ class WorkerProcess:
             worker.kill()
             code = await worker.wait()
             raise RuntimeError(f"worker failed to start: it {describe_exit(code)}") from exc
+        except BaseException:
+            worker.kill()  # cancelled while starting (shutdown): leave no orphan behind
+            raise
         if not header.get("ready"):
             worker.kill()
             raise RuntimeError(f"worker sent an unexpected greeting: {header}")
@@ -402,6 +405,10 @@ class Executor:
             reason = describe_exit(code, bool(self.config.command_prefix))
             log.error("worker %d %s while running a job", worker.pid, reason)
             raise WorkerDied(info=f"The worker process running this request {reason}.") from exc
+        except BaseException:
+            # Cancelled mid-job: its reply would be read as the next job's, so the worker goes.
+            self._retire(worker)
+            raise
         finally:
             self._busy -= 1
             worker.busy = False
@@ -486,6 +493,10 @@ class Executor:
         self._closing = True
         for task in list(self._tasks):
             task.cancel()
+        while self._waiters:  # callers still queued get their answer now, not at their deadline
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(Overloaded("Server is shutting down"))
         workers = list(self._workers)
         self._workers.clear()
         await asyncio.gather(*(w.stop(grace) for w in workers), return_exceptions=True)
