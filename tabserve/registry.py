@@ -319,6 +319,9 @@ def _clean(changes: dict[str, Any]) -> dict[str, Any]:
             changes[key] = ""
         if key in changes and not isinstance(changes[key], str):
             raise BadRequest(f"{key} must be a string")
+    for key in _FINGERPRINT:
+        if changes.get(key) is not None and not isinstance(changes[key], str):
+            raise BadRequest(f"{key} must be a string", f"got {changes[key]!r}")
     return changes
 
 

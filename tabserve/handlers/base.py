@@ -232,8 +232,10 @@ class JsonHandler(RequestHandler):
             raise BadRequest("Input body cannot be empty")
         try:
             value = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest("Failed to decode input body", str(exc)) from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise BadRequest(
+                "Failed to decode input body", str(exc) or "nested too deeply"
+            ) from None
         if not isinstance(value, dict):
             raise BadRequest("Input body must be a JSON object")
         return value
