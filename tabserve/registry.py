@@ -16,6 +16,7 @@ import binascii
 import configparser
 import io
 import json
+import logging
 import re
 import shutil
 import threading
@@ -29,6 +30,8 @@ from .archive import ARCHIVE_FILE, python_mismatch
 from .errors import BadRequest, NotFound
 from .files import atomic_write
 from .store import read_state
+
+log = logging.getLogger("tabserve.registry")
 
 VERSIONS = "Query Objects Service Versions"
 DOCSTRINGS = "Query Objects Docstrings"
@@ -347,14 +350,15 @@ def _read_endpoints(parser: configparser.ConfigParser) -> dict[str, Endpoint]:
     for name, line in parser.items(VERSIONS):
         try:
             data = json.loads(line or "{}")
-        except json.JSONDecodeError:
-            continue  # an unreadable entry is skipped, not fatal: the rest still serve
-        known = {k: data[k] for k in (*_STORED, *_FINGERPRINT) if k in data}
-        known["docstring"] = _read_docstring(parser.get(DOCSTRINGS, name, fallback=""))
-        known.setdefault("type", "model")
-        known["dependencies"] = list(known.get("dependencies") or [])
-        known["version"] = int(known.get("version") or 1)
-        endpoints[name] = Endpoint(name=name, **known)
+            known = {k: data[k] for k in (*_STORED, *_FINGERPRINT) if k in data}
+            known["docstring"] = _read_docstring(parser.get(DOCSTRINGS, name, fallback=""))
+            known.setdefault("type", "model")
+            known["dependencies"] = list(known.get("dependencies") or [])
+            known["version"] = int(known.get("version") or 1)
+            endpoints[name] = Endpoint(name=name, **known)
+        except (ValueError, TypeError) as exc:
+            # An entry edited by hand into nonsense is skipped, not fatal: the rest still serve.
+            log.error("state.ini: endpoint %r is unreadable and skipped: %s", name, exc)
     return endpoints
 
 

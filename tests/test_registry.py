@@ -175,3 +175,15 @@ def test_percent_in_service_info_survives_a_rewrite(registry: EndpointRegistry) 
     registry.state_file.write_text(text)
     registry.add(model())
     assert "Description = 100% up" in registry.state_file.read_text()
+
+
+def test_a_hand_edited_nonsense_entry_is_skipped(registry: EndpointRegistry) -> None:
+    registry.add(model())
+    text = registry.state_file.read_text().replace(
+        "[Query Objects Service Versions]\n",
+        '[Query Objects Service Versions]\nbroken = {"version": "two", "type": "model"}\n'
+        'odd = {"version": 1, "colour": "red"}\n',
+    )
+    registry.state_file.write_text(text)
+    reloaded = EndpointRegistry(registry.state_file.parent)
+    assert set(reloaded.all()) == {"double", "odd"}  # unknown keys are ignored, bad values not
