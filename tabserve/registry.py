@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .archive import ARCHIVE_FILE, python_mismatch
+from .archive import ARCHIVE_DIR, ARCHIVE_FILE, python_mismatch
 from .errors import BadRequest, NotFound
 from .files import atomic_write
 from .store import read_state
@@ -87,7 +87,7 @@ class EndpointRegistry:
 
     def __init__(self, state_path: Path) -> None:
         self.state_file = state_path / "state.ini"
-        self.files = state_path / "query_objects"
+        self.files = state_path / ARCHIVE_DIR
         self.staging = state_path / "staging"
         self._lock = threading.Lock()
         self._endpoints: dict[str, Endpoint] = _read_endpoints(read_state(self.state_file))
