@@ -218,7 +218,10 @@ class EndpointRegistry:
             return self._install(destination, lambda tmp: (tmp / ARCHIVE_FILE).write_bytes(data))
         source = self._staged_source(endpoint.name, request.get("src_path"))
         return self._install(
-            destination, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True)
+            # Links are copied as links: a link in the upload area must not pull in a file
+            # the server happens to be able to read.
+            destination,
+            lambda tmp: shutil.copytree(source, tmp, symlinks=True, dirs_exist_ok=True),
         )
 
     def _staged_source(self, name: str, src_path: Any) -> Path:
@@ -230,14 +233,16 @@ class EndpointRegistry:
             source = Path(src_path).resolve()
         except ValueError:  # a NUL, or a lone surrogate the filesystem cannot encode
             raise BadRequest("src_path is not a valid path.") from None
-        staging = self.staging.resolve()
-        if not source.is_relative_to(staging):
-            # TabPy copied any directory the server could read; only its upload area is allowed.
+        uploads = (self.staging / "endpoints").resolve()
+        if not source.is_relative_to(uploads) or source == uploads:
+            # TabPy copied any directory the server could read; only the directories its
+            # client writes (<upload destination>/endpoints/<name>/<version>) are allowed.
             raise BadRequest(
                 f"Invalid source path for endpoint {name}",
-                f"src_path must be inside the upload destination {staging}",
+                f"src_path must be a directory inside {uploads}",
             )
-        if not (source / ARCHIVE_FILE).is_file():
+        archive = source / ARCHIVE_FILE
+        if archive.is_symlink() or not archive.is_file():
             raise BadRequest(
                 f"Invalid source path for endpoint {name}",
                 f"{source} holds no {ARCHIVE_FILE}: the files must be written before deploying",
