@@ -130,7 +130,7 @@ class JsonHandler(RequestHandler):
         # A streamed body is complete only when the verb method starts; guarding each verb
         # is the one place where an oversized body can be refused for every route.
         super().__init_subclass__(**kwargs)
-        for name in ("get", "post", "put", "delete", "patch"):
+        for name in ("get", "post", "put", "delete", "patch", "options"):
             if name in cls.__dict__:
                 setattr(cls, name, _reject_refused(cls.__dict__[name]))
 
@@ -293,7 +293,8 @@ class JsonHandler(RequestHandler):
 
     post = put = delete = patch = get
 
-    def options(self, *args: str) -> None:
+    @_reject_refused
+    async def options(self, *args: str) -> None:
         """CORS preflight: the configured headers and TabPy's answer, 200 with ``{}``."""
         self.add_cors_headers()
         self.write_json({})
