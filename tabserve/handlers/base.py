@@ -35,6 +35,7 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     TabserveError,
+    error_for_status,
 )
 from ..executor import Executor
 from ..health import Readiness
@@ -328,13 +329,12 @@ def _as_tabserve_error(status_code: int, exc_info: Any, call_id: str) -> Tabserv
     if isinstance(value, TabserveError):
         return value
     if isinstance(value, HTTPError) and status_code < 500:
+        # Tornado's own refusals (a 405 for an unknown method, undecodable path arguments).
         try:
             reason = HTTPStatus(status_code).phrase
         except ValueError:
             reason = "Bad request"
-        error = TabserveError(reason, value.log_message or {})
-        error.status = status_code  # type: ignore[misc]
-        return error
+        return error_for_status(status_code, reason, value.log_message or {})
     # Never echo an unexpected exception: its text may carry paths or internals.
     return TabserveError(
         "Internal server error", f"The server failed; its log has the details under call {call_id}."
