@@ -183,7 +183,6 @@ class WorkerProcess:
         self.transport = transport
         self.protocol = protocol
         self.pid: int = transport.get_pid()
-        self.jobs = 0
         self.context_generation = -1
         self.busy = False
 
@@ -240,7 +239,6 @@ class WorkerProcess:
         """Send one job and wait for its reply until ``deadline`` (loop time): TimeoutError."""
         stdin = self.transport.get_pipe_transport(0)
         assert isinstance(stdin, asyncio.WriteTransport)
-        self.jobs += 1
         reply = self.protocol.next_frame()
         # A timer on the reply future, rather than wait_for, which costs a task per job.
         timer = asyncio.get_running_loop().call_at(deadline, _expire, reply)
