@@ -243,7 +243,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         requests.draining = True
         await _drain(requests, settings.shutdown_grace, signals)
         # Idle keep-alive connections would otherwise outlive the loop.
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.close_all_connections(), 1.0)
     finally:
         if auth is not None:

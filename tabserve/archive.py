@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+ARCHIVE_DIR = "query_objects"  # below the state directory, as TabPy lays it out
 ARCHIVE_FILE = "pickle_archive"
 
 

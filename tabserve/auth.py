@@ -130,7 +130,7 @@ def is_connection_probe(body: bytes, encoding: str = "") -> bool:
         return False
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return False
     script = document.get("script") if isinstance(document, dict) else None
     return isinstance(script, str) and script.strip() == _PROBE_SCRIPT

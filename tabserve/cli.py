@@ -82,13 +82,14 @@ def run_server(config: str | None) -> int:
         return 2
     from .certificates import TLSConfigError
     from .passwords import PasswordFileError
+    from .store import StateError
 
     try:
         asyncio.run(_serve(settings))
     except ConfigError as exc:  # found only when resolved, e.g. an unknown worker user
         print(f"tabserve: {exc}", file=sys.stderr)
         return 2
-    except (OSError, PasswordFileError, TLSConfigError) as exc:
+    except (OSError, PasswordFileError, TLSConfigError, StateError) as exc:
         print(f"tabserve: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -21,6 +21,8 @@ from typing import Any
 
 import platformdirs
 
+from .archive import ARCHIVE_DIR
+
 SECTION = "TabPy"
 
 
@@ -200,8 +202,9 @@ class Settings:
     query_object_path: Path | None = setting(
         "TABPY_QUERY_OBJECT_PATH",
         _parse_optional_path,
-        "Where deployed endpoint files live.",
-        doc="`<state path>/query_objects`",
+        "Accepted for TabPy compatibility and not used: as in TabPy, deployed endpoint files "
+        "are loaded from `<state path>/query_objects`.",
+        doc="unset",
     )
     static_path: Path | None = setting(
         "TABPY_STATIC_PATH",
@@ -415,7 +418,8 @@ class Settings:
 
     @property
     def endpoint_path(self) -> Path:
-        return self.query_object_path or self.state_path / "query_objects"
+        """Where deployed endpoint archives live (TabPy's layout; see archive.ARCHIVE_DIR)."""
+        return self.state_path / ARCHIVE_DIR
 
     @property
     def tls_enabled(self) -> bool:

@@ -141,9 +141,16 @@ class EndpointService:
     async def _accept(self, endpoint: Endpoint, previous: Endpoint | None) -> None:
         """Publish ``endpoint`` if its archive loads in a worker; otherwise undo the deploy."""
         if endpoint.type == "model":
+            before = self._states.get(endpoint.name)
+            # Recorded in state.ini already, but not answering yet: /status says so.
+            self._states[endpoint.name] = LoadState(LOAD_IN_PROGRESS)
             error = await self._load_error(endpoint)
             if error:
                 await asyncio.to_thread(self.registry.discard_version, endpoint, previous)
+                if before is None:
+                    self._states.pop(endpoint.name, None)
+                else:
+                    self._states[endpoint.name] = before
                 raise BadRequest(f"could not load endpoint '{endpoint.name}'", error)
         self._states[endpoint.name] = LoadState(LOAD_SUCCESSFUL)
         self._publish()

@@ -183,7 +183,6 @@ class WorkerProcess:
         self.transport = transport
         self.protocol = protocol
         self.pid: int = transport.get_pid()
-        self.jobs = 0
         self.context_generation = -1
         self.busy = False
 
@@ -222,10 +221,13 @@ class WorkerProcess:
         worker = cls(transport, protocol)
         try:
             header, _ = await asyncio.wait_for(protocol.next_frame(), config.start_timeout)
-        except (TimeoutError, ProtocolError) as exc:
+        except (asyncio.TimeoutError, ProtocolError) as exc:
             worker.kill()
             code = await worker.wait()
             raise RuntimeError(f"worker failed to start: it {describe_exit(code)}") from exc
+        except BaseException:
+            worker.kill()  # cancelled while starting (shutdown): leave no orphan behind
+            raise
         if not header.get("ready"):
             worker.kill()
             raise RuntimeError(f"worker sent an unexpected greeting: {header}")
@@ -237,7 +239,6 @@ class WorkerProcess:
         """Send one job and wait for its reply until ``deadline`` (loop time): TimeoutError."""
         stdin = self.transport.get_pipe_transport(0)
         assert isinstance(stdin, asyncio.WriteTransport)
-        self.jobs += 1
         reply = self.protocol.next_frame()
         # A timer on the reply future, rather than wait_for, which costs a task per job.
         timer = asyncio.get_running_loop().call_at(deadline, _expire, reply)
@@ -268,15 +269,17 @@ class WorkerProcess:
             stdin.close()
         try:
             await asyncio.wait_for(self.wait(), grace)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             pass
         self.kill()  # also reaps anything the script left behind in the group
         await self.wait()
 
 
+# asyncio.TimeoutError throughout: on Python 3.10 it is not yet the builtin TimeoutError
+# (they are one class from 3.11), and wait_for raises the asyncio one.
 def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
-        future.set_exception(TimeoutError())
+        future.set_exception(asyncio.TimeoutError())
 
 
 class Executor:
@@ -386,7 +389,7 @@ class Executor:
         worker.busy = True
         try:
             reply, body = await worker.call(header, payload, deadline)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self.stats.timeouts += 1
             self.stats.kills += 1
             log.warning("job timed out after %.1f s: killing worker %d", timeout, worker.pid)
@@ -400,6 +403,10 @@ class Executor:
             reason = describe_exit(code, bool(self.config.command_prefix))
             log.error("worker %d %s while running a job", worker.pid, reason)
             raise WorkerDied(info=f"The worker process running this request {reason}.") from exc
+        except BaseException:
+            # Cancelled mid-job: its reply would be read as the next job's, so the worker goes.
+            self._retire(worker)
+            raise
         finally:
             self._busy -= 1
             worker.busy = False
@@ -437,7 +444,7 @@ class Executor:
         timer = loop.call_at(deadline, _expire, waiter)
         try:
             return await waiter
-        except TimeoutError:
+        except asyncio.TimeoutError:
             self.stats.timeouts += 1
             raise ScriptTimeout.after(timeout) from None
         except asyncio.CancelledError:
@@ -450,7 +457,7 @@ class Executor:
     async def _exit_code(self, worker: WorkerProcess) -> int | None:
         try:
             return await asyncio.wait_for(worker.wait(), 2.0)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             return None
 
     def _retire(self, worker: WorkerProcess) -> None:
@@ -484,6 +491,10 @@ class Executor:
         self._closing = True
         for task in list(self._tasks):
             task.cancel()
+        while self._waiters:  # callers still queued get their answer now, not at their deadline
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(Overloaded("Server is shutting down"))
         workers = list(self._workers)
         self._workers.clear()
         await asyncio.gather(*(w.stop(grace) for w in workers), return_exceptions=True)

@@ -39,10 +39,6 @@ class Readiness:
         """Add ``check``, or replace the one of the same name (e.g. a placeholder)."""
         self._checks[name] = check
 
-    @property
-    def names(self) -> list[str]:
-        return list(self._checks)
-
     async def run(self) -> tuple[bool, list[Outcome]]:
         outcomes = []
         for name, check in self._checks.items():

@@ -11,8 +11,10 @@ read from the executor when scraped, so the executor needs no metrics code of it
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -32,13 +34,30 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def _process_start() -> float:
+    """When this process started (not when metrics were set up, after the workers)."""
+    try:
+        ticks = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()  # not Linux: close enough, and never in the future
+
+
 class _PoolCollector(Collector):
     """Reads the worker pool's state and counters at scrape time."""
 
     def __init__(self, executor: Executor, in_flight: Callable[[], int]) -> None:
         self.executor = executor
         self.in_flight = in_flight
-        self.started = time.time()
+        self.started = _process_start()
 
     def collect(self) -> Iterator[Metric]:
         pool = self.executor
@@ -123,6 +142,8 @@ class Metrics:
         meta: Mapping[str, Any],
         endpoint: str | None = None,
     ) -> None:
+        if method not in _KNOWN_METHODS:
+            method = "other"  # answered 405 before authentication: any client can make these up
         self.requests.labels(route, method, str(status)).inc()
         self.request_duration.labels(route).observe(seconds)
         if endpoint is not None:

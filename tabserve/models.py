@@ -4,10 +4,10 @@ They are call-compatible with the three models TabPy ships (`ttest`, `anova`, `P
 calculated fields such as `tabpy.query('ttest', _arg1, _arg2)['response']` keep working.
 
 Every function is deliberately self-contained: its imports and helpers live inside its
-own body. The functions are cloudpickled *by value* and unpickled by the server, so they
-must not depend on anything at module level here, which may be a different version (or
-absent) where they run. scipy and scikit-learn are only needed on the server that runs
-them (the optional `models` extra).
+own body, so it also works when cloudpickled *by value* (copied into a notebook and deployed
+from there), where nothing at module level here travels with it. `tabserve deploy-models`
+pickles them by reference instead. scipy and scikit-learn are only needed on the server
+that runs them (the optional `models` extra).
 """
 
 from __future__ import annotations

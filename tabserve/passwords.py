@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import logging
@@ -550,9 +551,12 @@ def _signature(path: Path) -> _FileSignature | None:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
-# Verified against when the user name is unknown, so a miss costs as much as a wrong password
-# and response time does not reveal which user names exist.
-_DUMMY_ENTRY = PasswordEntry("\0dummy", "0" * 128)
+@functools.cache
+def _dummy_entry(scheme: str) -> PasswordEntry:
+    """Verified against when the user name is unknown, so that a miss costs as much as a
+    wrong password (the same scheme, the same work) and response time does not reveal which
+    user names exist. Made once per scheme, with a password nobody knows."""
+    return PasswordEntry("\0dummy", hash_password("\0dummy", secrets.token_hex(16), scheme))
 
 
 class CredentialCache:
@@ -654,7 +658,10 @@ class CredentialCache:
             entries = self._entries
         entry = entries.get(name)
         if entry is None:
-            self._verify(_DUMMY_ENTRY, password)
+            # The scheme most users in the file have: what a wrong password would cost.
+            schemes = [e.scheme for e in entries.values()]
+            scheme = max(set(schemes), key=schemes.count) if schemes else "scrypt"
+            self._verify(_dummy_entry(scheme), password)
             return AuthResult(None, "unknown user")
         if not self._verify(entry, password):
             return AuthResult(None, "wrong password")

@@ -16,6 +16,7 @@ import binascii
 import configparser
 import io
 import json
+import logging
 import re
 import shutil
 import threading
@@ -25,10 +26,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .archive import ARCHIVE_FILE, python_mismatch
+from .archive import ARCHIVE_DIR, ARCHIVE_FILE, python_mismatch
 from .errors import BadRequest, NotFound
 from .files import atomic_write
 from .store import read_state
+
+log = logging.getLogger("tabserve.registry")
 
 VERSIONS = "Query Objects Service Versions"
 DOCSTRINGS = "Query Objects Docstrings"
@@ -84,7 +87,7 @@ class EndpointRegistry:
 
     def __init__(self, state_path: Path) -> None:
         self.state_file = state_path / "state.ini"
-        self.files = state_path / "query_objects"
+        self.files = state_path / ARCHIVE_DIR
         self.staging = state_path / "staging"
         self._lock = threading.Lock()
         self._endpoints: dict[str, Endpoint] = _read_endpoints(read_state(self.state_file))
@@ -215,7 +218,10 @@ class EndpointRegistry:
             return self._install(destination, lambda tmp: (tmp / ARCHIVE_FILE).write_bytes(data))
         source = self._staged_source(endpoint.name, request.get("src_path"))
         return self._install(
-            destination, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True)
+            # Links are copied as links: a link in the upload area must not pull in a file
+            # the server happens to be able to read.
+            destination,
+            lambda tmp: shutil.copytree(source, tmp, symlinks=True, dirs_exist_ok=True),
         )
 
     def _staged_source(self, name: str, src_path: Any) -> Path:
@@ -227,14 +233,16 @@ class EndpointRegistry:
             source = Path(src_path).resolve()
         except ValueError:  # a NUL, or a lone surrogate the filesystem cannot encode
             raise BadRequest("src_path is not a valid path.") from None
-        staging = self.staging.resolve()
-        if not source.is_relative_to(staging):
-            # TabPy copied any directory the server could read; only its upload area is allowed.
+        uploads = (self.staging / "endpoints").resolve()
+        if not source.is_relative_to(uploads) or source == uploads:
+            # TabPy copied any directory the server could read; only the directories its
+            # client writes (<upload destination>/endpoints/<name>/<version>) are allowed.
             raise BadRequest(
                 f"Invalid source path for endpoint {name}",
-                f"src_path must be inside the upload destination {staging}",
+                f"src_path must be a directory inside {uploads}",
             )
-        if not (source / ARCHIVE_FILE).is_file():
+        archive = source / ARCHIVE_FILE
+        if archive.is_symlink() or not archive.is_file():
             raise BadRequest(
                 f"Invalid source path for endpoint {name}",
                 f"{source} holds no {ARCHIVE_FILE}: the files must be written before deploying",
@@ -319,6 +327,9 @@ def _clean(changes: dict[str, Any]) -> dict[str, Any]:
             changes[key] = ""
         if key in changes and not isinstance(changes[key], str):
             raise BadRequest(f"{key} must be a string")
+    for key in _FINGERPRINT:
+        if changes.get(key) is not None and not isinstance(changes[key], str):
+            raise BadRequest(f"{key} must be a string", f"got {changes[key]!r}")
     return changes
 
 
@@ -344,14 +355,15 @@ def _read_endpoints(parser: configparser.ConfigParser) -> dict[str, Endpoint]:
     for name, line in parser.items(VERSIONS):
         try:
             data = json.loads(line or "{}")
-        except json.JSONDecodeError:
-            continue  # an unreadable entry is skipped, not fatal: the rest still serve
-        known = {k: data[k] for k in (*_STORED, *_FINGERPRINT) if k in data}
-        known["docstring"] = _read_docstring(parser.get(DOCSTRINGS, name, fallback=""))
-        known.setdefault("type", "model")
-        known["dependencies"] = list(known.get("dependencies") or [])
-        known["version"] = int(known.get("version") or 1)
-        endpoints[name] = Endpoint(name=name, **known)
+            known = {k: data[k] for k in (*_STORED, *_FINGERPRINT) if k in data}
+            known["docstring"] = _read_docstring(parser.get(DOCSTRINGS, name, fallback=""))
+            known.setdefault("type", "model")
+            known["dependencies"] = list(known.get("dependencies") or [])
+            known["version"] = int(known.get("version") or 1)
+            endpoints[name] = Endpoint(name=name, **known)
+        except (ValueError, TypeError) as exc:
+            # An entry edited by hand into nonsense is skipped, not fatal: the rest still serve.
+            log.error("state.ini: endpoint %r is unreadable and skipped: %s", name, exc)
     return endpoints
 
 

@@ -44,10 +44,15 @@ def compile_script(script: str, arg_names: tuple[str, ...]) -> CodeType:
     source = f"def {FUNCTION_NAME}({params}):\n{indented}"
     try:
         tree = ast.parse(source, SCRIPT_FILENAME)
+        ast.increment_lineno(tree, -1)  # user line 1 is source line 2
+        return compile(tree, SCRIPT_FILENAME, "exec")
     except SyntaxError as exc:
         raise ScriptSyntaxError(_describe_syntax_error(exc)) from None
-    ast.increment_lineno(tree, -1)  # user line 1 is source line 2
-    return compile(tree, SCRIPT_FILENAME, "exec")
+    except RecursionError:
+        # The parser and compiler recurse per nesting level: a 100,000-term expression.
+        raise ScriptSyntaxError(
+            "RecursionError : the script is nested too deeply to compile"
+        ) from None
 
 
 def _describe_syntax_error(exc: SyntaxError) -> str:

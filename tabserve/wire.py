@@ -59,7 +59,7 @@ def parse_json(body: bytes) -> Any:
         # Python clients (TabPy's among them) send NaN and Infinity as bare tokens, which
         # TabPy accepted; only the slower parser knows them, and only failures reach it.
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("Request body is not valid JSON", error) from None
 
 

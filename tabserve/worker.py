@@ -151,6 +151,12 @@ class Worker:
             error = ScriptError(info=f"MemoryError : the script exceeded {limit}")
             # The heap may be fragmented or half-built: start the next request afresh.
             reply, body = {**error.to_wire(), "recycle": True}, b""
+        except Exception as exc:
+            # A fault of tabserve's own, not of the script (those are ScriptErrors by now):
+            # answer it, and keep the worker rather than let one request kill it.
+            log.error("job failed inside the worker", exc_info=exc)
+            error = ScriptError(info=f"{type(exc).__name__} : {exc}")
+            reply, body = error.to_wire(), b""
         reply["exec_ms"] = round((time.perf_counter() - started) * 1000, 3)
         if _cpu_budget_spent(self.cpu_seconds):
             reply["recycle"] = True  # the next job could not get its full CPU allowance

@@ -112,3 +112,12 @@ def test_unwritable_log_file_stops_startup_with_one_line(tmp_path: Path) -> None
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "cannot open the log file" in lines[0] and str(target) in lines[0]
+
+
+def test_broken_state_ini_stops_startup_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "state.ini").write_text("[Query Objects Service Versions]\nadd = {}\n")
+    result = tabserve(env={"TABPY_STATE_PATH": str(tmp_path), "TABSERVE_WORKERS": "1",
+                           "TABPY_PORT": str(free_port())})  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "[Service Info]" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -208,6 +208,11 @@ def test_unknown_type_and_bad_bodies_are_400(ep_server: Server) -> None:
         (b"{", "Failed to decode input body"),
         (b"[]", "Input body must be a JSON object"),
         (b'{"name": "b", "type": "banana", "src_path": "x"}', "endpoint type must be one of"),
+        (b"[" * 100_000 + b"]" * 100_000, "Failed to decode input body"),
+        (
+            b'{"name": "b", "type": "model", "archive": "", "python_version": 3.11}',
+            "python_version must be a string",
+        ),
     ]:
         response = ep_server.post("/endpoints", data=body)
         assert response.status_code == 400

@@ -243,6 +243,13 @@ def test_over_the_limit_is_413_on_every_route(
     }
 
 
+def test_oversized_preflight_is_413_too(small_limit_server: Server) -> None:
+    body = _two_megabytes()
+    response = requests.options(small_limit_server.url + "/evaluate", data=body, timeout=30)
+    assert response.status_code == 413
+    assert response.json()["info"] == "Request Entity Too Large"
+
+
 def test_chunked_body_over_the_limit_is_413(small_limit_server: Server) -> None:
     body = _two_megabytes()
     chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))

@@ -213,3 +213,37 @@ def test_kills_count_timeouts_of_running_jobs_not_of_queued_ones() -> None:
         assert executor.stats.kills == 1
 
     run_with_pool(test)
+
+
+def test_a_job_cancelled_mid_run_costs_its_worker_not_the_pool() -> None:
+    async def test(executor: Executor) -> None:
+        running = asyncio.create_task(
+            executor.run("evaluate", job("import time; time.sleep(5)"), 30)
+        )
+        await asyncio.sleep(0.3)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        # A fresh worker replaces the one whose reply can no longer be matched to a job.
+        assert (await executor.run("evaluate", job("return 5"), 30)).body == b"5"
+        assert executor.size == 1
+
+    run_with_pool(test)
+
+
+def test_close_answers_queued_callers_at_once() -> None:
+    async def test(executor: Executor) -> None:
+        busy = asyncio.create_task(executor.run("evaluate", job("import time; time.sleep(3)"), 30))
+        await asyncio.sleep(0.2)
+        queued = asyncio.create_task(executor.run("evaluate", job("return 1"), 30))
+        await asyncio.sleep(0.1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await executor.close(grace=0.1)
+        with pytest.raises(Overloaded, match="shutting down"):
+            await queued
+        assert loop.time() - started < 2.5
+        with pytest.raises((WorkerDied, asyncio.CancelledError, Overloaded)):
+            await busy
+
+    run_with_pool(test)

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 from tabpy.tabpy_tools.client import Client
 
@@ -191,3 +192,11 @@ def test_metrics_credentials_follow_the_setting_and_probes_never_need_them() -> 
         handler = SimpleNamespace(services=SimpleNamespace(settings=settings))
         assert MetricsHandler.public.fget(handler) is public  # type: ignore[attr-defined]
     assert load_settings(None, {}).metrics_auth is True
+
+
+def test_made_up_methods_do_not_create_series(server: Server) -> None:
+    for method in ("FOO1", "FOO2", "BREW"):
+        assert requests.request(method, server.url + "/info", timeout=10).status_code == 405
+    text = server.get("/metrics").text
+    assert 'method="FOO1"' not in text and 'method="BREW"' not in text
+    assert 'method="other"' in text

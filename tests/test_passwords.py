@@ -466,3 +466,20 @@ def test_cache_is_thread_safe(tmp_path: Path) -> None:
     assert results.count(True) == 80 and results.count(False) == 80
     # Every wrong attempt hashed; the right one hashed at most once per racing thread.
     assert 80 < counter.calls <= 84
+
+
+def test_unknown_user_costs_a_hash_of_the_files_own_scheme(tmp_path: Path) -> None:
+    """Timing must not tell an unknown user from a wrong password: same scheme, same work."""
+    path = tmp_path / "pw.txt"
+    lines = [f"{name} {hash_password(name, 'pw', 'scrypt')}" for name in ("alice", "bob")]
+    path.write_text("\n".join(lines) + "\n")
+    schemes: list[str] = []
+
+    def verifier(entry: PasswordEntry, password: str) -> bool:
+        schemes.append(entry.scheme)
+        return verify(entry, password)
+
+    cache = CredentialCache(path, verifier=verifier)
+    assert cache.check("mallory", "x") is None
+    assert cache.check("alice", "wrong") is None
+    assert schemes == ["scrypt", "scrypt"]

@@ -175,3 +175,35 @@ def test_percent_in_service_info_survives_a_rewrite(registry: EndpointRegistry) 
     registry.state_file.write_text(text)
     registry.add(model())
     assert "Description = 100% up" in registry.state_file.read_text()
+
+
+def test_a_hand_edited_nonsense_entry_is_skipped(registry: EndpointRegistry) -> None:
+    registry.add(model())
+    text = registry.state_file.read_text().replace(
+        "[Query Objects Service Versions]\n",
+        '[Query Objects Service Versions]\nbroken = {"version": "two", "type": "model"}\n'
+        'odd = {"version": 1, "colour": "red"}\n',
+    )
+    registry.state_file.write_text(text)
+    reloaded = EndpointRegistry(registry.state_file.parent)
+    assert set(reloaded.all()) == {"double", "odd"}  # unknown keys are ignored, bad values not
+
+
+def test_src_path_must_be_an_upload_directory_holding_a_real_file(
+    registry: EndpointRegistry,
+) -> None:
+    (registry.staging / "endpoints" / "x" / "1").mkdir(parents=True)
+    for src in (registry.staging, registry.staging / "endpoints"):
+        with pytest.raises(BadRequest, match="Invalid source path"):
+            registry.add({"name": "x", "type": "model", "src_path": str(src)})
+    secret = registry.state_file.parent / "secret.bin"
+    secret.write_bytes(cloudpickle.dumps(double))
+    (registry.staging / "endpoints" / "x" / "1" / "pickle_archive").symlink_to(secret)
+    with pytest.raises(BadRequest, match="Invalid source path"):
+        registry.add(
+            {
+                "name": "x",
+                "type": "model",
+                "src_path": str(registry.staging / "endpoints" / "x" / "1"),
+            }
+        )

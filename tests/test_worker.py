@@ -67,3 +67,16 @@ def test_removed_endpoint_stops_answering_and_is_unloaded(worker: Worker, tmp_pa
                              b'{"data": [2]}')  # fmt: skip
     assert reply["status"] == 404
     assert worker._loaded == {}
+
+
+def test_pathological_input_is_answered_and_keeps_the_worker() -> None:
+    worker = Worker({"request_limit": 10 << 20})
+    deep = b'{"script": "return 1", "data": {"_arg1": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    reply, _ = worker.handle({"kind": "evaluate"}, deep)
+    assert reply["status"] == 400 and reply["message"] == "Request body is not valid JSON"
+    long_sum = orjson.dumps({"script": "return " + "+".join(["1"] * 200_000), "data": {}})
+    reply, _ = worker.handle({"kind": "evaluate"}, long_sum)
+    assert reply["status"] == 500
+    assert "nested too deeply" in reply["info"]
+    reply, body = worker.handle({"kind": "evaluate"}, b'{"script": "return 2", "data": {}}')
+    assert reply["status"] == 200 and body == b"2"

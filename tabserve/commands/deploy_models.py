@@ -1,8 +1,9 @@
 """``tabserve deploy-models``: deploy the bundled ttest, anova and PCA models to a server.
 
-The models are pickled by reference to ``tabserve.models``, so the server needs tabserve's
-``models`` extra (scipy, scikit-learn) installed, which is what running them needs anyway;
-by reference they never break on a Python or cloudpickle version difference.
+The models are pickled by reference to ``tabserve.models``: the server imports them from its
+own tabserve, with the ``models`` extra (scipy, scikit-learn) that running them needs anyway.
+Like every deploy from the tabserve client, the command must run on the server's Python
+minor version, which the server checks.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     TabserveError,
+    error_for_status,
 )
 from ..executor import Executor
 from ..health import Readiness
@@ -79,7 +80,7 @@ class RequestTracker:
         """True once no request is in flight; False if ``timeout`` seconds pass first."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             return False
         return True
 
@@ -130,7 +131,7 @@ class JsonHandler(RequestHandler):
         # A streamed body is complete only when the verb method starts; guarding each verb
         # is the one place where an oversized body can be refused for every route.
         super().__init_subclass__(**kwargs)
-        for name in ("get", "post", "put", "delete", "patch"):
+        for name in ("get", "post", "put", "delete", "patch", "options"):
             if name in cls.__dict__:
                 setattr(cls, name, _reject_refused(cls.__dict__[name]))
 
@@ -232,8 +233,10 @@ class JsonHandler(RequestHandler):
             raise BadRequest("Input body cannot be empty")
         try:
             value = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest("Failed to decode input body", str(exc)) from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise BadRequest(
+                "Failed to decode input body", str(exc) or "nested too deeply"
+            ) from None
         if not isinstance(value, dict):
             raise BadRequest("Input body must be a JSON object")
         return value
@@ -291,7 +294,8 @@ class JsonHandler(RequestHandler):
 
     post = put = delete = patch = get
 
-    def options(self, *args: str) -> None:
+    @_reject_refused
+    async def options(self, *args: str) -> None:
         """CORS preflight: the configured headers and TabPy's answer, 200 with ``{}``."""
         self.add_cors_headers()
         self.write_json({})
@@ -325,13 +329,12 @@ def _as_tabserve_error(status_code: int, exc_info: Any, call_id: str) -> Tabserv
     if isinstance(value, TabserveError):
         return value
     if isinstance(value, HTTPError) and status_code < 500:
+        # Tornado's own refusals (a 405 for an unknown method, undecodable path arguments).
         try:
             reason = HTTPStatus(status_code).phrase
         except ValueError:
             reason = "Bad request"
-        error = TabserveError(reason, value.log_message or {})
-        error.status = status_code  # type: ignore[misc]
-        return error
+        return error_for_status(status_code, reason, value.log_message or {})
     # Never echo an unexpected exception: its text may carry paths or internals.
     return TabserveError(
         "Internal server error", f"The server failed; its log has the details under call {call_id}."
