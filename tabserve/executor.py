@@ -2,9 +2,11 @@
 
 Jobs are bytes in, bytes out: the server hands a worker the raw request body and writes the
 worker's answer to the client without parsing either. A job that outlives its deadline gets
-its worker's whole process group killed, and a fresh worker takes its place; so does a worker
-that crashes. The queue in front of the pool is bounded: when it is full, callers get
-``Overloaded`` at once instead of waiting behind a backlog.
+its worker's whole process group killed (a child that left the group with setsid survives
+that, except in bubblewrap mode, whose PID namespace ends with the worker), and a fresh
+worker takes its place; so does a worker that crashes. The queue in front of the pool is
+bounded: when it is full, callers get ``Overloaded`` at once instead of waiting behind a
+backlog.
 
 It knows nothing of HTTP: errors are ``TabserveError``s, which the caller renders.
 """
@@ -216,7 +218,8 @@ class WorkerProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=None,
             env=dict(env),
-            start_new_session=True,  # its own process group: a kill takes its children too
+            # Its own process group: a kill also takes the children that stay in it.
+            start_new_session=True,
         )
         worker = cls(transport, protocol)
         try:

@@ -175,8 +175,7 @@ def worker_ids(user: str, mode: str = NONE) -> tuple[int, int] | None:
 
 
 def endpoint_root(settings: Settings) -> Path:
-    # Where registry.EndpointRegistry keeps archives.
-    return settings.state_path / "query_objects"
+    return settings.endpoint_path  # where registry.EndpointRegistry keeps archives
 
 
 def _within(path: str, tops: Iterable[str]) -> bool:
