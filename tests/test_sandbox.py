@@ -75,9 +75,8 @@ def _password_file(directory: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def isolated(server_factory: ServerFactory, outside_tmp: Path) -> Case:
-    workdir = outside_tmp / "isolated"
+def _case(server_factory: ServerFactory, workdir: Path, isolated: bool, **config: str) -> Case:
+    """A server with a real password file in a directory of its own, and a canary secret."""
     workdir.mkdir(mode=0o755)
     secret = _password_file(workdir / "secrets")
     server = server_factory(
@@ -85,6 +84,18 @@ def isolated(server_factory: ServerFactory, outside_tmp: Path) -> Case:
         workdir=workdir,
         auth=USER,
         TABPY_PWD_FILE=str(secret),
+        **config,
+    )
+    return Case(server, isolated, secret)
+
+
+@pytest.fixture(scope="module")
+def isolated(server_factory: ServerFactory, outside_tmp: Path) -> Case:
+    workdir = outside_tmp / "isolated"
+    return _case(
+        server_factory,
+        workdir,
+        True,
         TABSERVE_SANDBOX="bubblewrap",
         TABSERVE_WORKER_USER="nobody",
         TABSERVE_LOG_FILE=str(workdir / "tabserve.log"),
@@ -96,26 +107,20 @@ def isolated(server_factory: ServerFactory, outside_tmp: Path) -> Case:
         # Far above the CPU backstop: a busy worker on a loaded machine gets little CPU.
         TABPY_EVALUATE_TIMEOUT="12",
     )
-    return Case(server, True, secret)
 
 
 @pytest.fixture(scope="module")
 def unprotected(server_factory: ServerFactory, outside_tmp: Path) -> Case:
-    workdir = outside_tmp / "unprotected"
-    workdir.mkdir(mode=0o755)
-    secret = _password_file(workdir / "secrets")
-    server = server_factory(
-        env={"TABSERVE_TEST_CANARY": CANARY},
-        workdir=workdir,
-        auth=USER,
-        TABPY_PWD_FILE=str(secret),
+    return _case(
+        server_factory,
+        outside_tmp / "unprotected",
+        False,
         TABSERVE_SANDBOX="none",
         TABSERVE_WORKER_USER="root",
         TABSERVE_WORKER_MEMORY_MB="0",
         TABSERVE_WORKER_PROCESSES="0",
         TABPY_EVALUATE_TIMEOUT="20",
     )
-    return Case(server, False, secret)
 
 
 @pytest.fixture(params=["bubblewrap", "off"])
