@@ -142,15 +142,18 @@ def test_both_servers_passed_their_self_check(case: Case) -> None:
     assert info["versions"]["v1"]["features"]["evaluate_enabled"] is True
 
 
-def test_deny_read_password_file(case: Case) -> None:
-    script = """
+# A script that returns a file's text, or the error that stopped it.
+READ_FILE = """
 try:
     with open(_arg1[0]) as handle:
         return [handle.read()]
 except OSError as exc:
     return [repr(exc)]
 """
-    seen = attempt(case.server, script, _arg1=[str(case.secret)])
+
+
+def test_deny_read_password_file(case: Case) -> None:
+    seen = attempt(case.server, READ_FILE, _arg1=[str(case.secret)])
     assert (PASSWORD_HASH not in seen) is case.denied, seen
     if case.denied:
         assert "FileNotFoundError" in seen, "bubblewrap hides the file's whole directory"
@@ -273,14 +276,7 @@ def test_deny_read_password_file_after_it_was_replaced(case: Case) -> None:
     fresh.write_text(case.secret.read_text())
     fresh.chmod(0o644)
     os.replace(fresh, case.secret)
-    script = """
-try:
-    with open(_arg1[0]) as handle:
-        return [handle.read()]
-except OSError as exc:
-    return [repr(exc)]
-"""
-    seen = attempt(case.server, script, _arg1=[str(case.secret)])
+    seen = attempt(case.server, READ_FILE, _arg1=[str(case.secret)])
     assert (PASSWORD_HASH not in seen) is case.denied, seen
 
 
