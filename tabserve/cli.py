@@ -80,9 +80,9 @@ def run_server(config: str | None) -> int:
             file=sys.stderr,
         )
         return 2
-    from .certificates import TLSConfigError
-    from .passwords import PasswordFileError
-    from .store import StateError
+    from .server.tls import TLSConfigError
+    from .store.passwords import PasswordFileError
+    from .store.state_dir import StateError
 
     try:
         asyncio.run(_serve(settings))
@@ -96,7 +96,7 @@ def run_server(config: str | None) -> int:
 
 
 async def _serve(settings: Settings) -> None:
-    from .app import serve  # tornado and the pool load only when serving
+    from .server.app import serve  # tornado and the pool load only when serving
 
     await serve(settings)
 

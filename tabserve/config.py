@@ -21,7 +21,7 @@ from typing import Any
 
 import platformdirs
 
-from .archive import ARCHIVE_DIR
+from .store.archives import ARCHIVE_DIR_NAME
 
 SECTION = "TabPy"
 
@@ -418,8 +418,8 @@ class Settings:
 
     @property
     def endpoint_path(self) -> Path:
-        """Where deployed endpoint archives live (TabPy's layout; see archive.ARCHIVE_DIR)."""
-        return self.state_path / ARCHIVE_DIR
+        """Where deployed endpoint archives live (TabPy's layout; see store.archives)."""
+        return self.state_path / ARCHIVE_DIR_NAME
 
     @property
     def tls_enabled(self) -> bool:

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from tabserve.auth import (
+from tabserve.errors import Forbidden, NotAcceptable, Unauthorized
+from tabserve.server.auth import (
     ANONYMOUS,
     Authenticator,
     BadHeader,
     is_connection_probe,
     parse_basic,
 )
-from tabserve.errors import Forbidden, NotAcceptable, Unauthorized
-from tabserve.passwords import (
+from tabserve.store.passwords import (
     CredentialCache,
     FailureThrottle,
     PasswordEntry,
@@ -328,8 +328,8 @@ def test_connection_probe_is_recognised() -> None:
 
 
 def test_exposed_bind_without_auth_gets_a_loud_warning(users: Path) -> None:
-    from tabserve.app import exposure_warning
     from tabserve.config import load_settings
+    from tabserve.server.app import exposure_warning
 
     exposed = exposure_warning(load_settings(None, {"TABSERVE_BIND_ADDRESS": "0.0.0.0"}))
     assert exposed is not None and exposed.startswith("SECURITY WARNING")

@@ -17,7 +17,7 @@ import requests
 from tabpy.tabpy_tools.client import Client
 
 from conftest import Server, ServerFactory
-from tabserve.passwords import hash_password
+from tabserve.store.passwords import hash_password
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

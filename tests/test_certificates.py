@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from pki import DAY, NOW, Pki, issue, make_pki, write_pair
 
-from tabserve.certificates import (
+from tabserve.server.tls import (
     TLSConfigError,
     check_tls_files,
     inspect_tls_files,

@@ -14,7 +14,7 @@ import cloudpickle
 import pytest
 
 from conftest import Server, ServerFactory
-from tabserve.passwords import add_user
+from tabserve.store.passwords import add_user
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -510,8 +510,8 @@ def test_importing_the_client_loads_no_server_code() -> None:
         light = sorted(m for m in lazy if m in sys.modules)
         from tabserve import Client, NotFound
         Client("http://127.0.0.1:9004")
-        heavy = ("tornado", "numpy", "pandas", "orjson", "tabserve.app", "tabserve.handlers",
-                 "tabserve.executor", "tabserve.registry", "tabserve.wire", "tabserve.config")
+        heavy = ("tornado", "numpy", "pandas", "orjson", "tabserve.server", "tabserve.worker",
+                 "tabserve.store", "tabserve.config")
         print(light, sorted(m for m in heavy if m in sys.modules))
         """
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tabserve.commands import user
-from tabserve.passwords import read_password_file, verify
+from tabserve.store.passwords import read_password_file, verify
 
 USER1_HASH = (
     "b8a63cf588cd2399da615042de4732f5b121c4d1042acfb91598a56d2dd3e1d7"

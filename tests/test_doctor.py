@@ -12,7 +12,7 @@ import pytest
 from pki import DAY, NOW, Pki, issue, make_pki
 
 from tabserve.commands.doctor import Check, diagnose
-from tabserve.passwords import hash_password
+from tabserve.store.passwords import hash_password
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

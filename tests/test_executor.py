@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from tabserve.errors import BadRequest, Overloaded, ScriptError, ScriptTimeout, WorkerDied
-from tabserve.executor import Executor, PoolConfig, describe_exit, worker_environment
+from tabserve.server.executor import Executor, PoolConfig, describe_exit, worker_environment
 
 
 def run_with_pool(test: Callable[[Executor], Awaitable[None]], **config: object) -> None:

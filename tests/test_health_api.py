@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from conftest import Server, ServerFactory
-from tabserve.health import Readiness
+from tabserve.server.health import Readiness
 
 
 def test_live_answers_200_without_credentials(server: Server) -> None:

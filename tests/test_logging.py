@@ -186,7 +186,7 @@ def test_json_lines_carry_tracebacks_and_plain_messages() -> None:
 
 
 def test_unexpected_errors_are_summarised_with_the_call_id() -> None:
-    from tabserve.handlers.base import _as_tabserve_error
+    from tabserve.server.handlers.base import _as_tabserve_error
 
     secret = RuntimeError("/etc/tabserve/secret.key is unreadable")
     error = _as_tabserve_error(500, (RuntimeError, secret, None), "call-77")

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tabpy.tabpy_tools.client import Client
 
 from conftest import Server, ServerFactory
-from tabserve.executor import Executor, PoolConfig
-from tabserve.metrics import Metrics
+from tabserve.server.executor import Executor, PoolConfig
+from tabserve.server.metrics import Metrics
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -184,7 +184,7 @@ def test_metrics_credentials_follow_the_setting_and_probes_never_need_them() -> 
     from types import SimpleNamespace
 
     from tabserve.config import load_settings
-    from tabserve.handlers import LiveHandler, MetricsHandler, ReadyHandler
+    from tabserve.server.handlers import LiveHandler, MetricsHandler, ReadyHandler
 
     assert LiveHandler.public is True and ReadyHandler.public is True
     for raw, public in (("true", False), ("false", True)):

@@ -14,9 +14,9 @@ import cloudpickle
 import pytest
 
 from conftest import Server, ServerFactory
-from tabserve import openapi
-from tabserve.app import make_app
 from tabserve.config import load_settings
+from tabserve.server import openapi
+from tabserve.server.app import make_app
 
 API_DOC = Path(__file__).parent.parent / "docs" / "api.md"
 METHODS = ("get", "post", "put", "delete", "patch")

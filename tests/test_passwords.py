@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tabserve import passwords
-from tabserve.passwords import (
+from tabserve.store import passwords
+from tabserve.store.passwords import (
     ALL_PERMISSIONS,
     CredentialCache,
     FailureThrottle,

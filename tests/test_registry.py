@@ -10,10 +10,10 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from tabserve.archive import load_archive
 from tabserve.errors import BadRequest, NotFound
-from tabserve.registry import EndpointRegistry
-from tabserve.store import ensure_state_dir
+from tabserve.server.registry import EndpointRegistry
+from tabserve.store.state_dir import ensure_state_dir
+from tabserve.worker.unpickling import load_archive
 
 
 def double(x: list[int]) -> list[int]:

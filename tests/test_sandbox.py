@@ -30,11 +30,12 @@ import psutil
 import pytest
 
 from conftest import Server, ServerFactory
-from tabserve import probe, sandbox
 from tabserve.config import load_settings
 from tabserve.errors import SandboxUnavailable
-from tabserve.executor import describe_exit
-from tabserve.passwords import hash_password
+from tabserve.server import sandbox
+from tabserve.server.executor import describe_exit
+from tabserve.store.passwords import hash_password
+from tabserve.worker import self_check
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -682,7 +683,7 @@ def test_probe_reads_a_directory_by_listing_it(tmp_path: Path) -> None:
     (visible / "secret.txt").write_text("s")
     empty = tmp_path / "empty"
     empty.mkdir()
-    seen = probe.run({"secrets": [str(visible), str(empty), str(tmp_path / "missing")]})
+    seen = self_check.run({"secrets": [str(visible), str(empty), str(tmp_path / "missing")]})
     assert seen["secrets"] == {
         str(visible): True,
         str(empty): False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tabserve.script import (
+from tabserve.worker.script import (
     ScriptSyntaxError,
     compile_script,
     describe_exception,

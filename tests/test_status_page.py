@@ -22,7 +22,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from conftest import Server, ServerFactory
-from tabserve.passwords import add_user
+from tabserve.store.passwords import add_user
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

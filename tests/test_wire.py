@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tabserve.errors import BadRequest, PayloadTooLarge, ScriptError, UnsupportedEncoding
-from tabserve.wire import EvaluateRequest, check_result_length, decode_body, encode_result
+from tabserve.worker.bodies import EvaluateRequest, check_result_length, decode_body, encode_result
 
 
 def test_evaluate_request_arg_names_are_ordered_numerically() -> None:

@@ -9,8 +9,8 @@ import cloudpickle
 import orjson
 import pytest
 
-import tabserve.worker as worker_module
-from tabserve.worker import Worker
+import tabserve.worker.main as worker_module
+from tabserve.worker.main import Worker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

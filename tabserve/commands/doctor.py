@@ -23,15 +23,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
-from tabserve import sandbox
-from tabserve.certificates import (
+from tabserve.config import ConfigError, Settings, load_settings
+from tabserve.server import sandbox
+from tabserve.server.tls import (
     CertificateReport,
     TLSConfigError,
     inspect_tls_files,
     make_server_context,
 )
-from tabserve.config import ConfigError, Settings, load_settings
-from tabserve.passwords import ALL_PERMISSIONS, PasswordFileError, read_password_file
+from tabserve.store.passwords import ALL_PERMISSIONS, PasswordFileError, read_password_file
 
 EXIT_OK = 0
 EXIT_FAILED = 1

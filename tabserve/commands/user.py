@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tabserve.passwords import (
+from tabserve.store.passwords import (
     SCHEMES,
     PasswordFileError,
     add_user,

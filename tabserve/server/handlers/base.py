@@ -25,11 +25,9 @@ from tornado.escape import utf8
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from .. import logs
-from ..auth import ANONYMOUS, Authenticator
-from ..config import Settings
-from ..endpoints import EndpointService
-from ..errors import (
+from ... import logs
+from ...config import Settings
+from ...errors import (
     BadRequest,
     MethodNotAllowed,
     NotFound,
@@ -37,12 +35,14 @@ from ..errors import (
     TabserveError,
     error_for_status,
 )
+from ...store.passwords import User
+from ...store.state_dir import ServiceInfo
+from ..auth import ANONYMOUS, Authenticator
+from ..endpoints import EndpointService
 from ..executor import Executor
 from ..health import Readiness
 from ..metrics import Metrics
-from ..passwords import User
 from ..sandbox import SandboxReport
-from ..store import ServiceInfo
 
 log = logging.getLogger("tabserve.http")
 access_log = logging.getLogger("tabserve.access")

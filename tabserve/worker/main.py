@@ -28,17 +28,12 @@ import numpy
 import orjson
 import pandas
 
-from . import logs, probe
-from .archive import load_archive, load_callable, python_mismatch, target_function
-from .errors import BadRequest, EndpointNotFound, ScriptError, TabserveError
-from .protocol import BlockingChannel, ProtocolError
-from .script import (
-    ScriptSyntaxError,
-    compile_script,
-    describe_exception,
-    load_function,
-)
-from .wire import (
+from .. import logs
+from ..errors import BadRequest, EndpointNotFound, ScriptError, TabserveError
+from ..protocol import BlockingChannel, ProtocolError
+from ..store.archives import python_mismatch
+from . import self_check
+from .bodies import (
     EvaluateRequest,
     check_result_length,
     count_rows,
@@ -46,6 +41,13 @@ from .wire import (
     encode_result,
     parse_json,
 )
+from .script import (
+    ScriptSyntaxError,
+    compile_script,
+    describe_exception,
+    load_function,
+)
+from .unpickling import load_archive, load_callable, target_function
 
 log = logging.getLogger("tabserve.worker")
 
@@ -174,7 +176,7 @@ class Worker:
             return b"{}", {}
         if kind == "probe":
             try:
-                return orjson.dumps(probe.run(header.get("params", {}))), {}
+                return orjson.dumps(self_check.run(header.get("params", {}))), {}
             except Exception as exc:
                 raise ScriptError("the sandbox probe crashed", describe_exception(exc)) from None
         raise BadRequest(f"unknown job kind {kind!r}")

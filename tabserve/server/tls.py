@@ -45,7 +45,7 @@ __all__ = [
     "resolve_minimum_version",
 ]
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("tabserve.certificates")  # the name it always had
 
 CERTIFICATE_PARAMETER = "TABPY_CERTIFICATE_FILE"
 KEY_PARAMETER = "TABPY_KEY_FILE"

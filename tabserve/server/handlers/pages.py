@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import openapi
-from ..errors import (
+from ...errors import (
     NotFound,
 )
+from .. import openapi
 from .base import JsonHandler, Services
 
 # The status page may load only what this server serves: no CDN, no inline script.

@@ -22,7 +22,7 @@ import orjson
 import pandas as pd
 from pandas.api.extensions import ExtensionArray
 
-from .errors import BadRequest, PayloadTooLarge, ScriptError, UnsupportedEncoding
+from ..errors import BadRequest, PayloadTooLarge, ScriptError, UnsupportedEncoding
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 _ARG_NAME = re.compile(r"_arg([1-9][0-9]*)")

@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .archive import ARCHIVE_DIR, ARCHIVE_FILE, python_mismatch
-from .errors import BadRequest, NotFound
-from .files import atomic_write
-from .store import read_state
+from ..errors import BadRequest, NotFound
+from ..store.archives import ARCHIVE_FILE, archive_dir, python_mismatch
+from ..store.files import atomic_write
+from ..store.state_dir import read_state
 
 log = logging.getLogger("tabserve.registry")
 
@@ -87,7 +87,7 @@ class EndpointRegistry:
 
     def __init__(self, state_path: Path) -> None:
         self.state_file = state_path / "state.ini"
-        self.files = state_path / ARCHIVE_DIR
+        self.files = archive_dir(state_path)
         self.staging = state_path / "staging"
         self._lock = threading.Lock()
         self._endpoints: dict[str, Endpoint] = _read_endpoints(read_state(self.state_file))

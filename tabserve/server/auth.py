@@ -37,8 +37,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .errors import Forbidden, NotAcceptable, Unauthorized
-from .passwords import (
+from ..errors import Forbidden, NotAcceptable, Unauthorized
+from ..store.passwords import (
     ALL_PERMISSIONS,
     PERMISSION_ORDER,
     AuthResult,

@@ -48,7 +48,7 @@ def ensure_state_dir(state_path: Path) -> Path:
     state_path.mkdir(parents=True, exist_ok=True)
     state_file = state_path / STATE_FILE
     if not state_file.exists():
-        template = resources.files("tabserve").joinpath("data", STATE_FILE)
+        template = resources.files("tabserve.store").joinpath("data", STATE_FILE)
         with resources.as_file(template) as source:
             atomic_write(state_file, Path(source).read_bytes())
     return state_file

@@ -36,8 +36,8 @@ from typing import Any
 
 import orjson
 
-from .config import ConfigError, Settings
-from .errors import SandboxUnavailable, TabserveError
+from ..config import ConfigError, Settings
+from ..errors import SandboxUnavailable, TabserveError
 from .executor import PACKAGE_PARENT, SINGLE_THREADED, Executor, PoolConfig
 
 log = logging.getLogger("tabserve.sandbox")

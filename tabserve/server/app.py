@@ -17,10 +17,10 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
-from . import __version__
+from .. import __version__
+from ..config import Settings
+from ..store.state_dir import ensure_state_dir, read_state, service_info
 from .auth import Authenticator
-from .certificates import check_tls_files, make_server_context
-from .config import Settings
 from .endpoints import EndpointService
 from .executor import Executor
 from .handlers import (
@@ -46,7 +46,7 @@ from .health import CheckResult, Readiness
 from .metrics import Metrics
 from .registry import EndpointRegistry
 from .sandbox import SandboxReport, start_pool
-from .store import ensure_state_dir, read_state, service_info
+from .tls import check_tls_files, make_server_context
 
 log = logging.getLogger("tabserve")
 

@@ -74,7 +74,7 @@ __all__ = [
     "verify",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tabserve.passwords")  # the name it always had
 
 PERMISSION_ORDER: tuple[str, ...] = ("evaluate", "query", "manage")
 ALL_PERMISSIONS: frozenset[str] = frozenset(PERMISSION_ORDER)

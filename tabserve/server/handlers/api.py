@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import __version__
-from ..errors import (
+from ... import __version__
+from ...errors import (
     EvaluateDisabled,
 )
 from .base import JsonHandler

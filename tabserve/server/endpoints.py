@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import BadRequest, TabserveError
+from ..errors import BadRequest, TabserveError
 from .executor import Executor, JobResult
 from .registry import Endpoint, EndpointRegistry
 

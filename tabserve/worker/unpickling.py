@@ -1,22 +1,17 @@
-"""Endpoint archives: the cloudpickled objects behind deployed endpoints, on disk.
+"""Loading endpoint archives: the cloudpickled objects behind deployed endpoints.
 
-A version of an endpoint lives in ``<state>/query_objects/<name>/<version>/pickle_archive``,
-TabPy's layout. TabPy's client pickles a ``tabpy.tabpy_tools.custom_query_object.
-CustomQueryObject`` wrapping the user's function; tabserve loads those without importing
-tabpy, by mapping the class to ``TabpyQueryObject`` while unpickling. tabserve's own client
-pickles the bare function.
+Where archives live is ``store.archives``. TabPy's client pickles a
+``tabpy.tabpy_tools.custom_query_object.CustomQueryObject`` wrapping the user's function;
+tabserve loads those without importing tabpy, by mapping the class to ``TabpyQueryObject``
+while unpickling. tabserve's own client pickles the bare function.
 """
 
 from __future__ import annotations
 
 import pickle
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
-
-ARCHIVE_DIR = "query_objects"  # below the state directory, as TabPy lays it out
-ARCHIVE_FILE = "pickle_archive"
 
 
 class TabpyQueryObject:
@@ -73,18 +68,3 @@ def target_function(query: Callable[..., Any]) -> Callable[..., Any]:
     if isinstance(owner, TabpyQueryObject):
         return owner.custom_query
     return query
-
-
-def python_mismatch(recorded: str | None) -> str | None:
-    """Why an archive pickled on Python ``recorded`` cannot load here, or None if it can."""
-    if not recorded:
-        return None
-    parts = recorded.split(".")
-    here = sys.version_info
-    if len(parts) < 2 or parts[:2] == [str(here.major), str(here.minor)]:
-        return None
-    running = f"{here.major}.{here.minor}.{here.micro}"
-    return (
-        f"the function was pickled with Python {recorded}, but this server runs Python "
-        f"{running}; deploy it from Python {here.major}.{here.minor}"
-    )

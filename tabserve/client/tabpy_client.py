@@ -40,7 +40,7 @@ from urllib.parse import quote, urlsplit
 import cloudpickle
 import requests
 
-from .errors import BadRequest, TabserveError
+from ..errors import BadRequest, TabserveError
 
 __all__ = [
     "Client",

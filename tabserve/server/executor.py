@@ -27,9 +27,9 @@ from typing import Any
 
 import orjson
 
-from . import logs
-from .errors import Overloaded, ScriptTimeout, TabserveError, WorkerDied
-from .protocol import PREFIX, ProtocolError, decode_header, decode_prefix, encode_prefix
+from .. import logs
+from ..errors import Overloaded, ScriptTimeout, TabserveError, WorkerDied
+from ..protocol import PREFIX, ProtocolError, decode_header, decode_prefix, encode_prefix
 
 log = logging.getLogger("tabserve.executor")
 
@@ -45,9 +45,10 @@ SINGLE_THREADED = {
 # runs from a source tree, without putting that path into the environment scripts can see.
 _BOOTSTRAP = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from tabserve.worker import main; sys.exit(main())"
+    "from tabserve.worker.main import main; sys.exit(main())"
 )
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The directory holding the tabserve package (this file is tabserve/server/executor.py).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass(frozen=True)
