@@ -10,6 +10,7 @@ import signal
 import socket
 import ssl
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -19,7 +20,7 @@ from tornado.web import Application
 
 from .. import __version__
 from ..config import Settings
-from ..store.state_dir import ensure_state_dir, read_state, service_info
+from ..store.state_dir import ServiceInfo, ensure_state_dir, read_state, service_info
 from .auth import Authenticator
 from .endpoints import EndpointService
 from .executor import Executor
@@ -35,9 +36,7 @@ from .handlers import (
     OpenApiHandler,
     QueryHandler,
     ReadyHandler,
-    RequestTracker,
     RootHandler,
-    Services,
     StatusHandler,
     UploadDestinationHandler,
     log_request,
@@ -49,6 +48,50 @@ from .sandbox import SandboxReport, start_pool
 from .tls import check_tls_files, make_server_context
 
 log = logging.getLogger("tabserve")
+
+
+class RequestTracker:
+    """Requests being handled, so that shutdown can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.draining = False  # set at shutdown: readiness fails, connections are not kept
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no request is in flight; False if ``timeout`` seconds pass first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+@dataclass
+class Services:
+    """What handlers may use; built once in ``app.serve``."""
+
+    settings: Settings
+    executor: Executor
+    endpoints: EndpointService
+    service: ServiceInfo
+    state_path: str
+    auth: Authenticator
+    requests: RequestTracker
+    metrics: Metrics
+    readiness: Readiness
+    sandbox: SandboxReport
+
 
 # Tornado's own cap on bodies; the real limit is TABPY_MAX_REQUEST_SIZE_MB, applied by the
 # handlers so that they can answer 413 in TabPy's shape (see handlers.DRAIN_LIMIT).

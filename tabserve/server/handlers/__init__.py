@@ -19,8 +19,6 @@ from .base import (
     DRAIN_LIMIT,
     JsonHandler,
     NotFoundHandler,
-    RequestTracker,
-    Services,
     log_request,
 )
 from .operations import LiveHandler, MetricsHandler, ReadyHandler
@@ -40,9 +38,7 @@ __all__ = [
     "OpenApiHandler",
     "QueryHandler",
     "ReadyHandler",
-    "RequestTracker",
     "RootHandler",
-    "Services",
     "StatusHandler",
     "UploadDestinationHandler",
     "log_request",

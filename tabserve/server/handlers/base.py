@@ -10,23 +10,20 @@ responses are JSON.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from tornado.escape import utf8
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
 from ... import logs
-from ...config import Settings
 from ...errors import (
     BadRequest,
     MethodNotAllowed,
@@ -36,13 +33,10 @@ from ...errors import (
     error_for_status,
 )
 from ...store.passwords import User
-from ...store.state_dir import ServiceInfo
-from ..auth import ANONYMOUS, Authenticator
-from ..endpoints import EndpointService
-from ..executor import Executor
-from ..health import Readiness
-from ..metrics import Metrics
-from ..sandbox import SandboxReport
+from ..auth import ANONYMOUS
+
+if TYPE_CHECKING:
+    from ..app import Services
 
 log = logging.getLogger("tabserve.http")
 access_log = logging.getLogger("tabserve.access")
@@ -56,49 +50,6 @@ _CALL_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 DRAIN_LIMIT = 64 * 1024 * 1024
 
 _Verb = TypeVar("_Verb", bound=Callable[..., Awaitable[None] | None])
-
-
-class RequestTracker:
-    """Requests being handled, so that shutdown can wait for them to finish."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.draining = False  # set at shutdown: readiness fails, connections are not kept
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def begin(self) -> None:
-        self.count += 1
-        self._idle.clear()
-
-    def end(self) -> None:
-        self.count -= 1
-        if self.count == 0:
-            self._idle.set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """True once no request is in flight; False if ``timeout`` seconds pass first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
-
-
-@dataclass
-class Services:
-    """What handlers may use; built once in ``app.serve``."""
-
-    settings: Settings
-    executor: Executor
-    endpoints: EndpointService
-    service: ServiceInfo
-    state_path: str
-    auth: Authenticator
-    requests: RequestTracker
-    metrics: Metrics
-    readiness: Readiness
-    sandbox: SandboxReport
 
 
 def _reject_refused(verb: _Verb) -> _Verb:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...errors import (
     NotFound,
 )
 from .. import openapi
-from .base import JsonHandler, Services
+from .base import JsonHandler
+
+if TYPE_CHECKING:
+    from ..app import Services
 
 # The status page may load only what this server serves: no CDN, no inline script.
 _PAGE_POLICY = (
