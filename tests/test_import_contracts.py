@@ -1,0 +1,71 @@
+"""The process boundaries hold: the server never loads worker code, numpy or pandas; a worker
+never loads server code; the client imports only ``errors``.
+
+The contracts live in pyproject.toml ([tool.importlinter]); import-linter reads every import
+statement of tabserve, those inside functions included. It cannot see inside other packages,
+so a second test imports the server's modules for real and looks at what got loaded.
+"""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest depends on tomli there
+    import tomli as tomllib
+
+import tabserve
+
+ROOT = Path(__file__).parent.parent
+
+
+def contracts() -> dict[str, dict[str, object]]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return {c["id"]: c for c in config["tool"]["importlinter"]["contracts"]}
+
+
+def test_import_linter_contracts_are_kept() -> None:
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports"), "--no-cache", "--no-logo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "3 kept, 0 broken" in done.stdout, done.stdout[-4000:]
+
+
+def test_the_client_contract_names_every_other_tabserve_module() -> None:
+    """A module added at the top of tabserve is forbidden to the client until said otherwise."""
+    forbidden = set(contracts()["client"]["forbidden_modules"])  # type: ignore[arg-type]
+    modules = {f"tabserve.{m.name}" for m in pkgutil.iter_modules(tabserve.__path__)}
+    allowed = {"tabserve.errors", "tabserve.client", "tabserve.__main__"}
+    assert modules - allowed <= forbidden, sorted(modules - allowed - forbidden)
+
+
+def test_loading_the_whole_server_loads_no_worker_code_numpy_or_pandas() -> None:
+    """What import-linter cannot see: a third-party package that imports numpy for us."""
+    code = textwrap.dedent(
+        """
+        import importlib, pkgutil, sys
+        import tabserve.server
+        for module in pkgutil.walk_packages(tabserve.server.__path__, "tabserve.server."):
+            importlib.import_module(module.name)
+        for name in ("cli", "commands.doctor", "commands.user", "commands.check"):
+            importlib.import_module("tabserve." + name)
+        loaded = [m for m in ("numpy", "pandas", "tabserve.worker", "tabserve.client")
+                  if m in sys.modules]
+        print(loaded)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"
