@@ -2,8 +2,9 @@
 
 Every error a caller may see is a ``TabserveError``; the class carries the HTTP status,
 and the instance carries TabPy's envelope fields ``message`` and ``info``. The server
-renders them in exactly one place (``handlers.base.JsonHandler.write_error``); workers send
-them over the pipe with ``to_wire``/``from_wire``; the client raises them from responses.
+renders them in exactly one place (``server.handlers.base.BaseHandler.write_error``);
+workers send them over the pipe with ``to_wire``/``from_wire``; the client raises them from
+responses.
 
     TabserveError (500)
     ├── BadRequest (400)

@@ -1,6 +1,6 @@
 """HTTP handlers: parse the request, call a service, write the answer. Nothing more.
 
-``base`` holds ``JsonHandler``, which every handler derives from and which owns the
+``base`` holds ``BaseHandler``, which every handler derives from and which owns the
 cross-cutting rules (authentication, streamed size-checked bodies, the one error renderer,
 call ids, the access log); ``api`` the Analytics Extensions and TabPy routes; ``pages`` the
 status page and the OpenAPI document; ``operations`` the health probes and metrics.
@@ -17,7 +17,7 @@ from .api import (
 )
 from .base import (
     DRAIN_LIMIT,
-    JsonHandler,
+    BaseHandler,
     NotFoundHandler,
     log_request,
 )
@@ -31,7 +31,7 @@ __all__ = [
     "EndpointsHandler",
     "EvaluateHandler",
     "InfoHandler",
-    "JsonHandler",
+    "BaseHandler",
     "LiveHandler",
     "MetricsHandler",
     "NotFoundHandler",

@@ -8,10 +8,10 @@ from ... import __version__
 from ...errors import (
     EvaluateDisabled,
 )
-from .base import JsonHandler
+from .base import BaseHandler
 
 
-class InfoHandler(JsonHandler):
+class InfoHandler(BaseHandler):
     route = "/info"
 
     async def get(self) -> None:
@@ -39,7 +39,7 @@ class InfoHandler(JsonHandler):
         self.write_json(info)
 
 
-class EvaluateHandler(JsonHandler):
+class EvaluateHandler(BaseHandler):
     # The 'evaluate' permission is checked in post: Tableau's connection probe is exempt.
     route = "/evaluate"
 
@@ -58,7 +58,7 @@ class EvaluateHandler(JsonHandler):
         self.finish(result.body)
 
 
-class StatusHandler(JsonHandler):
+class StatusHandler(BaseHandler):
     route = "/status"
 
     async def get(self) -> None:
@@ -67,7 +67,7 @@ class StatusHandler(JsonHandler):
         self.write_json(self.services.endpoints.statuses())
 
 
-class EndpointsHandler(JsonHandler):
+class EndpointsHandler(BaseHandler):
     permissions = {"POST": "manage"}
     route = "/endpoints"
 
@@ -82,7 +82,7 @@ class EndpointsHandler(JsonHandler):
         self.write_json({endpoint.name: endpoint.info()}, status=201)
 
 
-class EndpointHandler(JsonHandler):
+class EndpointHandler(BaseHandler):
     permissions = {"PUT": "manage", "DELETE": "manage"}
     route = "/endpoints/{name}"
 
@@ -103,7 +103,7 @@ class EndpointHandler(JsonHandler):
         self.finish()
 
 
-class UploadDestinationHandler(JsonHandler):
+class UploadDestinationHandler(BaseHandler):
     route = "/configurations/endpoint_upload_destination"
 
     async def get(self) -> None:
@@ -112,7 +112,7 @@ class UploadDestinationHandler(JsonHandler):
         self.write_json({"path": str(staging)})
 
 
-class QueryHandler(JsonHandler):
+class QueryHandler(BaseHandler):
     permissions = {"GET": "query", "POST": "query"}
     route = "/query/{name}"
 

@@ -1,6 +1,6 @@
 """HTTP handlers: parse the request, call a service, write the answer. Nothing more.
 
-Every handler derives from ``JsonHandler``, which owns the cross-cutting rules: requests are
+Every handler derives from ``BaseHandler``, which owns the cross-cutting rules: requests are
 authenticated before anything else (``auth.Authenticator``; a handler declares ``public`` or
 the permission each verb needs), request bodies are streamed and size-checked here (so
 Tornado never parses a JSON body as a form, and an oversized body gets TabPy's 413 on every
@@ -54,7 +54,7 @@ _Verb = TypeVar("_Verb", bound=Callable[..., Awaitable[None] | None])
 
 def _reject_refused(verb: _Verb) -> _Verb:
     @functools.wraps(verb)
-    def checked(self: JsonHandler, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
+    def checked(self: BaseHandler, *args: Any, **kwargs: Any) -> Awaitable[None] | None:
         if self._refusal is not None:  # authentication first, as in TabPy
             raise self._refusal
         if self._too_large:
@@ -66,8 +66,10 @@ def _reject_refused(verb: _Verb) -> _Verb:
 
 
 @stream_request_body
-class JsonHandler(RequestHandler):
-    """Base of every handler: authentication, streamed size-checked bodies, JSON errors."""
+class BaseHandler(RequestHandler):
+    """Base of every handler: authentication, streamed size-checked bodies, the error
+    envelope, call ids, in-flight tracking. Answers are JSON unless a handler says otherwise
+    (the status page's files, Prometheus text)."""
 
     services: Services
     # The route pattern, for metrics and the access log: bounded, unlike the raw path.
@@ -292,7 +294,7 @@ def _as_tabserve_error(status_code: int, exc_info: Any, call_id: str) -> Tabserv
     )
 
 
-class NotFoundHandler(JsonHandler):
+class NotFoundHandler(BaseHandler):
     """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page.
 
     Public, as in TabPy: a 404 reveals nothing, and a 401 would claim the path exists.
@@ -316,7 +318,7 @@ def log_request(handler: RequestHandler) -> None:
     """
     status = handler.get_status()
     level = logging.INFO if status < 500 else logging.ERROR
-    if not access_log.isEnabledFor(level) or not isinstance(handler, JsonHandler):
+    if not access_log.isEnabledFor(level) or not isinstance(handler, BaseHandler):
         return
     request = handler.request
     meta = handler.meta

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .base import JsonHandler
+from .base import BaseHandler
 
 
-class OperationsHandler(JsonHandler):
+class OperationsHandler(BaseHandler):
     """Base of the routes for machines (probes, scrapers): no credentials, never cached."""
 
     public = True

@@ -9,7 +9,7 @@ from ...errors import (
     NotFound,
 )
 from .. import openapi
-from .base import JsonHandler
+from .base import BaseHandler
 
 if TYPE_CHECKING:
     from ..app import Services
@@ -28,7 +28,7 @@ ASSETS = {
 ASSET_DIR = Path(__file__).parent.parent / "static"
 
 
-class PageHandler(JsonHandler):
+class PageHandler(BaseHandler):
     """Base of the status page's files: public, never cached, same-origin only."""
 
     # The page shell is public (as TabPy's static files are); its data calls are not.
@@ -64,7 +64,7 @@ class AssetHandler(PageHandler):
         self.send_file(ASSET_DIR / name, ASSETS[name])
 
 
-class OpenApiHandler(JsonHandler):
+class OpenApiHandler(BaseHandler):
     route = "/openapi.json"
 
     public = True  # a description of the API, as public as the page that links to it
