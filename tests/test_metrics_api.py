@@ -181,16 +181,13 @@ def test_each_app_has_its_own_registry() -> None:
 
 
 def test_metrics_credentials_follow_the_setting_and_probes_never_need_them() -> None:
-    from types import SimpleNamespace
-
     from tabserve.config import load_settings
-    from tabserve.server.handlers import LiveHandler, MetricsHandler, ReadyHandler
+    from tabserve.server.routes import route_for
 
-    assert LiveHandler.public is True and ReadyHandler.public is True
+    assert route_for("/health/live").public is True and route_for("/health/ready").public is True
     for raw, public in (("true", False), ("false", True)):
         settings = load_settings(None, {"TABSERVE_METRICS_AUTH": raw})
-        handler = SimpleNamespace(services=SimpleNamespace(settings=settings))
-        assert MetricsHandler.public.fget(handler) is public  # type: ignore[attr-defined]
+        assert route_for("/metrics").is_public(settings) is public
     assert load_settings(None, {}).metrics_auth is True
 
 

@@ -14,9 +14,8 @@ import cloudpickle
 import pytest
 
 from conftest import Server, ServerFactory
-from tabserve.config import load_settings
 from tabserve.server import openapi
-from tabserve.server.app import make_app
+from tabserve.server.routes import ROUTES, Route, route_for
 
 API_DOC = Path(__file__).parent.parent / "docs" / "api.md"
 METHODS = ("get", "post", "put", "delete", "patch")
@@ -28,30 +27,32 @@ def add(x: list[float], y: list[float]) -> list[float]:
     return [a + b for a, b in zip(x, y, strict=True)]
 
 
-def live_routes() -> dict[str, set[str]]:
-    """Every route of the real Application as an OpenAPI path, with the methods it serves."""
-    settings = load_settings(None, {})
-    app = make_app(type("S", (), {"settings": settings})())  # type: ignore[arg-type]
-    routes: dict[str, set[str]] = {}
-    for rule in app.default_router.rules[0].target.rules:  # type: ignore[attr-defined]
-        pattern = rule.matcher.regex.pattern.rstrip("$").replace("/?", "")
-        path = re.sub(r"\(\[\^/\]\+\)", "{name}", pattern)
-        handler = rule.target
-        methods = {m for m in METHODS if any(m in c.__dict__ for c in handler.__mro__[:-4])}
-        routes[path] = {m for m in methods if getattr(handler, m) is not None}
-    return routes
+def test_every_route_and_its_methods_are_documented() -> None:
+    """The document's paths are the route table's, each with the verbs its handler serves."""
+    paths = openapi.document(ROUTES)["paths"]
+    assert list(paths) == [route.path for route in ROUTES]
+    for route in ROUTES:
+        assert {m for m in paths[route.path] if m in METHODS} == set(route.methods), route.path
+        public = all(op.get("security") == [{}] for m, op in paths[route.path].items()
+                     if m in METHODS)  # fmt: skip
+        assert public is (route.public is True), route.path
+    assert route_for("/endpoints/{name}").methods == ("get", "put", "delete")
+    assert route_for("/query/{name}").methods == ("get", "post")
 
 
-def test_every_live_route_and_method_is_documented() -> None:
-    paths = openapi.document()["paths"]
-    routes = live_routes()
-    assert "/endpoints/{name}" in routes and "/evaluate" in routes
-    for path, methods in routes.items():
-        assert path in paths, f"{path} is routed but missing from /openapi.json"
-        documented = {m for m in paths[path] if m in METHODS}
-        own = {m for m in methods if m in documented or m != "get"}
-        assert own <= documented, f"{path}: {own - documented} not documented"
-    assert set(paths) <= set(routes), "documents a path that is not routed"
+def test_route_patterns_match_their_paths_and_nothing_more() -> None:
+    for route in ROUTES:
+        example = route.path.replace("{name}", "add")
+        assert re.fullmatch(route.pattern, example), route.path
+        assert not re.fullmatch(route.pattern, example + "/x"), route.path
+    assert re.fullmatch(route_for("/endpoints").pattern, "/endpoints/")
+    assert not re.fullmatch(route_for("/openapi.json").pattern, "/openapiXjson")
+
+
+def test_a_route_without_a_description_stops_the_document() -> None:
+    undocumented = Route("/undocumented", route_for("/info").handler)
+    with pytest.raises(ValueError, match="not the routed ones"):
+        openapi.document((*ROUTES, undocumented))
 
 
 def api_md_headings(text: str) -> set[tuple[str, str]]:
@@ -70,7 +71,7 @@ def test_api_md_and_the_document_name_the_same_routes() -> None:
     text = API_DOC.read_text()
     headed = api_md_headings(text)
     assert ("DELETE", "/endpoints/{name}") in headed
-    paths = openapi.document()["paths"]
+    paths = openapi.document(ROUTES)["paths"]
     for method, path in headed:
         assert method.lower() in paths.get(path, {}), f"api.md's {method} {path} not in the doc"
     for path, operations in paths.items():
@@ -88,7 +89,7 @@ def test_document_is_served(server: Server) -> None:
     document: dict[str, Any] = answer.json()
     assert document["openapi"] == "3.1.0"
     assert document["info"]["version"] == server.get("/info").json()["server_version"]
-    assert document == openapi.document()
+    assert document == openapi.document(ROUTES)
 
 
 @pytest.fixture(scope="module")

@@ -21,29 +21,15 @@ from tornado.web import Application
 from .. import __version__
 from ..config import Settings
 from ..store.state_dir import ServiceInfo, ensure_state_dir, read_state, service_info
+from . import openapi
 from .auth import Authenticator
 from .endpoints import EndpointService
 from .executor import Executor
-from .handlers import (
-    AssetHandler,
-    EndpointHandler,
-    EndpointsHandler,
-    EvaluateHandler,
-    InfoHandler,
-    LiveHandler,
-    MetricsHandler,
-    NotFoundHandler,
-    OpenApiHandler,
-    QueryHandler,
-    ReadyHandler,
-    RootHandler,
-    StatusHandler,
-    UploadDestinationHandler,
-    log_request,
-)
+from .handlers import log_request
 from .health import CheckResult, Readiness
 from .metrics import Metrics
 from .registry import EndpointRegistry
+from .routes import ROUTES, UNMATCHED
 from .sandbox import SandboxReport, start_pool
 from .tls import check_tls_files, make_server_context
 
@@ -102,30 +88,17 @@ _BODY_CHUNK = 1 << 20
 
 
 def make_app(services: Services) -> Application:
-    deps = {"services": services}
-    static = services.settings.static_path
-    page = (static / "index.html") if static else Path(__file__).parent / "static" / "index.html"
-    routes = [
-        (r"/", RootHandler, {**deps, "page": page}),
-        (r"/assets/([^/]+)", AssetHandler, deps),
-        (r"/openapi.json", OpenApiHandler, deps),
-        (r"/info", InfoHandler, deps),
-        (r"/evaluate", EvaluateHandler, deps),
-        (r"/status", StatusHandler, deps),
-        (r"/endpoints/?", EndpointsHandler, deps),
-        (r"/endpoints/([^/]+)", EndpointHandler, deps),
-        (r"/query/([^/]+)", QueryHandler, deps),
-        (r"/configurations/endpoint_upload_destination", UploadDestinationHandler, deps),
-        (r"/health/live", LiveHandler, deps),
-        (r"/health/ready", ReadyHandler, deps),
-        (r"/metrics", MetricsHandler, deps),
+    """The Tornado application serving the route table (``routes.ROUTES``) for ``services``."""
+    rules = [
+        (route.pattern, route.handler, {"services": services, "route": route}) for route in ROUTES
     ]
     return Application(
-        routes,  # type: ignore[arg-type]
-        default_handler_class=NotFoundHandler,
-        default_handler_args=deps,
+        rules,  # type: ignore[arg-type]
+        default_handler_class=UNMATCHED.handler,
+        default_handler_args={"services": services, "route": UNMATCHED},
         log_function=log_request,
         compress_response=False,
+        openapi=openapi.document(ROUTES),  # served by OpenApiHandler; built once
     )
 
 

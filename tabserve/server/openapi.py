@@ -1,14 +1,18 @@
 """The OpenAPI 3.1 description of tabserve's HTTP API, served at ``GET /openapi.json``.
 
-Written by hand from docs/api.md; ``tests/test_openapi.py`` checks it against the live routes
-and the doc, and a schemathesis run checks every answer of a live server against it.
+The paths and their verbs come from the route table (``routes.ROUTES``); what each operation
+takes and answers is written here by hand, from docs/api.md. ``tests/test_openapi.py``
+checks it against the doc, and a schemathesis run checks every answer of a live server
+against it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__
+from .routes import VERBS, Route
 
 JSON = "application/json"
 
@@ -202,8 +206,45 @@ def _operation(
     return {"summary": summary, "responses": {**ok, **_errors(*codes)}, **extra}
 
 
-def document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document, as a dict ready for ``json.dumps``."""
+def document(routes: Sequence[Route]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``routes`` (``routes.ROUTES``), ready for ``json.dumps``.
+
+    Its paths are the routes' paths, and each path's operations the verbs its handler
+    implements; a public route's operations need no credentials.
+    """
+    operations = _operations()
+    if set(operations) != {route.path for route in routes}:
+        raise ValueError(f"described paths {sorted(operations)} are not the routed ones")
+    paths: dict[str, Any] = {}
+    for route in routes:
+        path = operations[route.path]
+        described = {verb for verb in path if verb in VERBS}
+        if described != set(route.methods):
+            raise ValueError(f"{route.path}: {sorted(described)} described, {route.methods} served")
+        if route.public is True:
+            for verb in described:
+                operation = path[verb]
+                path[verb] = {"summary": operation["summary"], "security": [{}], **operation}
+        paths[route.path] = path
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tabserve",
+            "version": __version__,
+            "description": "Tableau Analytics Extensions API v1 and TabPy's REST API. "
+            "Errors always have the {message, info} envelope.",
+        },
+        "components": {
+            "schemas": {"Error": _ENVELOPE, "Endpoint": _ENDPOINT, "Info": _INFO},
+            "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
+        },
+        "security": [{}, {"basic": []}],
+        "paths": paths,
+    }
+
+
+def _operations() -> dict[str, dict[str, Any]]:
+    """What each path's operations answer, by path and verb (and path-level fields)."""
     run_errors = (400, 403, 404, 408, 415, 500, 503)
     endpoint_ref = {"$ref": "#/components/schemas/Endpoint"}
     endpoints_map = {"type": "object", "additionalProperties": endpoint_ref}
@@ -229,147 +270,126 @@ def document() -> dict[str, Any]:
         "properties": {"data": {"type": ["object", "array"]}},
     }
     return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "tabserve",
-            "version": __version__,
-            "description": "Tableau Analytics Extensions API v1 and TabPy's REST API. "
-            "Errors always have the {message, info} envelope.",
+        "/": {
+            "get": {
+                "summary": "The status page (public)",
+                "responses": {
+                    "200": {"description": "HTML", "content": {"text/html": {}}},
+                    **_errors(405, 413),
+                },
+            }
         },
-        "components": {
-            "schemas": {"Error": _ENVELOPE, "Endpoint": _ENDPOINT, "Info": _INFO},
-            "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
-        },
-        "security": [{}, {"basic": []}],
-        "paths": {
-            "/": {
-                "get": {
-                    "summary": "The status page (public)",
-                    "security": [{}],
-                    "responses": {
-                        "200": {"description": "HTML", "content": {"text/html": {}}},
-                        **_errors(405, 413),
-                    },
-                }
-            },
-            "/assets/{name}": {
-                "get": {
-                    "summary": "The status page's script and style sheet (public)",
-                    "security": [{}],
-                    "parameters": [_NAME],
-                    "responses": {
-                        "200": {
-                            "description": "the file",
-                            "content": {"text/javascript": {}, "text/css": {}},
-                        },
-                        **_errors(404, 405, 413),
-                    },
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document (public)",
-                    "security": [{}],
-                    "responses": {
-                        "200": _json({"type": "object"}, "OpenAPI 3.1"),
-                        **_errors(405, 413),
-                    },
-                }
-            },
-            "/health/live": {
-                "get": {
-                    "summary": "Liveness probe (no credentials)",
-                    "security": [{}],
-                    "responses": {
-                        "200": _json(
-                            {"type": "object", "required": ["status"]}, "The process is up"
-                        ),
-                        **_errors(405, 413),
-                    },
-                }
-            },
-            "/health/ready": {
-                "get": {
-                    "summary": "Readiness probe (no credentials): named checks",
-                    "security": [{}],
-                    "responses": {
-                        "200": _json(_READY, "Every check passed"),
-                        "503": _json(_READY, "A check failed; the body says which"),
-                        **_errors(405, 413),
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus text format (credentials unless TABSERVE_METRICS_AUTH "
-                    "is false)",
-                    "responses": {
-                        "200": {"description": "Prometheus text", "content": {"text/plain": {}}},
-                        **_errors(401, 405, 406, 413),
-                    },
-                }
-            },
-            "/info": {
-                "get": _operation(
-                    "Test Connection: static facts about the server",
-                    {"200": _json({"$ref": "#/components/schemas/Info"}, "Server facts")},
-                    (),
-                )
-            },
-            "/evaluate": {
-                "post": _operation(
-                    "Run a script (SCRIPT_* calculations, Table Extensions)",
-                    {"200": {"description": _ANY_JSON["description"], "content": {JSON: {}}}},
-                    run_errors,
-                    requestBody=_body(_EVALUATE_BODY, "JSON, optionally gzip-encoded"),
-                )
-            },
-            "/status": {
-                "get": _operation(
-                    "Load status of every deployed endpoint",
-                    {
-                        "200": _json(
-                            {"type": "object", "additionalProperties": {"type": "object"}},
-                            "By endpoint name: version, type, status, last_error",
-                        )
-                    },
-                    (),
-                )
-            },
-            "/endpoints": {
-                "get": _operation(
-                    "Every deployed endpoint", {"200": _json(endpoints_map, "By name")}, ()
-                ),
-                "post": _operation(
-                    "Deploy an endpoint (version 1)",
-                    {"201": _json(endpoints_map, "The new endpoint, by name")},
-                    (400, 403, 500, 503, 408),
-                    requestBody=_body(_DEPLOY_BODY, "The endpoint"),
-                ),
-            },
-            "/endpoints/{name}": {
+        "/assets/{name}": {
+            "get": {
+                "summary": "The status page's script and style sheet (public)",
                 "parameters": [_NAME],
-                "get": _operation("One endpoint", {"200": _json(endpoint_ref, "It")}, (404,)),
-                "put": _operation(
-                    "Update an endpoint (a new version with should_update_version)",
-                    {"200": _json(endpoints_map, "The endpoint, by name")},
-                    (400, 403, 404, 408, 500, 503),
-                    requestBody=_body(_DEPLOY_BODY, "The changes"),
-                ),
-                "delete": _operation(
-                    "Remove an endpoint", {"204": {"description": "Removed"}}, (400, 403, 404)
-                ),
-            },
-            "/query/{name}": {
-                "post": {**query, "requestBody": _body(query_body, "Named or positional args")},
-                "get": {**query, "summary": "As POST, for TabPy's clients"},
-            },
-            "/configurations/endpoint_upload_destination": {
-                "get": _operation(
-                    "Where TabPy's client stages pickles",
-                    {"200": _json({"type": "object", "required": ["path"]}, "The directory")},
-                    (),
-                )
-            },
+                "responses": {
+                    "200": {
+                        "description": "the file",
+                        "content": {"text/javascript": {}, "text/css": {}},
+                    },
+                    **_errors(404, 405, 413),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document (public)",
+                "responses": {
+                    "200": _json({"type": "object"}, "OpenAPI 3.1"),
+                    **_errors(405, 413),
+                },
+            }
+        },
+        "/health/live": {
+            "get": {
+                "summary": "Liveness probe (no credentials)",
+                "responses": {
+                    "200": _json({"type": "object", "required": ["status"]}, "The process is up"),
+                    **_errors(405, 413),
+                },
+            }
+        },
+        "/health/ready": {
+            "get": {
+                "summary": "Readiness probe (no credentials): named checks",
+                "responses": {
+                    "200": _json(_READY, "Every check passed"),
+                    "503": _json(_READY, "A check failed; the body says which"),
+                    **_errors(405, 413),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus text format (credentials unless TABSERVE_METRICS_AUTH "
+                "is false)",
+                "responses": {
+                    "200": {"description": "Prometheus text", "content": {"text/plain": {}}},
+                    **_errors(401, 405, 406, 413),
+                },
+            }
+        },
+        "/info": {
+            "get": _operation(
+                "Test Connection: static facts about the server",
+                {"200": _json({"$ref": "#/components/schemas/Info"}, "Server facts")},
+                (),
+            )
+        },
+        "/evaluate": {
+            "post": _operation(
+                "Run a script (SCRIPT_* calculations, Table Extensions)",
+                {"200": {"description": _ANY_JSON["description"], "content": {JSON: {}}}},
+                run_errors,
+                requestBody=_body(_EVALUATE_BODY, "JSON, optionally gzip-encoded"),
+            )
+        },
+        "/status": {
+            "get": _operation(
+                "Load status of every deployed endpoint",
+                {
+                    "200": _json(
+                        {"type": "object", "additionalProperties": {"type": "object"}},
+                        "By endpoint name: version, type, status, last_error",
+                    )
+                },
+                (),
+            )
+        },
+        "/endpoints": {
+            "get": _operation(
+                "Every deployed endpoint", {"200": _json(endpoints_map, "By name")}, ()
+            ),
+            "post": _operation(
+                "Deploy an endpoint (version 1)",
+                {"201": _json(endpoints_map, "The new endpoint, by name")},
+                (400, 403, 500, 503, 408),
+                requestBody=_body(_DEPLOY_BODY, "The endpoint"),
+            ),
+        },
+        "/endpoints/{name}": {
+            "parameters": [_NAME],
+            "get": _operation("One endpoint", {"200": _json(endpoint_ref, "It")}, (404,)),
+            "put": _operation(
+                "Update an endpoint (a new version with should_update_version)",
+                {"200": _json(endpoints_map, "The endpoint, by name")},
+                (400, 403, 404, 408, 500, 503),
+                requestBody=_body(_DEPLOY_BODY, "The changes"),
+            ),
+            "delete": _operation(
+                "Remove an endpoint", {"204": {"description": "Removed"}}, (400, 403, 404)
+            ),
+        },
+        "/query/{name}": {
+            "post": {**query, "requestBody": _body(query_body, "Named or positional args")},
+            "get": {**query, "summary": "As POST, for TabPy's clients"},
+        },
+        "/configurations/endpoint_upload_destination": {
+            "get": _operation(
+                "Where TabPy's client stages pickles",
+                {"200": _json({"type": "object", "required": ["path"]}, "The directory")},
+                (),
+            )
         },
     }

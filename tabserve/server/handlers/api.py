@@ -12,8 +12,6 @@ from .base import BaseHandler
 
 
 class InfoHandler(BaseHandler):
-    route = "/info"
-
     async def get(self) -> None:
         """Tableau's Test Connection: static facts about this server."""
         settings = self.services.settings
@@ -40,14 +38,12 @@ class InfoHandler(BaseHandler):
 
 
 class EvaluateHandler(BaseHandler):
-    # The 'evaluate' permission is checked in post: Tableau's connection probe is exempt.
-    route = "/evaluate"
-
     async def post(self) -> None:
         """Run an ad-hoc script in a worker; the worker parses the body and encodes the result."""
         settings = self.services.settings
         if not settings.evaluate_enabled:
             raise EvaluateDisabled()
+        # The 'evaluate' permission, checked here: Tableau's connection probe is exempt.
         self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
         self.services.sandbox.require_evaluate()
         result = await self.services.executor.run(
@@ -59,8 +55,6 @@ class EvaluateHandler(BaseHandler):
 
 
 class StatusHandler(BaseHandler):
-    route = "/status"
-
     async def get(self) -> None:
         """Load status of every deployed endpoint."""
         self.add_cors_headers()
@@ -68,9 +62,6 @@ class StatusHandler(BaseHandler):
 
 
 class EndpointsHandler(BaseHandler):
-    permissions = {"POST": "manage"}
-    route = "/endpoints"
-
     async def get(self) -> None:
         """Every deployed endpoint's description, keyed by name."""
         self.add_cors_headers()
@@ -83,9 +74,6 @@ class EndpointsHandler(BaseHandler):
 
 
 class EndpointHandler(BaseHandler):
-    permissions = {"PUT": "manage", "DELETE": "manage"}
-    route = "/endpoints/{name}"
-
     async def get(self, name: str) -> None:
         """One endpoint's description, unwrapped (as TabPy answers)."""
         self.add_cors_headers()
@@ -104,8 +92,6 @@ class EndpointHandler(BaseHandler):
 
 
 class UploadDestinationHandler(BaseHandler):
-    route = "/configurations/endpoint_upload_destination"
-
     async def get(self) -> None:
         """Where TabPy's client writes pickles before deploying (shared filesystems only)."""
         staging = self.services.endpoints.registry.staging
@@ -113,9 +99,6 @@ class UploadDestinationHandler(BaseHandler):
 
 
 class QueryHandler(BaseHandler):
-    permissions = {"GET": "query", "POST": "query"}
-    route = "/query/{name}"
-
     async def post(self, name: str) -> None:
         """Call a deployed function in a worker: ``{"data": {...}}`` or ``{"data": [...]}``."""
         self.services.endpoints.resolve(name)  # an unknown name is a 404 without using a worker

@@ -1,11 +1,11 @@
 """HTTP handlers: parse the request, call a service, write the answer. Nothing more.
 
 Every handler derives from ``BaseHandler``, which owns the cross-cutting rules: requests are
-authenticated before anything else (``auth.Authenticator``; a handler declares ``public`` or
-the permission each verb needs), request bodies are streamed and size-checked here (so
-Tornado never parses a JSON body as a form, and an oversized body gets TabPy's 413 on every
-route), errors are rendered in one place as TabPy's ``{"message", "info"}`` envelope, and
-responses are JSON.
+authenticated before anything else (``auth.Authenticator``; the route table says whether a
+route is public and the permission each verb needs), request bodies are streamed and
+size-checked here (so Tornado never parses a JSON body as a form, and an oversized body gets
+TabPy's 413 on every route), errors are rendered in one place as TabPy's
+``{"message", "info"}`` envelope, and answers are JSON unless a handler says otherwise.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tornado.escape import utf8
 from tornado.iostream import StreamClosedError
@@ -37,6 +37,7 @@ from ..auth import ANONYMOUS
 
 if TYPE_CHECKING:
     from ..app import Services
+    from ..routes import Route
 
 log = logging.getLogger("tabserve.http")
 access_log = logging.getLogger("tabserve.access")
@@ -72,13 +73,8 @@ class BaseHandler(RequestHandler):
     (the status page's files, Prometheus text)."""
 
     services: Services
-    # The route pattern, for metrics and the access log: bounded, unlike the raw path.
-    route: ClassVar[str] = ""
-    # Public handlers answer without credentials (the page shell, health checks, 404s;
-    # /metrics per TABSERVE_METRICS_AUTH).
-    public: ClassVar[bool] = False
-    # The permission each verb needs beyond a valid login (see passwords.PERMISSION_ORDER).
-    permissions: ClassVar[dict[str, str]] = {}
+    # Its entry in the route table: permissions, whether public, the metrics label.
+    route: Route
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # A streamed body is complete only when the verb method starts; guarding each verb
@@ -88,8 +84,9 @@ class BaseHandler(RequestHandler):
             if name in cls.__dict__:
                 setattr(cls, name, _reject_refused(cls.__dict__[name]))
 
-    def initialize(self, services: Services) -> None:
+    def initialize(self, services: Services, route: Route) -> None:
         self.services = services
+        self.route = route
         self.user: User = ANONYMOUS
         self._chunks: list[bytes] = []
         self._received = 0
@@ -129,7 +126,7 @@ class BaseHandler(RequestHandler):
     async def prepare(self) -> None:
         logs.call_id.set(self.call_id)  # every log line of this request names it
         # A CORS preflight never carries credentials, so it is answered without them.
-        if not self.public and self.request.method != "OPTIONS":
+        if self.request.method != "OPTIONS" and not self.route.is_public(self.services.settings):
             await self._authenticate()
         limit = self.services.settings.max_request_bytes
         declared = self.request.headers.get("Content-Length")
@@ -149,7 +146,8 @@ class BaseHandler(RequestHandler):
             self.user = await auth.authenticate(
                 self.request.headers.get("Authorization"), self.request.remote_ip or "?"
             )
-            auth.authorize(self.user, self.permissions.get(self.request.method or "GET"))
+            permission = self.route.permissions.get(self.request.method or "GET")
+            auth.authorize(self.user, permission)
         except TabserveError as refusal:
             if self._expects_continue:
                 raise  # the client waits for our answer before sending the body
@@ -208,10 +206,9 @@ class BaseHandler(RequestHandler):
 
     def on_finish(self) -> None:
         self._untrack()
-        route = self.route or type(self).__name__
         request = self.request
         self.services.metrics.observe(
-            route,
+            self.route.name,
             request.method or "",
             self.get_status(),
             request.request_time(),
@@ -272,7 +269,7 @@ class BaseHandler(RequestHandler):
             return
         # Not Tornado's version: it logs the request's headers, credentials included.
         log.error(
-            "unexpected error in %s %s", self.request.method, self.route or self.request.path,
+            "unexpected error in %s %s", self.request.method, self.route.name,
             exc_info=(typ, value, tb),
         )  # fmt: skip
 
@@ -295,14 +292,7 @@ def _as_tabserve_error(status_code: int, exc_info: Any, call_id: str) -> Tabserv
 
 
 class NotFoundHandler(BaseHandler):
-    """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page.
-
-    Public, as in TabPy: a 404 reveals nothing, and a 401 would claim the path exists.
-    """
-
-    public = True
-
-    route = "unmatched"
+    """Every path no route matches: a JSON 404 for any method, never Tornado's HTML page."""
 
     async def get(self, *args: str) -> None:
         raise NotFound("Not found", f"No route for {self.request.method} {self.request.path}")
@@ -328,7 +318,7 @@ def log_request(handler: RequestHandler) -> None:
         "path": request.path,
         "status": status,
         "duration_ms": round(1000.0 * request.request_time(), 1),
-        "route": handler.route or type(handler).__name__,
+        "route": handler.route.name,
         "endpoint": handler.endpoint or meta.get("model"),
         "version": meta.get("version"),
         "rows_in": meta.get("rows_in"),

@@ -7,25 +7,19 @@ from .base import BaseHandler
 
 
 class OperationsHandler(BaseHandler):
-    """Base of the routes for machines (probes, scrapers): no credentials, never cached."""
-
-    public = True
+    """Base of the routes for machines (probes, scrapers): never cached."""
 
     def compute_etag(self) -> None:
         return None  # a live answer every time, never a 304
 
 
 class LiveHandler(OperationsHandler):
-    route = "/health/live"
-
     async def get(self) -> None:
         """Liveness: the process is up and its event loop answers."""
         self.write_json({"status": "alive"})
 
 
 class ReadyHandler(OperationsHandler):
-    route = "/health/ready"
-
     async def get(self) -> None:
         """Readiness: 200 when every check passes, else 503; the body says which failed."""
         ready, outcomes = await self.services.readiness.run()
@@ -39,12 +33,6 @@ class ReadyHandler(OperationsHandler):
 
 
 class MetricsHandler(OperationsHandler):
-    route = "/metrics"
-
-    @property
-    def public(self) -> bool:  # type: ignore[override]  # a setting, not a constant
-        return not self.services.settings.metrics_auth
-
     async def get(self) -> None:
         """Prometheus text format, for the whole server: every worker's jobs are counted here."""
         self.set_header("Content-Type", METRICS_CONTENT_TYPE)

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ...errors import (
     NotFound,
 )
-from .. import openapi
 from .base import BaseHandler
-
-if TYPE_CHECKING:
-    from ..app import Services
 
 # The status page may load only what this server serves: no CDN, no inline script.
 _PAGE_POLICY = (
@@ -29,10 +24,7 @@ ASSET_DIR = Path(__file__).parent.parent / "static"
 
 
 class PageHandler(BaseHandler):
-    """Base of the status page's files: public, never cached, same-origin only."""
-
-    # The page shell is public (as TabPy's static files are); its data calls are not.
-    public = True
+    """Base of the status page's files: never cached, same-origin only."""
 
     def send_file(self, path: Path, content_type: str) -> None:
         self.set_header("Content-Type", content_type)
@@ -43,20 +35,14 @@ class PageHandler(BaseHandler):
 
 
 class RootHandler(PageHandler):
-    route = "/"
-
-    def initialize(self, services: Services, page: Path) -> None:  # type: ignore[override]
-        super().initialize(services)
-        self.page = page
-
     async def get(self) -> None:
         """The status page at /; its data comes from the (authenticated) API."""
-        self.send_file(self.page, "text/html; charset=UTF-8")
+        static = self.services.settings.static_path  # TABPY_STATIC_PATH replaces the page
+        page = static / "index.html" if static else ASSET_DIR / "index.html"
+        self.send_file(page, "text/html; charset=UTF-8")
 
 
 class AssetHandler(PageHandler):
-    route = "/assets/{name}"
-
     async def get(self, name: str) -> None:
         """The status page's script and style sheet."""
         if name not in ASSETS:
@@ -65,11 +51,7 @@ class AssetHandler(PageHandler):
 
 
 class OpenApiHandler(BaseHandler):
-    route = "/openapi.json"
-
-    public = True  # a description of the API, as public as the page that links to it
-
     async def get(self) -> None:
-        """The OpenAPI 3.1 description of this API."""
+        """The OpenAPI 3.1 description of this API (built by ``app.make_app``)."""
         self.add_cors_headers()
-        self.write_json(openapi.document())
+        self.write_json(self.settings["openapi"])

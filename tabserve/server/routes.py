@@ -1,0 +1,111 @@
+"""The one route table: each route's path, handler, permissions and whether it is public.
+
+Everything else about routing is derived from it: the Tornado URL patterns (``app.make_app``),
+the ``route`` label of metrics and of the access log, and the ``paths`` of the OpenAPI
+document (``openapi.document``). A new route is one line here, plus its description in
+``openapi`` and docs/api.md (tests/test_openapi.py checks both).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from ..config import Settings
+from .handlers import (
+    AssetHandler,
+    BaseHandler,
+    EndpointHandler,
+    EndpointsHandler,
+    EvaluateHandler,
+    InfoHandler,
+    LiveHandler,
+    MetricsHandler,
+    NotFoundHandler,
+    OpenApiHandler,
+    QueryHandler,
+    ReadyHandler,
+    RootHandler,
+    StatusHandler,
+    UploadDestinationHandler,
+)
+
+# The verbs a route can implement; BaseHandler answers the others (405, and CORS preflights).
+VERBS = ("get", "post", "put", "delete", "patch")
+_PARAMETER = re.compile(r"\{[a-z_]+\}")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route. ``path`` is an OpenAPI path template: literal segments and ``{name}``s."""
+
+    path: str
+    handler: type[BaseHandler]
+    # The permission each verb needs beyond a valid login (see store.passwords.PERMISSION_ORDER).
+    permissions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Answered without credentials when authentication is on; a function of the settings
+    # where a setting decides.
+    public: bool | Callable[[Settings], bool] = False
+    trailing_slash: bool = False  # also answers at path + "/", as TabPy's does
+    label: str = ""  # the metrics and access-log label when it is not the path
+
+    def is_public(self, settings: Settings) -> bool:
+        return self.public if isinstance(self.public, bool) else self.public(settings)
+
+    @property
+    def name(self) -> str:
+        """The ``route`` label of metrics and the access log: bounded, unlike raw paths."""
+        return self.label or self.path
+
+    @property
+    def pattern(self) -> str:
+        """The Tornado URL pattern: each ``{parameter}`` matches one path segment."""
+        literals = _PARAMETER.split(self.path)
+        pattern = "([^/]+)".join(re.escape(literal) for literal in literals)
+        return pattern + ("/?" if self.trailing_slash else "")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The verbs the handler implements itself (lower case, as OpenAPI writes them)."""
+        own = [cls for cls in self.handler.__mro__ if issubclass(cls, BaseHandler)]
+        own = own[: own.index(BaseHandler)]
+        return tuple(verb for verb in VERBS if any(verb in cls.__dict__ for cls in own))
+
+
+def _metrics_public(settings: Settings) -> bool:
+    return not settings.metrics_auth
+
+
+# In the order /openapi.json lists them. /evaluate declares no permission: its handler checks
+# 'evaluate' itself, because Tableau's connection test is allowed without it.
+ROUTES: tuple[Route, ...] = (
+    # The status page and what it loads are public, as TabPy's static files are; the API
+    # calls the page makes are not.
+    Route("/", RootHandler, public=True),
+    Route("/assets/{name}", AssetHandler, public=True),
+    Route("/openapi.json", OpenApiHandler, public=True),
+    # For machines: probes never need credentials; /metrics as TABSERVE_METRICS_AUTH says.
+    Route("/health/live", LiveHandler, public=True),
+    Route("/health/ready", ReadyHandler, public=True),
+    Route("/metrics", MetricsHandler, public=_metrics_public),
+    Route("/info", InfoHandler),
+    Route("/evaluate", EvaluateHandler),
+    Route("/status", StatusHandler),
+    Route("/endpoints", EndpointsHandler, {"POST": "manage"}, trailing_slash=True),
+    Route("/endpoints/{name}", EndpointHandler, {"PUT": "manage", "DELETE": "manage"}),
+    Route("/query/{name}", QueryHandler, {"GET": "query", "POST": "query"}),
+    Route("/configurations/endpoint_upload_destination", UploadDestinationHandler),
+)
+
+# Every path no route matches: public, as in TabPy (a 401 would claim the path exists).
+UNMATCHED = Route("", NotFoundHandler, public=True, label="unmatched")
+
+
+def route_for(path: str) -> Route:
+    """The route declared for ``path`` (a template, e.g. ``/endpoints/{name}``)."""
+    for route in ROUTES:
+        if route.path == path:
+            return route
+    raise KeyError(path)
