@@ -21,8 +21,6 @@ from typing import Any
 
 import platformdirs
 
-from .store.archives import ARCHIVE_DIR_NAME
-
 SECTION = "TabPy"
 
 
@@ -415,11 +413,6 @@ class Settings:
     @property
     def max_request_bytes(self) -> int:
         return self.max_request_size_mb * 1024 * 1024
-
-    @property
-    def endpoint_path(self) -> Path:
-        """Where deployed endpoint archives live (TabPy's layout; see store.archives)."""
-        return self.state_path / ARCHIVE_DIR_NAME
 
     @property
     def tls_enabled(self) -> bool:

@@ -40,7 +40,6 @@ def test_tabpy_config_file_is_read_unchanged(tmp_path: Path) -> None:
     assert settings.port == 9010
     assert settings.state_path == Path("./state").resolve()
     assert settings.query_object_path == Path("/tmp/qo")  # accepted, and like TabPy unused:
-    assert settings.endpoint_path == settings.state_path / "query_objects"
     assert settings.evaluate_timeout == 1996.0
     assert settings.evaluate_enabled is False
     assert settings.gzip_enabled is False

@@ -37,7 +37,7 @@ def model(name: str = "double", **extra: object) -> dict[str, object]:
 def test_add_writes_tabpy_format_and_the_archive(registry: EndpointRegistry) -> None:
     endpoint, archive = registry.add(model(description="twice", schema={"x": "list"}))
     assert endpoint.version == 1
-    assert archive == registry.files / "double" / "1" / "pickle_archive"
+    assert archive == registry.archive_dir / "double" / "1" / "pickle_archive"
     assert load_archive(archive)([1, 2]) == [2, 4]
     text = registry.state_file.read_text()
     assert "[Query Objects Service Versions]" in text and "[Query Objects Docstrings]" in text
@@ -72,7 +72,7 @@ def test_new_versions_keep_only_current_and_previous(registry: EndpointRegistry)
     for _ in range(3):
         registry.update("double", {"should_update_version": True, "archive": archive_of(double)})
     assert registry.get("double").version == 4
-    assert sorted(p.name for p in (registry.files / "double").iterdir()) == ["3", "4"]
+    assert sorted(p.name for p in (registry.archive_dir / "double").iterdir()) == ["3", "4"]
 
 
 def test_metadata_update_keeps_fields_not_sent(registry: EndpointRegistry) -> None:
@@ -131,7 +131,7 @@ def test_delete_refuses_while_an_alias_depends_on_it(registry: EndpointRegistry)
     registry.delete("twice")
     registry.delete("double")
     assert registry.all() == {}
-    assert not (registry.files / "double").exists()
+    assert not (registry.archive_dir / "double").exists()
 
 
 def test_alias_cycles_are_refused(registry: EndpointRegistry) -> None:

@@ -574,7 +574,7 @@ def _probe_result(**overrides: object) -> dict[str, object]:
         "tmp_writable": True,
         "state_listing": ["query_objects"],
         "state_writable": False,
-        "endpoints_readable": True,
+        "archives_readable": True,
         "outside_writable": False,
         "connects": False,
         "server_environ": False,
@@ -592,7 +592,7 @@ def _judge(mode: str, **overrides: object) -> list[tuple[str, str]]:
         mode=mode,
         drop_to=(65534, 65534),
         limits={"fsize": 1024, "nofile": 1024, "nproc": 64},
-        endpoint_root="/state/query_objects",
+        archive_dir="/state/query_objects",
         state_path="/state",
     )
     return sandbox.assess(settings, confined, _probe_result(**overrides))

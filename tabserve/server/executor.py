@@ -70,7 +70,7 @@ class PoolConfig:
     drop_to: tuple[int, int] | None = None  # (uid, gid) to switch to; None keeps the user
     limits: Mapping[str, int] = field(default_factory=dict)  # fsize (MiB), nofile, nproc
     cpu_seconds: int = 0  # RLIMIT_CPU backstop per job
-    endpoint_root: str = ""  # where archives live; kept open across the user switch
+    archive_dir: str = ""  # kept open across the user switch (see worker.main.confine)
 
 
 @dataclass
@@ -196,7 +196,7 @@ class WorkerProcess:
             "cpu_seconds": config.cpu_seconds,
             "limits": dict(config.limits),
             "drop_to": config.drop_to,
-            "endpoint_root": config.endpoint_root,
+            "archive_dir": config.archive_dir,
             "request_limit": config.request_limit,
             "gzip_enabled": config.gzip_enabled,
             "log_level": config.log_level,

@@ -83,11 +83,11 @@ class Endpoint:
 
 
 class EndpointRegistry:
-    """Deployed endpoints, persisted in ``state.ini`` and ``query_objects/``."""
+    """Deployed endpoints, persisted in ``state.ini`` and the archive directory."""
 
     def __init__(self, state_path: Path) -> None:
         self.state_file = state_path / "state.ini"
-        self.files = archive_dir(state_path)
+        self.archive_dir = archive_dir(state_path)
         self.staging = state_path / "staging"
         self._lock = threading.Lock()
         self._endpoints: dict[str, Endpoint] = _read_endpoints(read_state(self.state_file))
@@ -104,7 +104,7 @@ class EndpointRegistry:
             raise NotFound("Unknown endpoint", f"Endpoint {name} is not found") from None
 
     def archive_path(self, endpoint: Endpoint) -> Path:
-        return self.files / endpoint.name / str(endpoint.version) / ARCHIVE_FILE
+        return self.archive_dir / endpoint.name / str(endpoint.version) / ARCHIVE_FILE
 
     def resolve(self, name: str) -> Endpoint:
         """Follow aliases to the model that answers for ``name``."""
@@ -172,7 +172,7 @@ class EndpointRegistry:
                     "remove those first"
                 )
             self._commit({n: e for n, e in self._endpoints.items() if n != name})
-            shutil.rmtree(self.files / name, ignore_errors=True)
+            shutil.rmtree(self.archive_dir / name, ignore_errors=True)
             shutil.rmtree(self.staging / "endpoints" / name, ignore_errors=True)
             return endpoint
 
@@ -186,9 +186,9 @@ class EndpointRegistry:
                 remaining[endpoint.name] = previous
             self._commit(remaining)
             if previous is None:
-                shutil.rmtree(self.files / endpoint.name, ignore_errors=True)
+                shutil.rmtree(self.archive_dir / endpoint.name, ignore_errors=True)
             elif previous.version != endpoint.version:
-                stale = self.files / endpoint.name / str(endpoint.version)
+                stale = self.archive_dir / endpoint.name / str(endpoint.version)
                 shutil.rmtree(stale, ignore_errors=True)
 
     def _check_target(self, name: str, target: Any) -> str:
@@ -212,7 +212,7 @@ class EndpointRegistry:
         mismatch = python_mismatch(endpoint.python_version)
         if mismatch:
             raise BadRequest(f"cannot deploy {endpoint.name}: {mismatch}")
-        destination = self.files / endpoint.name / str(endpoint.version)
+        destination = self.archive_dir / endpoint.name / str(endpoint.version)
         if "archive" in request:
             data = _decode_archive(request["archive"])
             return self._install(destination, lambda tmp: (tmp / ARCHIVE_FILE).write_bytes(data))
@@ -267,7 +267,7 @@ class EndpointRegistry:
     def _prune(self, endpoint: Endpoint) -> None:
         """Keep the current and the previous version; remove older ones and staging copies."""
         keep = {str(endpoint.version), str(endpoint.version - 1)}
-        directory = self.files / endpoint.name
+        directory = self.archive_dir / endpoint.name
         if directory.is_dir():
             for child in directory.iterdir():
                 if child.name not in keep:

@@ -38,6 +38,7 @@ import orjson
 
 from ..config import ConfigError, Settings
 from ..errors import SandboxUnavailable, TabserveError
+from ..store.archives import ARCHIVE_DIR_NAME, archive_dir
 from .executor import PACKAGE_PARENT, SINGLE_THREADED, Executor, PoolConfig
 
 log = logging.getLogger("tabserve.sandbox")
@@ -79,7 +80,7 @@ class Confinement:
     hidden: tuple[str, ...] = ()  # replaced by empty stand-ins (bubblewrap)
     secrets: tuple[str, ...] = ()  # what the probe tries to read
     notes: tuple[tuple[str, str], ...] = ()  # findings known before the probe runs
-    endpoint_root: str = ""
+    archive_dir: str = ""
     state_path: str = ""
 
 
@@ -172,10 +173,6 @@ def worker_ids(user: str, mode: str = NONE) -> tuple[int, int] | None:
             return int(user), int(user)  # a uid without a passwd entry is fine
         raise ConfigError(f"TABSERVE_WORKER_USER = {user!r}: no such user") from None
     return entry.pw_uid, entry.pw_gid
-
-
-def endpoint_root(settings: Settings) -> Path:
-    return settings.endpoint_path  # where registry.EndpointRegistry keeps archives
 
 
 def _within(path: str, tops: Iterable[str]) -> bool:
@@ -304,7 +301,7 @@ def bubblewrap_prefix(
         if _within(path, covered):
             args += [*_parents(path, covered), "--ro-bind", path, path]
     state = str(settings.state_path)
-    archives = str(endpoint_root(settings))
+    archives = str(archive_dir(settings.state_path))
     # The state directory becomes an empty read-only directory holding only the archives.
     args += [*_parents(state, covered), "--tmpfs", state]
     args += ["--ro-bind", archives, archives, "--remount-ro", state]
@@ -331,14 +328,14 @@ def bubblewrap_prefix(
 
 
 def confinement(settings: Settings, mode: str | None = None) -> Confinement:
-    """Decide how workers are launched and limited. Creates the endpoint directory.
+    """Decide how workers are launched and limited. Creates the archive directory.
 
     Raises ConfigError when TABSERVE_WORKER_USER names no user.
     """
     mode = mode or settings.sandbox
     root = os.geteuid() == 0
     drop_to = worker_ids(settings.worker_user, mode)
-    archives = endpoint_root(settings)
+    archives = archive_dir(settings.state_path)
     # It must exist before the workers start: bubblewrap mounts it, workers keep it open.
     archives.mkdir(parents=True, exist_ok=True)
     limits = {"fsize": settings.worker_file_size_mb, "nofile": settings.worker_open_files}
@@ -372,7 +369,7 @@ def confinement(settings: Settings, mode: str | None = None) -> Confinement:
         hidden=tuple(hidden),
         secrets=tuple(dict.fromkeys([*secrets, *hidden])),
         notes=tuple(notes) if mode == BUBBLEWRAP else (),
-        endpoint_root=str(archives),
+        archive_dir=str(archives),
         state_path=str(settings.state_path),
     )
 
@@ -392,7 +389,7 @@ def pool_config(settings: Settings, confined: Confinement, workers: int = 0) -> 
         drop_to=confined.drop_to,
         limits=confined.limits,
         cpu_seconds=settings.worker_cpu_seconds,
-        endpoint_root=confined.endpoint_root,
+        archive_dir=confined.archive_dir,
     )
 
 
@@ -498,7 +495,7 @@ def assess(
     if strict:
         listing = result.get("state_listing") or []
         add(
-            set(listing) <= {"query_objects"},
+            set(listing) <= {ARCHIVE_DIR_NAME},
             ERROR,
             "the state directory is hidden (only the endpoint archives are visible)",
             f"scripts can see the state directory: {', '.join(listing)}",
@@ -535,10 +532,10 @@ def assess(
             )
         )
     add(
-        bool(result.get("endpoints_readable")),
+        bool(result.get("archives_readable")),
         WARNING,
         "workers can read the deployed endpoint archives",
-        f"workers cannot read {confined.endpoint_root}: deployed endpoints will fail to load",
+        f"workers cannot read {confined.archive_dir}: deployed endpoints will fail to load",
     )
     add(
         result["tmp_writable"],
@@ -598,7 +595,7 @@ async def probe(settings: Settings, confined: Confinement, executor: Executor) -
         params = {
             "secrets": secrets,
             "state": confined.state_path,
-            "endpoint_root": confined.endpoint_root,
+            "archive_dir": confined.archive_dir,
             "outside": "/var/tmp" if os.path.isdir("/var/tmp") else "",
             "port": listener.getsockname()[1],
             "server_pid": os.getpid(),

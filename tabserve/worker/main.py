@@ -127,9 +127,9 @@ class Worker:
         self.tabpy = ScriptTabpy(self)
         self.endpoints: dict[str, dict[str, Any]] = {}
         self._loaded: dict[str, Callable[..., Any]] = {}  # archive path -> callable
-        # Set by confine() when the worker gives up root: archives are opened relative to it.
-        self.endpoint_root: str = config.get("endpoint_root", "")
-        self.endpoint_fd: int | None = None
+        # Its descriptor is opened by confine() when the worker gives up root (see _load).
+        self.archive_dir: str = config.get("archive_dir", "")
+        self.archive_dir_fd: int | None = None
 
     def set_context(self, context: dict[str, Any]) -> None:
         self.endpoints = context.get("endpoints", {})
@@ -304,15 +304,15 @@ class Worker:
         return function
 
     def _load(self, path: str) -> Callable[..., Any]:
-        """Unpickle an archive; below the endpoint root, through the descriptor kept for it.
+        """Unpickle an archive; in the archive directory, through the descriptor kept for it.
 
         A worker that gave up root may be unable to walk the directories above the state
         directory (``/root`` is 0700); the descriptor opened before the switch still works.
         """
-        if self.endpoint_fd is not None and self.endpoint_root:
-            relative = os.path.relpath(path, self.endpoint_root)
+        if self.archive_dir_fd is not None and self.archive_dir:
+            relative = os.path.relpath(path, self.archive_dir)
             if not relative.startswith(os.pardir):
-                fd = os.open(relative, os.O_RDONLY, dir_fd=self.endpoint_fd)
+                fd = os.open(relative, os.O_RDONLY, dir_fd=self.archive_dir_fd)
                 with os.fdopen(fd, "rb") as handle:
                     return load_callable(handle)
         return load_archive(Path(path))
@@ -390,8 +390,8 @@ def confine(worker: Worker, config: dict[str, Any]) -> None:
     drop_to = config.get("drop_to")
     if drop_to:
         uid, gid = drop_to
-        if worker.endpoint_root and os.path.isdir(worker.endpoint_root):
-            worker.endpoint_fd = os.open(worker.endpoint_root, os.O_RDONLY | os.O_DIRECTORY)
+        if worker.archive_dir and os.path.isdir(worker.archive_dir):
+            worker.archive_dir_fd = os.open(worker.archive_dir, os.O_RDONLY | os.O_DIRECTORY)
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)  # also clears every capability: there is no way back

@@ -108,9 +108,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     if state:
         result["state_listing"] = listing(state)
         result["state_writable"] = writable(state)
-    endpoint_root = params.get("endpoint_root")
-    if endpoint_root:
-        result["endpoints_readable"] = listing(endpoint_root) is not None
+    archive_dir = params.get("archive_dir")
+    if archive_dir:
+        result["archives_readable"] = listing(archive_dir) is not None
     outside = params.get("outside")
     if outside:
         result["outside_writable"] = writable(outside)
