@@ -197,16 +197,16 @@ def expect_envelope(response: Response, status: int, message: str | None = None)
 
 # ---- the checks ---------------------------------------------------------------------------
 
-Check = Callable[[Target], str]
-CHECKS: list[tuple[str, Check]] = []
+ConformanceCheck = Callable[[Target], str]
+CHECKS: list[tuple[str, ConformanceCheck]] = []
 
 
 class Skip(Exception):
     """The check does not apply to this server or these options."""
 
 
-def check(name: str) -> Callable[[Check], Check]:
-    def register(func: Check) -> Check:
+def check(name: str) -> Callable[[ConformanceCheck], ConformanceCheck]:
+    def register(func: ConformanceCheck) -> ConformanceCheck:
         CHECKS.append((name, func))
         return func
 
@@ -520,26 +520,26 @@ def _parse_raw_response(data: bytes) -> tuple[int, bytes]:
 
 
 @dataclass
-class Outcome:
+class ConformanceOutcome:
     name: str
     result: str
     detail: str
 
 
-def run_checks(target: Target) -> Iterator[Outcome]:
+def run_checks(target: Target) -> Iterator[ConformanceOutcome]:
     for name, func in CHECKS:
         try:
             detail = func(target)
-            yield Outcome(name, PASS, detail)
+            yield ConformanceOutcome(name, PASS, detail)
         except Skip as skip:
-            yield Outcome(name, SKIP, str(skip))
+            yield ConformanceOutcome(name, SKIP, str(skip))
         except CheckFailed as failure:
-            yield Outcome(name, FAIL, str(failure))
+            yield ConformanceOutcome(name, FAIL, str(failure))
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            yield Outcome(name, FAIL, f"{type(exc).__name__}: {exc}")
+            yield ConformanceOutcome(name, FAIL, f"{type(exc).__name__}: {exc}")
 
 
-def print_table(outcomes: list[Outcome], out: TextIO) -> None:
+def print_table(outcomes: list[ConformanceOutcome], out: TextIO) -> None:
     width = max(len(o.name) for o in outcomes)
     print(f"{'check'.ljust(width)}  result  detail", file=out)
     print(f"{'-' * width}  ------  ------", file=out)

@@ -26,7 +26,7 @@ from .auth import Authenticator
 from .endpoints import EndpointService
 from .executor import Executor
 from .handlers import log_request
-from .health import CheckResult, Readiness
+from .health import Readiness, Verdict
 from .metrics import Metrics
 from .registry import EndpointRegistry
 from .routes import ROUTES, UNMATCHED
@@ -176,17 +176,17 @@ def readiness_checks(
 ) -> None:
     """The built-in checks; other services may add theirs."""
 
-    def state() -> CheckResult:
+    def state() -> Verdict:
         # Loaded before the server listened; this catches the volume going away underneath.
         if not state_file.is_file():
             return False, f"{state_file} is missing"
         return True, "state.ini loaded"
 
-    def workers() -> CheckResult:
+    def workers() -> Verdict:
         alive, wanted = executor.alive, executor.config.workers
         return alive > 0, f"{alive} of {wanted} workers alive"
 
-    def accepting() -> CheckResult:
+    def accepting() -> Verdict:
         if requests.draining:
             return False, "shutting down"
         return True, "accepting requests"

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import BadRequest, TabserveError
 from .executor import Executor, JobResult
-from .registry import Endpoint, EndpointRegistry
+from .registry import EndpointRecord, EndpointRegistry
 
 log = logging.getLogger("tabserve.endpoints")
 
@@ -59,7 +59,7 @@ class EndpointService:
                 self._checks.add(task)
                 task.add_done_callback(self._checks.discard)
 
-    async def _check_on_start(self, endpoint: Endpoint) -> None:
+    async def _check_on_start(self, endpoint: EndpointRecord) -> None:
         try:
             self.guard()
         except TabserveError as exc:
@@ -73,7 +73,7 @@ class EndpointService:
             log.error("endpoint %s version %d does not load: %s", endpoint.name, endpoint.version,
                       error)  # fmt: skip
 
-    def _entry(self, endpoint: Endpoint) -> dict[str, Any]:
+    def _entry(self, endpoint: EndpointRecord) -> dict[str, Any]:
         return {
             "type": endpoint.type,
             "version": endpoint.version,
@@ -86,7 +86,7 @@ class EndpointService:
         table = {name: self._entry(e) for name, e in self.registry.all().items()}
         self.executor.set_context({"endpoints": table})
 
-    async def _load_error(self, endpoint: Endpoint) -> str | None:
+    async def _load_error(self, endpoint: EndpointRecord) -> str | None:
         """Why ``endpoint`` does not load in a worker, or None when it does."""
         try:
             await self.executor.run(
@@ -120,14 +120,14 @@ class EndpointService:
 
     # -- changing --------------------------------------------------------------------------
 
-    async def add(self, request: Mapping[str, Any]) -> Endpoint:
+    async def add(self, request: Mapping[str, Any]) -> EndpointRecord:
         self.guard()  # a deploy unpickles the archive in a worker: that runs its code
         async with self._lock:
             endpoint, _ = await asyncio.to_thread(self.registry.add, request)
             await self._accept(endpoint, previous=None)
             return endpoint
 
-    async def update(self, name: str, request: Mapping[str, Any]) -> Endpoint:
+    async def update(self, name: str, request: Mapping[str, Any]) -> EndpointRecord:
         self.guard()
         async with self._lock:
             previous = self.registry.get(name)
@@ -138,7 +138,7 @@ class EndpointService:
                 self._publish()
             return endpoint
 
-    async def _accept(self, endpoint: Endpoint, previous: Endpoint | None) -> None:
+    async def _accept(self, endpoint: EndpointRecord, previous: EndpointRecord | None) -> None:
         """Publish ``endpoint`` if its archive loads in a worker; otherwise undo the deploy."""
         if endpoint.type == "model":
             before = self._states.get(endpoint.name)
@@ -163,7 +163,7 @@ class EndpointService:
 
     # -- querying --------------------------------------------------------------------------
 
-    def resolve(self, name: str) -> Endpoint:
+    def resolve(self, name: str) -> EndpointRecord:
         """The model answering for ``name`` (following aliases); NotFound if there is none."""
         return self.registry.resolve(name)
 

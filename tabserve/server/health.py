@@ -15,12 +15,12 @@ from typing import Any
 
 log = logging.getLogger("tabserve.health")
 
-CheckResult = tuple[bool, str]
-Check = Callable[[], CheckResult | Awaitable[CheckResult]]
+Verdict = tuple[bool, str]
+ReadinessCheck = Callable[[], Verdict | Awaitable[Verdict]]
 
 
 @dataclass(frozen=True)
-class Outcome:
+class ReadinessOutcome:
     name: str
     ok: bool
     detail: str
@@ -33,13 +33,13 @@ class Readiness:
     """Named checks, run in the order they were added."""
 
     def __init__(self) -> None:
-        self._checks: dict[str, Check] = {}
+        self._checks: dict[str, ReadinessCheck] = {}
 
-    def add(self, name: str, check: Check) -> None:
+    def add(self, name: str, check: ReadinessCheck) -> None:
         """Add ``check``, or replace the one of the same name (e.g. a placeholder)."""
         self._checks[name] = check
 
-    async def run(self) -> tuple[bool, list[Outcome]]:
+    async def run(self) -> tuple[bool, list[ReadinessOutcome]]:
         outcomes = []
         for name, check in self._checks.items():
             try:
@@ -50,5 +50,5 @@ class Readiness:
             except Exception as exc:  # a broken check means "not ready", never a 500
                 log.exception("readiness check %s failed", name)
                 ok, detail = False, f"the check itself failed: {type(exc).__name__}"
-            outcomes.append(Outcome(name, bool(ok), detail))
+            outcomes.append(ReadinessOutcome(name, bool(ok), detail))
         return all(o.ok for o in outcomes), outcomes

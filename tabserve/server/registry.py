@@ -56,7 +56,7 @@ _UPDATABLE = ("description", "docstring", "schema", "is_public", *_FINGERPRINT)
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class EndpointRecord:
     """One deployed endpoint's metadata (not its code)."""
 
     name: str
@@ -90,23 +90,23 @@ class EndpointRegistry:
         self.archive_dir = archive_dir(state_path)
         self.staging = state_path / "staging"
         self._lock = threading.Lock()
-        self._endpoints: dict[str, Endpoint] = _read_endpoints(read_state(self.state_file))
+        self._endpoints: dict[str, EndpointRecord] = _read_endpoints(read_state(self.state_file))
 
     # -- reading ---------------------------------------------------------------------------
 
-    def all(self) -> dict[str, Endpoint]:
+    def all(self) -> dict[str, EndpointRecord]:
         return dict(self._endpoints)
 
-    def get(self, name: str) -> Endpoint:
+    def get(self, name: str) -> EndpointRecord:
         try:
             return self._endpoints[name]
         except KeyError:
             raise NotFound("Unknown endpoint", f"Endpoint {name} is not found") from None
 
-    def archive_path(self, endpoint: Endpoint) -> Path:
+    def archive_path(self, endpoint: EndpointRecord) -> Path:
         return self.archive_dir / endpoint.name / str(endpoint.version) / ARCHIVE_FILE
 
-    def resolve(self, name: str) -> Endpoint:
+    def resolve(self, name: str) -> EndpointRecord:
         """Follow aliases to the model that answers for ``name``."""
         seen: set[str] = set()
         endpoint = self._endpoints.get(name)
@@ -119,7 +119,7 @@ class EndpointRegistry:
 
     # -- changing --------------------------------------------------------------------------
 
-    def add(self, request: Mapping[str, Any]) -> tuple[Endpoint, Path | None]:
+    def add(self, request: Mapping[str, Any]) -> tuple[EndpointRecord, Path | None]:
         """Record a new endpoint at version 1; returns it and the new archive's path, if any."""
         name = _check_name(request.get("name"))
         with self._lock:
@@ -136,7 +136,7 @@ class EndpointRegistry:
             self._commit({**self._endpoints, name: endpoint})
             return endpoint, archive
 
-    def update(self, name: str, request: Mapping[str, Any]) -> tuple[Endpoint, Path | None]:
+    def update(self, name: str, request: Mapping[str, Any]) -> tuple[EndpointRecord, Path | None]:
         """Update metadata, and with ``should_update_version`` also the code (a new version)."""
         with self._lock:
             old = self._endpoints.get(name)
@@ -160,7 +160,7 @@ class EndpointRegistry:
             self._prune(endpoint)
             return endpoint, archive
 
-    def delete(self, name: str) -> Endpoint:
+    def delete(self, name: str) -> EndpointRecord:
         with self._lock:
             endpoint = self._endpoints.get(name)
             if endpoint is None:
@@ -176,7 +176,7 @@ class EndpointRegistry:
             shutil.rmtree(self.staging / "endpoints" / name, ignore_errors=True)
             return endpoint
 
-    def discard_version(self, endpoint: Endpoint, previous: Endpoint | None) -> None:
+    def discard_version(self, endpoint: EndpointRecord, previous: EndpointRecord | None) -> None:
         """Undo a deploy whose archive failed to load: restore ``previous`` or remove it."""
         with self._lock:
             remaining = dict(self._endpoints)
@@ -199,7 +199,7 @@ class EndpointRegistry:
         if target not in self._endpoints:
             raise BadRequest(f"alias target {target} is not a deployed endpoint")
         seen = {name}
-        current: Endpoint | None = self._endpoints[target]
+        current: EndpointRecord | None = self._endpoints[target]
         while current is not None and current.type == "alias":
             if current.name in seen:
                 raise BadRequest(f"alias {name} -> {target} would create a cycle")
@@ -207,7 +207,7 @@ class EndpointRegistry:
             current = self._endpoints.get(current.target or "")
         return target
 
-    def _place_archive(self, endpoint: Endpoint, request: Mapping[str, Any]) -> Path | None:
+    def _place_archive(self, endpoint: EndpointRecord, request: Mapping[str, Any]) -> Path | None:
         """Put the version's archive in place: from an inline upload or from staging."""
         mismatch = python_mismatch(endpoint.python_version)
         if mismatch:
@@ -264,7 +264,7 @@ class EndpointRegistry:
             raise
         return destination / ARCHIVE_FILE
 
-    def _prune(self, endpoint: Endpoint) -> None:
+    def _prune(self, endpoint: EndpointRecord) -> None:
         """Keep the current and the previous version; remove older ones and staging copies."""
         keep = {str(endpoint.version), str(endpoint.version - 1)}
         directory = self.archive_dir / endpoint.name
@@ -274,7 +274,7 @@ class EndpointRegistry:
                     shutil.rmtree(child, ignore_errors=True)
         shutil.rmtree(self.staging / "endpoints" / endpoint.name, ignore_errors=True)
 
-    def _commit(self, endpoints: dict[str, Endpoint]) -> None:
+    def _commit(self, endpoints: dict[str, EndpointRecord]) -> None:
         """Write ``endpoints`` to state.ini atomically, then make them current."""
         parser = read_state(self.state_file)
         for section in (VERSIONS, DOCSTRINGS):
@@ -335,21 +335,21 @@ def _clean(changes: dict[str, Any]) -> dict[str, Any]:
 
 def _endpoint_from_request(
     name: str, request: Mapping[str, Any], version: int, now: int
-) -> Endpoint:
+) -> EndpointRecord:
     kind = request.get("type")
     if kind not in ENDPOINT_TYPES:
         raise BadRequest(
             f"endpoint type must be one of {', '.join(ENDPOINT_TYPES)}", f"got {kind!r}"
         )
     values = _clean({k: request[k] for k in _UPDATABLE if k in request})
-    return Endpoint(
+    return EndpointRecord(
         name=name, type=kind, version=version, creation_time=now, last_modified_time=now, **values
     )
 
 
-def _read_endpoints(parser: configparser.ConfigParser) -> dict[str, Endpoint]:
+def _read_endpoints(parser: configparser.ConfigParser) -> dict[str, EndpointRecord]:
     """Endpoints from a state.ini written by TabPy or by tabserve."""
-    endpoints: dict[str, Endpoint] = {}
+    endpoints: dict[str, EndpointRecord] = {}
     if not parser.has_section(VERSIONS):
         return endpoints
     for name, line in parser.items(VERSIONS):
@@ -360,7 +360,7 @@ def _read_endpoints(parser: configparser.ConfigParser) -> dict[str, Endpoint]:
             known.setdefault("type", "model")
             known["dependencies"] = list(known.get("dependencies") or [])
             known["version"] = int(known.get("version") or 1)
-            endpoints[name] = Endpoint(name=name, **known)
+            endpoints[name] = EndpointRecord(name=name, **known)
         except (ValueError, TypeError) as exc:
             # An entry edited by hand into nonsense is skipped, not fatal: the rest still serve.
             log.error("state.ini: endpoint %r is unreadable and skipped: %s", name, exc)
