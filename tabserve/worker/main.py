@@ -76,11 +76,16 @@ def fresh_namespace() -> dict[str, Any]:
 
 
 class EndpointError(Exception):
-    """What ``tabpy.query`` raises in a script: it names the endpoint and the real cause."""
+    """The exception scripts see when ``tabpy.query`` fails: it names the endpoint and the
+    cause. Its name shows in the script's error message (docs/endpoints.md quotes it)."""
 
 
-class EndpointFailure(Exception):
-    """A deployed endpoint could not answer; rendered one way for /query, another for scripts."""
+class EndpointUnavailable(Exception):
+    """Internal: a deployed endpoint could not answer (not deployed, did not load, raised).
+
+    Raised by ``Worker.call_endpoint``; rendered as an HTTP error for /query (``for_query``)
+    and as an ``EndpointError`` for ``tabpy.query`` in a script (``for_script``).
+    """
 
     def __init__(self, kind: str, name: str, detail: str) -> None:
         super().__init__(detail)
@@ -225,7 +230,7 @@ class Worker:
             )
         try:
             envelope = self.call_endpoint(header["name"], args, kwargs)
-        except EndpointFailure as failure:
+        except EndpointUnavailable as failure:
             raise failure.for_query() from None
         meta = {
             "model": envelope["model"],
@@ -243,14 +248,14 @@ class Worker:
         """``tabpy.query`` inside a script: the deployed function, called in this process."""
         try:
             return self.call_endpoint(name, args, kwargs)
-        except EndpointFailure as failure:
+        except EndpointUnavailable as failure:
             raise failure.for_script() from None
 
     def load(self, header: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
         """Check that an archive loads here (a deploy is only accepted if it does)."""
         try:
             self._callable(header["name"], header["entry"])
-        except EndpointFailure as failure:
+        except EndpointUnavailable as failure:
             raise BadRequest(f"could not load endpoint '{failure.name}'", failure.detail) from None
         return b"{}", {}
 
@@ -265,7 +270,7 @@ class Worker:
             raise
         except (Exception, SystemExit) as exc:
             log.error("endpoint %s failed", model, exc_info=exc)
-            raise EndpointFailure("call", model, _describe_model_error(exc, function)) from None
+            raise EndpointUnavailable("call", model, _describe_model_error(exc, function)) from None
         return {
             "response": result,
             "version": entry["version"],
@@ -284,7 +289,7 @@ class Worker:
             if entry.get("type") == "model":
                 return current, entry
             current = entry.get("target") or ""
-        raise EndpointFailure("missing", name, "not deployed")
+        raise EndpointUnavailable("missing", name, "not deployed")
 
     def _callable(self, name: str, entry: dict[str, Any]) -> Callable[..., Any]:
         path = entry["path"]
@@ -292,14 +297,14 @@ class Worker:
         if function is None:
             mismatch = python_mismatch(entry.get("python_version"))
             if mismatch:
-                raise EndpointFailure("load", name, mismatch)
+                raise EndpointUnavailable("load", name, mismatch)
             try:
                 function = self._load(path)
             except MemoryError:
                 raise
             except Exception as exc:
                 log.error("loading endpoint %s failed", name, exc_info=exc)
-                raise EndpointFailure("load", name, f"{type(exc).__name__}: {exc}") from None
+                raise EndpointUnavailable("load", name, f"{type(exc).__name__}: {exc}") from None
             self._loaded[path] = function
         return function
 
