@@ -18,7 +18,7 @@ from tabserve.server.auth import (
     ANONYMOUS,
     Authenticator,
     BadHeader,
-    is_connection_probe,
+    is_connection_test,
     parse_basic,
 )
 from tabserve.store.passwords import (
@@ -312,16 +312,16 @@ def test_authorize() -> None:
     }
 
 
-def test_connection_probe_is_recognised() -> None:
-    probe = json.dumps({"script": "return int(1)", "data": {"_arg1": [4]}}).encode()
-    assert is_connection_probe(probe)
-    assert is_connection_probe(gzip.compress(probe), "gzip")
-    assert not is_connection_probe(probe, "br")
-    assert not is_connection_probe(b'{"script": "return int(1) + 1", "data": {}}')
-    assert not is_connection_probe(b"not json")
-    assert not is_connection_probe(b'["return int(1)"]')
+def test_connection_test_is_recognised() -> None:
+    test_body = json.dumps({"script": "return int(1)", "data": {"_arg1": [4]}}).encode()
+    assert is_connection_test(test_body)
+    assert is_connection_test(gzip.compress(test_body), "gzip")
+    assert not is_connection_test(test_body, "br")
+    assert not is_connection_test(b'{"script": "return int(1) + 1", "data": {}}')
+    assert not is_connection_test(b"not json")
+    assert not is_connection_test(b'["return int(1)"]')
     padded = json.dumps({"script": "return int(1)", "data": {"_arg1": [0] * 1000}}).encode()
-    assert not is_connection_probe(padded)
+    assert not is_connection_test(padded)
 
 
 # --- startup warning ------------------------------------------------------------------------------

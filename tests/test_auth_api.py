@@ -178,7 +178,7 @@ def test_failures_are_logged_with_reason_and_without_secrets(auth_server: Server
 # --- permissions ---------------------------------------------------------------------------------
 
 EVALUATE_BODY = {"script": "return _arg1", "data": {"_arg1": [5]}}
-PROBE_BODY = {"script": "return int(1)", "data": {"_arg1": [4]}}
+CONNECTION_TEST_BODY = {"script": "return int(1)", "data": {"_arg1": [4]}}
 
 
 def test_evaluate_only_user(auth_server: Server) -> None:
@@ -211,9 +211,9 @@ def test_query_only_user(auth_server: Server) -> None:
         "message": "User 'queryuser' is not allowed to run ad-hoc scripts (/evaluate).",
         "info": "This needs the 'evaluate' permission; the password file grants this user: query.",
     }
-    # Tableau's Test Connection probe runs no user code and is allowed to every user.
-    probe = auth_server.post("/evaluate", json=PROBE_BODY, auth=user)
-    assert probe.status_code == 200 and probe.json() == 1
+    # Tableau's Test Connection runs no user code and is allowed to every user.
+    tested = auth_server.post("/evaluate", json=CONNECTION_TEST_BODY, auth=user)
+    assert tested.status_code == 200 and tested.json() == 1
     deploy = auth_server.post(
         "/endpoints", json={"name": "q", "type": "model", "archive": pickled(add)}, auth=user
     )

@@ -306,7 +306,7 @@ def test_a_secret_beside_what_workers_need_is_hidden_alone_with_a_warning(
     assert f"--tmpfs {target} --remount-ro {target}" in prefix
     assert [level for level, _ in confined.notes] == ["warning"]
     assert str(base) in confined.notes[0][1] and "directory of their own" in confined.notes[0][1]
-    findings = sandbox.assess(settings, confined, _probe_result())
+    findings = sandbox.assess(settings, confined, _self_check_result())
     assert confined.notes[0] in findings
 
 
@@ -555,10 +555,10 @@ def test_bubblewrap_command_hides_secrets_and_state(outside_tmp: Path) -> None:
     assert ("--share-net" in networked) == ("--unshare-all" in networked)
 
 
-# -- judging a probe -----------------------------------------------------------------------
+# -- judging a self-check -----------------------------------------------------------------------
 
 
-def _probe_result(**overrides: object) -> dict[str, object]:
+def _self_check_result(**overrides: object) -> dict[str, object]:
     """What a well-confined worker reports (uid nobody, limits, nothing reachable)."""
     result: dict[str, object] = {
         "uid": 65534,
@@ -595,7 +595,7 @@ def _judge(mode: str, **overrides: object) -> list[tuple[str, str]]:
         archive_dir="/state/query_objects",
         state_path="/state",
     )
-    return sandbox.assess(settings, confined, _probe_result(**overrides))
+    return sandbox.assess(settings, confined, _self_check_result(**overrides))
 
 
 def _errors(findings: list[tuple[str, str]]) -> list[str]:
@@ -677,7 +677,7 @@ def test_default_worker_user_keeps_a_root_install_working(server_factory: Server
         assert uid == pwd.getpwnam("nobody").pw_uid
 
 
-def test_probe_reads_a_directory_by_listing_it(tmp_path: Path) -> None:
+def test_self_check_reads_a_directory_by_listing_it(tmp_path: Path) -> None:
     visible = tmp_path / "visible"
     visible.mkdir()
     (visible / "secret.txt").write_text("s")

@@ -265,10 +265,10 @@ def auth_rules(target: Target) -> str:
         return "401 without or with wrong credentials, 200 with them"
     if target.user is not None:
         raise CheckFailed("--user given, but /info does not advertise authentication")
-    probe = target.request(
+    refused = target.request(
         "GET", "/info", headers={"Authorization": target.credentials("tableau", "secret")}
     )
-    expect_envelope(probe, 406)
+    expect_envelope(refused, 406)
     return "no auth: credentials are refused with 406"
 
 

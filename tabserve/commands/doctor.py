@@ -139,11 +139,11 @@ def _port_check(settings: Settings) -> list[Check]:
     if settings.port == 0:
         return []
     family = socket.AF_INET6 if ":" in settings.bind_address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         # As the server does, so that connections in TIME_WAIT do not count as "in use".
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((settings.bind_address, settings.port))
+            sock.bind((settings.bind_address, settings.port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return [

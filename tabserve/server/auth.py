@@ -63,8 +63,8 @@ _ALLOWS = {
 # Tableau's Test Connection (and its check before SCRIPT_ calls), with credentials, sends
 # this script. It runs no user code, so any authenticated user may send it, including one
 # without the 'evaluate' permission (e.g. a query-only user for MODEL_EXTENSION_ calls).
-_PROBE_SCRIPT = "return int(1)"
-_PROBE_MAX_BYTES = 1024
+_CONNECTION_TEST_SCRIPT = "return int(1)"
+_CONNECTION_TEST_MAX_BYTES = 1024
 
 # Enough threads to keep a cache miss from queueing behind another, few enough that a flood
 # of wrong passwords cannot take more than this many cores away from the workers.
@@ -114,26 +114,26 @@ def parse_basic(header: str) -> Credentials:
     return Credentials(username, password)
 
 
-def is_connection_probe(body: bytes, encoding: str = "") -> bool:
-    """Whether ``body`` is Tableau's connection probe (a tiny, fixed /evaluate script)."""
-    if len(body) > _PROBE_MAX_BYTES:  # checked first: no large body is parsed here
+def is_connection_test(body: bytes, encoding: str = "") -> bool:
+    """Whether ``body`` is Tableau's connection test (a tiny, fixed /evaluate script)."""
+    if len(body) > _CONNECTION_TEST_MAX_BYTES:  # checked first: no large body is parsed here
         return False
     if encoding == "gzip":
         try:
             inflater = zlib.decompressobj(wbits=31)
-            body = inflater.decompress(body, _PROBE_MAX_BYTES + 1)
+            body = inflater.decompress(body, _CONNECTION_TEST_MAX_BYTES + 1)
         except zlib.error:
             return False
     elif encoding:
         return False
-    if len(body) > _PROBE_MAX_BYTES:
+    if len(body) > _CONNECTION_TEST_MAX_BYTES:
         return False
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return False
     script = document.get("script") if isinstance(document, dict) else None
-    return isinstance(script, str) and script.strip() == _PROBE_SCRIPT
+    return isinstance(script, str) and script.strip() == _CONNECTION_TEST_SCRIPT
 
 
 class Authenticator:
@@ -216,8 +216,8 @@ class Authenticator:
         )
 
     def authorize_evaluate(self, user: User, body: bytes, encoding: str) -> None:
-        """Like ``authorize(user, "evaluate")``, but Tableau's connection probe is allowed."""
-        if user.can("evaluate") or is_connection_probe(body, encoding):
+        """Like ``authorize(user, "evaluate")``, but Tableau's connection test is allowed."""
+        if user.can("evaluate") or is_connection_test(body, encoding):
             return
         self.authorize(user, "evaluate")
 

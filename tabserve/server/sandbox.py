@@ -11,8 +11,9 @@ an environment allow-list, a memory cap):
     read-only but for a private /tmp, and the password file, TLS key and state directory
     replaced by empty stand-ins (only the endpoint archives stay readable).
 
-At start-up ``start_pool`` launches the workers and then sends one of them a ``probe`` job
-(``probe.py``) that tries the denied actions for real. The ``SandboxReport`` says what held.
+At start-up ``start_pool`` launches the workers and then sends one of them a ``self_check``
+job (``worker.self_check``) that tries the denied actions for real. The ``SandboxReport``
+says what held.
 If the promised isolation does not hold, tabserve fails closed: ``require_evaluate`` refuses
 ad-hoc code, and ``require_deployed`` refuses deployed code unless the configuration trusts
 it. ``self_check`` runs the same check stand-alone, for ``tabserve doctor``.
@@ -64,7 +65,7 @@ _SHARED_DIRS = frozenset(
         "/sys", "/tmp", "/usr", "/usr/lib", "/usr/local", "/var", "/var/lib", "/var/tmp",
     )
 )  # fmt: skip
-_PROBE_TIMEOUT = 60.0
+_SELF_CHECK_TIMEOUT = 60.0
 _MIN_TMP_MB = 16
 
 
@@ -78,8 +79,8 @@ class Confinement:
     limits: dict[str, int] = field(default_factory=dict)
     nproc_note: str = ""  # why RLIMIT_NPROC is not applied, when it is not
     hidden: tuple[str, ...] = ()  # replaced by empty stand-ins (bubblewrap)
-    secrets: tuple[str, ...] = ()  # what the probe tries to read
-    notes: tuple[tuple[str, str], ...] = ()  # findings known before the probe runs
+    secrets: tuple[str, ...] = ()  # what the self-check tries to read
+    notes: tuple[tuple[str, str], ...] = ()  # findings known before the self-check runs
     archive_dir: str = ""
     state_path: str = ""
 
@@ -428,7 +429,7 @@ def _expected_env(settings: Settings, mode: str) -> set[str]:
 def assess(
     settings: Settings, confined: Confinement, result: dict[str, Any]
 ) -> list[tuple[str, str]]:
-    """Turn what the probe saw into findings; errors are broken promises of the mode."""
+    """Turn what the self-check job saw into findings; errors are broken promises of the mode."""
     strict = confined.mode == BUBBLEWRAP
     findings: list[tuple[str, str]] = []
 
@@ -586,7 +587,9 @@ def _assess_limits(
         findings.append((INFO, confined.nproc_note))
 
 
-async def probe(settings: Settings, confined: Confinement, executor: Executor) -> SandboxReport:
+async def run_self_check(
+    settings: Settings, confined: Confinement, executor: Executor
+) -> SandboxReport:
     """Have a worker try the denied actions; judge the result."""
     secrets = list(confined.secrets or confined.hidden)
     with socket.socket() as listener:
@@ -601,9 +604,9 @@ async def probe(settings: Settings, confined: Confinement, executor: Executor) -
             "server_pid": os.getpid(),
         }
         try:
-            result = await executor.run("probe", b"", _PROBE_TIMEOUT, {"params": params})
+            result = await executor.run("self_check", b"", _SELF_CHECK_TIMEOUT, {"params": params})
         except TabserveError as exc:
-            error = f"the probe failed: {exc}"
+            error = f"the self-check job failed: {exc}"
             return SandboxReport.from_findings(
                 confined.mode, [(ERROR, error)], settings.trust_deployed_code
             )
@@ -626,7 +629,7 @@ async def start_pool(settings: Settings, workers: int = 0) -> tuple[Executor, Sa
     executor = Executor(pool_config(settings, confined, workers))
     await executor.start()
     try:
-        report = await probe(settings, confined, executor)
+        report = await run_self_check(settings, confined, executor)
     except BaseException:
         await executor.close()
         raise
@@ -656,7 +659,7 @@ async def _check_alone(settings: Settings) -> SandboxReport:
 
 
 def self_check(settings: Settings) -> SandboxReport:
-    """Start one confined worker, probe it, stop it: what the server would find at start-up.
+    """Start one confined worker, check it, stop it: what the server would find at start-up.
 
     For ``tabserve doctor``; must not be called from a running event loop.
     """

@@ -179,11 +179,13 @@ class Worker:
             return self.load(header)
         if kind == "ping":
             return b"{}", {}
-        if kind == "probe":
+        if kind == "self_check":
             try:
                 return orjson.dumps(self_check.run(header.get("params", {}))), {}
             except Exception as exc:
-                raise ScriptError("the sandbox probe crashed", describe_exception(exc)) from None
+                raise ScriptError(
+                    "the sandbox self-check crashed", describe_exception(exc)
+                ) from None
         raise BadRequest(f"unknown job kind {kind!r}")
 
     def evaluate(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:

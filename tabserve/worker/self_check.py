@@ -1,7 +1,7 @@
-"""The sandbox probe: runs inside a worker and tries what a hostile script would try.
+"""The sandbox self-check, in a worker: try what a hostile script would try.
 
-The server's self-check (``sandbox.py``) sends a worker a ``probe`` job naming secrets,
-the state directory, a listening port and its own pid. The probe attempts each denied
+The server's self-check (``server.sandbox``) sends a worker a ``self_check`` job naming
+secrets, the state directory, a listening port and its own pid. ``run`` attempts each denied
 action for real (read, write, connect) and reports what happened; it judges nothing, the
 server does. Everything it creates it removes again.
 """
@@ -48,7 +48,7 @@ def listing(path: str) -> list[str] | None:
 
 def writable(directory: str) -> bool:
     """Whether a new file can be created in ``directory``; it is removed at once."""
-    name = os.path.join(directory, f".tabserve-probe-{uuid.uuid4().hex}")
+    name = os.path.join(directory, f".tabserve-self-check-{uuid.uuid4().hex}")
     try:
         with open(name, "xb") as handle:
             handle.write(b"x")
@@ -88,7 +88,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     """Try every action in ``params``; return what succeeded.
 
     Only the refusals expected of a sandbox (OSError) count as "denied"; any other exception
-    propagates, so that a probe that could not look counts as a failed check.
+    propagates, so that a check that could not look counts as failed.
     """
     stdlib = sysconfig.get_path("stdlib")
     result: dict[str, Any] = {

@@ -43,7 +43,7 @@ class EvaluateHandler(BaseHandler):
         settings = self.services.settings
         if not settings.evaluate_enabled:
             raise EvaluateDisabled()
-        # The 'evaluate' permission, checked here: Tableau's connection probe is exempt.
+        # The 'evaluate' permission, checked here: Tableau's connection test is exempt.
         self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
         self.services.sandbox.require_evaluate()
         result = await self.services.executor.run(
