@@ -49,7 +49,7 @@ class Check:
 
 
 def sandbox_report(settings: Settings) -> list[Check]:
-    """The sandbox mode and its self-check (``tabserve.sandbox.self_check``)."""
+    """The sandbox mode and its self-check (``server.sandbox.self_check``)."""
     report = sandbox.self_check(settings)
     level, verdict = ("ok", "passed") if report.ok else ("error", "FAILED")
     checks = [Check(level, "sandbox", f"Mode {report.mode}: self-check {verdict}.")]

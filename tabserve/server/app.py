@@ -80,7 +80,7 @@ class Services:
 
 
 # Tornado's own cap on bodies; the real limit is TABPY_MAX_REQUEST_SIZE_MB, applied by the
-# handlers so that they can answer 413 in TabPy's shape (see handlers.DRAIN_LIMIT).
+# handlers so that they can answer 413 in TabPy's shape (see handlers.base.DRAIN_LIMIT).
 _TRANSPORT_BODY_CAP = 1 << 40
 # Bodies arrive in chunks of this size: 1 MiB instead of Tornado's 64 KiB makes a 40 MB Table
 # Extension 40 handler callbacks instead of 640.

@@ -66,7 +66,7 @@ class PoolConfig:
     log_file: str | None = None  # None: the server's stderr
     start_timeout: float = 60.0
     command_prefix: Sequence[str] = ()  # e.g. a sandbox launcher put in front of python
-    # Applied by the worker itself before it says it is ready (see worker.confine):
+    # Applied by the worker itself before it says it is ready (see worker.main.confine):
     drop_to: tuple[int, int] | None = None  # (uid, gid) to switch to; None keeps the user
     limits: Mapping[str, int] = field(default_factory=dict)  # fsize (MiB), nofile, nproc
     cpu_seconds: int = 0  # RLIMIT_CPU backstop per job

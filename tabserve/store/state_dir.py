@@ -1,8 +1,10 @@
-"""state.ini: the server's identity, CORS headers and (later) deployed endpoints, on disk.
+"""The state directory and its state.ini: the server's identity, CORS headers and the
+deployed endpoints (whose sections ``server.registry`` reads and writes).
 
-The file is TabPy's format, read with interpolation switched off so that ``%`` is an
-ordinary character. Writes go to a temporary file that is fsynced and renamed over the
-original, so a crash never leaves a half-written state.ini behind.
+This module creates the directory (state.ini from the template in ``data/``) and reads the
+file, TabPy's format, with interpolation switched off so that ``%`` is an ordinary
+character. Every write goes through ``files.atomic_write``, so a crash never leaves a
+half-written state.ini behind.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The worker process: receives jobs over a pipe, runs user code, answers with JSON bytes.
 
-Started by ``executor.WorkerProcess`` as a fresh interpreter (never forked from the server,
+Started by ``server.executor.WorkerProcess`` as a fresh interpreter (never forked from the server,
 so it holds none of the server's memory or secrets), in its own process group so that a
 timeout can kill it together with anything it spawned in that group (a child in a new
 session escapes, except in bubblewrap's PID namespace). It knows nothing of HTTP.
@@ -417,7 +417,12 @@ def _claim_protocol_fds() -> BlockingChannel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of a worker process: ``python -m tabserve.worker CONFIG_JSON``."""
+    """Entry point of a worker process; ``argv`` is ``[CONFIG_JSON]``.
+
+    ``server.executor`` starts ``python -c <bootstrap> <dir holding tabserve> CONFIG_JSON``:
+    the bootstrap puts that directory first on ``sys.path`` (without an environment variable
+    scripts could see), removes it from ``sys.argv`` and calls this.
+    """
     args = sys.argv[1:] if argv is None else argv
     config: dict[str, Any] = orjson.loads(args[0]) if args else {"request_limit": 100 * 1024 * 1024}
     logs.configure(
