@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -27,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from .. import logs
+from .. import fdpass, logs
 from ..errors import Overloaded, ScriptTimeout, TabserveError, WorkerDied
 from ..protocol import PREFIX, ProtocolError, decode_header, decode_prefix, encode_prefix
 
@@ -79,6 +80,7 @@ class JobResult:
 
     body: bytes
     meta: dict[str, Any] = field(default_factory=dict)
+    fds: list[int] = field(default_factory=list)  # tables the worker handed back; caller closes
 
 
 @dataclass
@@ -182,12 +184,21 @@ class _FrameProtocol(asyncio.SubprocessProtocol):
 class WorkerProcess:
     """One worker: a child interpreter in its own process group, talking over two pipes."""
 
-    def __init__(self, transport: asyncio.SubprocessTransport, protocol: _FrameProtocol) -> None:
+    def __init__(
+        self,
+        transport: asyncio.SubprocessTransport,
+        protocol: _FrameProtocol,
+        fd_channel: socket.socket,
+    ) -> None:
         self.transport = transport
         self.protocol = protocol
         self.pid: int = transport.get_pid()
         self.context_generation = -1
         self.busy = False
+        # Tables (sealed memfds) go to and come back from the worker over this socket pair,
+        # beside the pipes; each batch is tagged with its job's number (fdpass.py).
+        self.fd_channel = fd_channel
+        self._fd_seq = 0
 
     @classmethod
     async def spawn(cls, config: PoolConfig, env: Mapping[str, str]) -> WorkerProcess:
@@ -203,6 +214,9 @@ class WorkerProcess:
             "log_format": config.log_format,
             "log_file": config.log_file,
         }
+        ours, theirs = fdpass.socket_pair()
+        ours.setblocking(False)
+        worker_config["fd_channel"] = theirs.fileno()
         argv = [
             *config.command_prefix,
             sys.executable,
@@ -212,17 +226,24 @@ class WorkerProcess:
             orjson.dumps(worker_config).decode(),
         ]
         loop = asyncio.get_running_loop()
-        transport, protocol = await loop.subprocess_exec(
-            lambda: _FrameProtocol(loop),
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=None,
-            env=dict(env),
-            # Its own process group: a kill also takes the children that stay in it.
-            start_new_session=True,
-        )
-        worker = cls(transport, protocol)
+        try:
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _FrameProtocol(loop),
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=None,
+                env=dict(env),
+                # Its own process group: a kill also takes the children that stay in it.
+                start_new_session=True,
+                pass_fds=(theirs.fileno(),),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker = cls(transport, protocol, ours)
         try:
             header, _ = await asyncio.wait_for(protocol.next_frame(), config.start_timeout)
         except (asyncio.TimeoutError, ProtocolError) as exc:
@@ -238,20 +259,57 @@ class WorkerProcess:
         return worker
 
     async def call(
-        self, header: dict[str, Any], payload: bytes, deadline: float
-    ) -> tuple[dict[str, Any], bytes]:
-        """Send one job and wait for its reply until ``deadline`` (loop time): TimeoutError."""
+        self, header: dict[str, Any], payload: bytes, deadline: float, fds: Sequence[int] = ()
+    ) -> tuple[dict[str, Any], bytes, list[int]]:
+        """Send one job and wait for its reply until ``deadline`` (loop time): TimeoutError.
+
+        ``fds`` go with the job (the worker gets duplicates); the descriptors the worker sends
+        back are returned, owned by the caller.
+        """
         stdin = self.transport.get_pipe_transport(0)
         assert isinstance(stdin, asyncio.WriteTransport)
+        self._fd_seq += 1
+        header["fd_seq"] = self._fd_seq  # the worker tags descriptors it sends back with it
+        if fds:
+            header["fds"] = len(fds)
+            try:
+                # One small message per job into an empty queue: it never blocks.
+                fdpass.send_message(self.fd_channel, {"seq": self._fd_seq}, fds)
+            except OSError as exc:
+                raise ProtocolError(f"cannot pass descriptors to the worker: {exc}") from exc
         reply = self.protocol.next_frame()
         # A timer on the reply future, rather than wait_for, which costs a task per job.
         timer = asyncio.get_running_loop().call_at(deadline, _expire, reply)
         try:
             stdin.write(encode_prefix(header, len(payload)))
             stdin.write(payload)
-            return await reply
+            answer, body = await reply
         finally:
             timer.cancel()
+        return answer, body, self._returned_fds(answer)
+
+    def _returned_fds(self, answer: dict[str, Any]) -> list[int]:
+        """The descriptors the worker sent before its reply, which announces how many.
+
+        The worker writes them to the socket before it writes its reply to the pipe, so they
+        are queued by now; a message tagged for another job (something a script left
+        running) is discarded, descriptors closed.
+        """
+        wanted = answer.pop("fds", 0)
+        seq = answer.pop("fd_seq", None)
+        if not wanted:
+            return []
+        while True:
+            try:
+                received = fdpass.receive_message(self.fd_channel)
+            except (BlockingIOError, fdpass.FdProtocolError) as exc:
+                raise ProtocolError(f"the worker announced {wanted} descriptors: {exc}") from None
+            if received is None:
+                raise ProtocolError("the worker closed its descriptor channel")
+            message, fds = received
+            if message.get("seq") == seq == self._fd_seq and len(fds) == wanted:
+                return fds
+            fdpass.close_all(fds)
 
     @property
     def alive(self) -> bool:
@@ -265,6 +323,7 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
         self.transport.close()
+        self.fd_channel.close()  # descriptors still queued in it are released with it
 
     async def stop(self, grace: float = 2.0) -> None:
         """Close the pipe (the worker exits by itself), then kill whatever is left."""
@@ -374,10 +433,16 @@ class Executor:
         self._idle.append(worker)
 
     async def run(
-        self, kind: str, payload: bytes, timeout: float, options: Mapping[str, Any] | None = None
+        self,
+        kind: str,
+        payload: bytes,
+        timeout: float,
+        options: Mapping[str, Any] | None = None,
+        fds: Sequence[int] = (),
     ) -> JobResult:
         """Run one job within ``timeout`` seconds, queueing included.
 
+        ``fds`` (sealed tables) go with the job; the caller still owns and closes them.
         Raises ScriptTimeout, WorkerDied, Overloaded, or the TabserveError the worker sent.
         """
         loop = asyncio.get_running_loop()
@@ -392,7 +457,7 @@ class Executor:
         self._busy += 1
         worker.busy = True
         try:
-            reply, body = await worker.call(header, payload, deadline)
+            reply, body, returned = await worker.call(header, payload, deadline, fds)
         except asyncio.TimeoutError:
             self.stats.timeouts += 1
             self.stats.kills += 1
@@ -420,10 +485,11 @@ class Executor:
             self._release(worker)
         reply.update(worker_pid=worker.pid, queue_ms=round(queue_ms, 3))
         if reply.get("status", 200) != 200:
+            fdpass.close_all(returned)
             error = TabserveError.from_wire(reply)
             error.meta = reply
             raise error
-        return JobResult(body, reply)
+        return JobResult(body, reply, returned)
 
     async def _acquire(self, deadline: float, timeout: float) -> WorkerProcess:
         if self._closing:

@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import numpy
 import orjson
 import pandas
 
-from .. import logs
+from .. import fdpass, logs
 from ..errors import BadRequest, EndpointNotFound, ScriptError, TabserveError
 from ..protocol import BlockingChannel, ProtocolError
 from ..store.archives import python_mismatch
@@ -135,6 +135,8 @@ class Worker:
         # Its descriptor is opened by confine() when the worker gives up root (see _load).
         self.archive_dir: str = config.get("archive_dir", "")
         self.archive_dir_fd: int | None = None
+        # Sealed tables a job hands back (an Arrow result); the main loop sends and closes them.
+        self.outgoing_fds: list[int] = []
 
     def set_context(self, context: dict[str, Any]) -> None:
         self.endpoints = context.get("endpoints", {})
@@ -142,14 +144,17 @@ class Worker:
         for path in [p for p in self._loaded if p not in live]:
             del self._loaded[path]  # removed or superseded: free its memory
 
-    def handle(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+    def handle(
+        self, header: dict[str, Any], payload: bytes, fds: Sequence[int] = ()
+    ) -> tuple[dict[str, Any], bytes]:
+        """Run one job; ``fds`` are the tables that came with it (the caller closes them)."""
         started = time.perf_counter()
         logs.call_id.set(header.get("call_id") or "")
         if "context" in header:
             self.set_context(header["context"])
         _arm_cpu_backstop(self.cpu_seconds)
         try:
-            body, meta = self._dispatch(header, payload)
+            body, meta = self._dispatch(header, payload, fds)
             reply: dict[str, Any] = {"status": 200, **meta}
         except TabserveError as exc:
             reply, body = exc.to_wire(), b""
@@ -167,9 +172,14 @@ class Worker:
         reply["exec_ms"] = round((time.perf_counter() - started) * 1000, 3)
         if _cpu_budget_spent(self.cpu_seconds):
             reply["recycle"] = True  # the next job could not get its full CPU allowance
+        if reply["status"] != 200:
+            fdpass.close_all(self.outgoing_fds)  # a failed job hands nothing back
+            self.outgoing_fds = []
         return reply, body
 
-    def _dispatch(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
+    def _dispatch(
+        self, header: dict[str, Any], payload: bytes, fds: Sequence[int]
+    ) -> tuple[bytes, dict[str, Any]]:
         kind = header.get("kind")
         if kind == "evaluate":
             return self.evaluate(header, payload)
@@ -191,28 +201,35 @@ class Worker:
     def evaluate(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
         body = decode_body(payload, header.get("encoding"), self.request_limit, self.gzip_enabled)
         request = EvaluateRequest.parse(parse_json(body))
-        # The text itself only at DEBUG: scripts can embed data or credentials.
-        script_hash = hashlib.sha256(request.script.encode("utf-8", "surrogatepass")).hexdigest()
-        script_hash = script_hash[:12]
-        log.debug("script %s:\n%s", script_hash, request.script)
-        try:
-            code = compile_script(request.script, request.arg_names)
-        except ScriptSyntaxError as exc:
-            raise ScriptError(info=str(exc)) from None
-        function = load_function(code, fresh_namespace())
-        try:
-            result = function(self.tabpy, **request.data)
-        except MemoryError:
-            raise
-        except (Exception, SystemExit) as exc:
-            log.error("script %s failed", script_hash, exc_info=exc)
-            raise ScriptError(info=describe_exception(exc)) from None
+        result, script_hash = self.run_script(request.script, request.data)
         check_result_length(request.data, result)
         meta = {"rows_in": _rows_in(request.data.values()), "script_hash": script_hash}
         rows_out = count_rows(result)
         if rows_out is not None:
             meta["rows_out"] = rows_out
         return encode_result(result), meta
+
+    def run_script(self, script: str, data: dict[str, Any]) -> tuple[Any, str]:
+        """Run ``script`` with ``data`` (``_arg1`` … ``_argN``) as arguments: (result, hash).
+
+        A failure of the script (or its syntax) raises ScriptError in TabPy's shape.
+        """
+        # The text itself only at DEBUG: scripts can embed data or credentials.
+        script_hash = hashlib.sha256(script.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        log.debug("script %s:\n%s", script_hash, script)
+        try:
+            code = compile_script(script, tuple(f"_arg{i}" for i in range(1, len(data) + 1)))
+        except ScriptSyntaxError as exc:
+            raise ScriptError(info=str(exc)) from None
+        function = load_function(code, fresh_namespace())
+        try:
+            result = function(self.tabpy, **data)
+        except MemoryError:
+            raise
+        except (Exception, SystemExit) as exc:
+            log.error("script %s failed", script_hash, exc_info=exc)
+            raise ScriptError(info=describe_exception(exc)) from None
+        return result, script_hash
 
     def query(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
         """``/query/<name>``: ``data`` as an object is keyword arguments, as an array positional."""
@@ -432,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         tag=f"worker[{os.getpid()}]",
     )
     channel = _claim_protocol_fds()
+    tables = fdpass.BlockingFdChannel(config["fd_channel"]) if "fd_channel" in config else None
     worker = Worker(config)
     confine(worker, config)
     # User code yields the CPU to the server's event loop, so /info and health checks stay
@@ -439,11 +457,23 @@ def main(argv: list[str] | None = None) -> int:
     os.nice(WORKER_NICENESS)
     channel.send({"ready": True, "pid": os.getpid()})
     while True:
+        fds: list[int] = []
         try:
             header, payload = channel.receive()
-        except ProtocolError:
+            if header.get("fds") and tables is not None:
+                fds = tables.receive(header.get("fd_seq", 0), header["fds"])
+        except (ProtocolError, fdpass.FdProtocolError, OSError):
             return 0  # the server went away or is shutting us down
-        reply, body = worker.handle(header, payload)
+        try:
+            reply, body = worker.handle(header, payload, fds)
+        finally:
+            fdpass.close_all(fds)
+        if worker.outgoing_fds and tables is not None:
+            # Before the reply: the server reads these once the reply announces them.
+            tables.send(header.get("fd_seq", 0), worker.outgoing_fds)
+            reply.update(fds=len(worker.outgoing_fds), fd_seq=header.get("fd_seq", 0))
+        fdpass.close_all(worker.outgoing_fds)
+        worker.outgoing_fds = []
         channel.send(reply, body)
         if reply.get("recycle"):
             return 0
