@@ -80,6 +80,7 @@ def run_server(config: str | None) -> int:
             file=sys.stderr,
         )
         return 2
+    from .server.flight import FlightStartError
     from .server.tls import TLSConfigError
     from .store.passwords import PasswordFileError
     from .store.state_dir import StateError
@@ -89,7 +90,7 @@ def run_server(config: str | None) -> int:
     except ConfigError as exc:  # found only when resolved, e.g. an unknown worker user
         print(f"tabserve: {exc}", file=sys.stderr)
         return 2
-    except (OSError, PasswordFileError, TLSConfigError, StateError) as exc:
+    except (OSError, PasswordFileError, TLSConfigError, StateError, FlightStartError) as exc:
         print(f"tabserve: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

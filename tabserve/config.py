@@ -12,6 +12,7 @@ frozen ``Settings`` object.
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
@@ -271,8 +272,39 @@ class Settings:
     arrow_enabled: bool = setting(
         "TABPY_ARROW_ENABLE",
         _parse_bool,
-        "Arrow Flight side channel for Tableau Prep. Not supported: must stay false.",
+        "Run an Arrow Flight server beside HTTP, which Tableau Prep uses for script steps "
+        "instead of large JSON bodies (needs the `tabserve[arrow]` extra). See docs/api.md.",
         False,
+    )
+    arrow_flight_port: int = setting(
+        "TABPY_ARROWFLIGHT_PORT",
+        _parse_port,
+        "TCP port of the Arrow Flight server, on `TABSERVE_BIND_ADDRESS`; `grpc+tls` with the "
+        "HTTP certificate when `TABPY_TRANSFER_PROTOCOL = https`. 0 picks a free port.",
+        13622,
+    )
+    flight_ttl: float = setting(
+        "TABSERVE_FLIGHT_TTL",
+        _parse_timeout,
+        "Seconds a table stored on the Flight server (uploaded, or a result) is kept before it "
+        "is dropped unread.",
+        600.0,
+    )
+    flight_max_mb: int = setting(
+        "TABSERVE_FLIGHT_MAX_MB",
+        _parse_positive_int,
+        "Total MiB of tables the Flight server holds at once (Arrow IPC size); an upload or a "
+        "result that would go over it is refused.",
+        1024,
+    )
+    flight_location: str = setting(
+        "TABSERVE_FLIGHT_LOCATION",
+        str.strip,
+        "The location Flight clients are told to fetch results from, e.g. "
+        "`grpc+tls://tabserve.example.com:13622` (behind a proxy or NAT).",
+        "",
+        doc="`grpc+tcp://` (or `grpc+tls://`) + the bind address, or this machine's name when "
+        "bound to every interface, + the port",
     )
     bind_address: str = setting(
         "TABSERVE_BIND_ADDRESS",
@@ -493,13 +525,30 @@ def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str
     return _finish(settings, values)
 
 
+def pyarrow_installed() -> bool:
+    """Whether pyarrow can be imported, found without importing it (it would load numpy)."""
+    try:
+        return importlib.util.find_spec("pyarrow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
     """Check combinations of settings and fill defaults that depend on other settings."""
     if settings.arrow_enabled:
-        raise ConfigError(
-            "TABPY_ARROW_ENABLE = true: the Arrow Flight side channel is not supported by "
-            "tabserve; set it to false"
-        )
+        if not pyarrow_installed():
+            raise ConfigError(
+                "TABPY_ARROW_ENABLE = true needs pyarrow: install the arrow extra "
+                "(pip install 'tabserve[arrow]') or set TABPY_ARROW_ENABLE = false"
+            )
+        wanted = settings.minimum_tls_version.lower().replace(".", "_")
+        if settings.tls_enabled and wanted in ("tlsv1_3", "maximum_supported"):
+            # gRPC offers TLS 1.2 and 1.3 and no way to refuse 1.2.
+            raise ConfigError(
+                f"TABPY_MINIMUM_TLS_VERSION = {settings.minimum_tls_version} cannot be enforced "
+                "on the Arrow Flight port (gRPC always accepts TLS 1.2); use TLSv1_2 or set "
+                "TABPY_ARROW_ENABLE = false"
+            )
     if "worker_cpu_seconds" not in given:
         settings = replace(settings, worker_cpu_seconds=int(2 * settings.evaluate_timeout) + 10)
     if "worker_memory_mb" not in given:

@@ -21,7 +21,8 @@ responses.
     ├── ScriptError (500)
     │   └── WorkerDied
     ├── Overloaded (503)
-    └── SandboxUnavailable (503)
+    ├── SandboxUnavailable (503)
+    └── FlightUnavailable (503)
 
 This module imports nothing from tabserve, so the client and the worker can use it.
 """
@@ -200,6 +201,13 @@ class SandboxUnavailable(TabserveError):
         "Running this code is refused: the sandbox that should isolate it is not working on "
         "this server, please contact your administrator."
     )
+
+
+class FlightUnavailable(TabserveError):
+    """The Arrow Flight server is not running (restarting, or stopped by a shutdown action)."""
+
+    status = 503
+    default_message = "The Arrow Flight server is not available"
 
 
 _BY_STATUS: dict[int, type[TabserveError]] = {

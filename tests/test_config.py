@@ -99,11 +99,20 @@ def test_bad_value_names_key_and_value(tmp_path: Path, key: str, value: str) -> 
     assert "\n" not in message
 
 
-def test_arrow_is_refused_not_ignored() -> None:
-    with pytest.raises(ConfigError) as caught:
-        load_settings(None, {"TABPY_ARROW_ENABLE": "true"})
-    assert "TABPY_ARROW_ENABLE" in str(caught.value)
-    assert "not supported" in str(caught.value)
+def test_arrow_settings_are_honoured() -> None:
+    settings = load_settings(
+        None, {"TABPY_ARROW_ENABLE": "true", "TABPY_ARROWFLIGHT_PORT": "13700"}
+    )
+    assert settings.arrow_enabled and settings.arrow_flight_port == 13700
+    assert load_settings(None, {}).arrow_flight_port == 13622  # TabPy's default
+    # A minimum TLS version gRPC cannot enforce on the Flight port stops the start.
+    strict_tls = {
+        "TABPY_ARROW_ENABLE": "true",
+        "TABPY_TRANSFER_PROTOCOL": "https",
+        "TABPY_MINIMUM_TLS_VERSION": "TLSv1_3",
+    }
+    with pytest.raises(ConfigError, match="TABPY_MINIMUM_TLS_VERSION"):
+        load_settings(None, strict_tls)
 
 
 def test_tabpy_auth_and_tls_keys_are_read(tmp_path: Path) -> None:

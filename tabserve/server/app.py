@@ -25,6 +25,7 @@ from . import openapi
 from .auth import Authenticator
 from .endpoints import EndpointService
 from .executor import Executor
+from .flight import FlightService
 from .handlers import log_request
 from .health import Readiness, Verdict
 from .metrics import Metrics
@@ -77,6 +78,7 @@ class Services:
     metrics: Metrics
     readiness: Readiness
     sandbox: SandboxReport
+    flight: FlightService | None = None  # when TABPY_ARROW_ENABLE is true
 
 
 # Tornado's own cap on bodies; the real limit is TABPY_MAX_REQUEST_SIZE_MB, applied by the
@@ -102,7 +104,12 @@ def make_app(services: Services) -> Application:
     )
 
 
-def banner(settings: Settings, port: int, sandbox: SandboxReport | None = None) -> str:
+def banner(
+    settings: Settings,
+    port: int,
+    sandbox: SandboxReport | None = None,
+    flight: FlightService | None = None,
+) -> str:
     scheme = "https" if settings.tls_enabled else "http"
     host = settings.bind_address
     shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
@@ -122,6 +129,8 @@ def banner(settings: Settings, port: int, sandbox: SandboxReport | None = None) 
         text += f"\n  sandbox {sandbox.mode} | self-check {sandbox.info()['self_check']}"
         for problem in sandbox.problems:
             text += f"\n  sandbox problem: {problem}"
+    if flight is not None:
+        text += f"\n  arrow flight on port {flight.port} | advertised as {flight.location}"
     return text
 
 
@@ -210,6 +219,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
     executor, sandbox = await start_pool(settings)
     endpoints: EndpointService | None = None
     auth: Authenticator | None = None
+    flight: FlightService | None = None
     try:
         state_file = ensure_state_dir(settings.state_path)
         service = service_info(read_state(state_file))
@@ -227,6 +237,10 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         requests = RequestTracker()
         readiness = Readiness()
         readiness_checks(readiness, executor, requests, Path(state_file), sandbox)
+        if settings.arrow_enabled:
+            flight = FlightService(settings, auth, executor)
+            await flight.start()
+            readiness.add("flight", flight.readiness)
         services = Services(
             settings=settings,
             executor=executor,
@@ -238,6 +252,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             requests=requests,
             metrics=Metrics(executor, lambda: requests.count),
             readiness=readiness,
+            flight=flight,
         )
         server = HTTPServer(
             make_app(services),
@@ -253,7 +268,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         warning = exposure_warning(settings)
         if warning:
             log.warning("%s", warning)
-        print(banner(settings, port, sandbox), file=out, flush=True)
+        print(banner(settings, port, sandbox, flight), file=out, flush=True)
         await signals.wait()
         server.stop()  # closes the listening sockets: new connections are refused
         requests.draining = True
@@ -262,6 +277,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.close_all_connections(), 1.0)
     finally:
+        if flight is not None:
+            await flight.close()  # after the drain: requests in flight may still need it
         if auth is not None:
             auth.close()
         if endpoints is not None:

@@ -120,6 +120,11 @@ _EVALUATE_BODY = {
             "description": "_arg1 … _argN, numbered from 1 without gaps; {} is allowed.",
             "propertyNames": {"pattern": "^_arg[1-9][0-9]*$"},
         },
+        "dataPath": {
+            "type": "string",
+            "description": "Only with TABPY_ARROW_ENABLE: the Arrow Flight path of the table "
+            'that becomes _arg1 (data is then ignored); the answer is {"outputDataPath": ...}.',
+        },
     },
 }
 

@@ -183,6 +183,10 @@ class Worker:
         kind = header.get("kind")
         if kind == "evaluate":
             return self.evaluate(header, payload)
+        if kind == "evaluate_arrow":
+            from . import arrow  # pyarrow is optional: loaded by the first Flight job
+
+            return arrow.evaluate(self, header, payload, fds)
         if kind == "query":
             return self.query(header, payload)
         if kind == "load":

@@ -8,6 +8,7 @@ from ... import __version__
 from ...errors import (
     EvaluateDisabled,
 )
+from ..flight import data_path
 from .base import BaseHandler
 
 
@@ -43,12 +44,25 @@ class EvaluateHandler(BaseHandler):
         settings = self.services.settings
         if not settings.evaluate_enabled:
             raise EvaluateDisabled()
-        # The 'evaluate' permission, checked here: Tableau's connection test is exempt.
-        self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
-        self.services.sandbox.require_evaluate()
-        result = await self.services.executor.run(
-            "evaluate", self.body, settings.evaluate_timeout, {"encoding": self.content_encoding}
-        )
+        flight = self.services.flight
+        path = None if flight is None else data_path(self.body, self.content_encoding)
+        if flight is not None and path is not None:
+            # Arrow Flight (Tableau Prep): the input is the caller's stored table.
+            self.services.auth.authorize(self.user, "evaluate")
+            self.services.sandbox.require_evaluate()
+            result = await flight.evaluate(
+                self.user, path, self.body, self.content_encoding, settings.evaluate_timeout
+            )
+        else:
+            # The 'evaluate' permission, checked here: Tableau's connection test is exempt.
+            self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
+            self.services.sandbox.require_evaluate()
+            result = await self.services.executor.run(
+                "evaluate",
+                self.body,
+                settings.evaluate_timeout,
+                {"encoding": self.content_encoding},
+            )
         self.meta = result.meta
         self.add_cors_headers()
         self.finish(result.body)
