@@ -105,9 +105,11 @@ def selected(items: list[Workload], only: str) -> list[Workload]:
 
 
 def profile_options(profile: str, args: argparse.Namespace) -> ServerOptions:
-    """plain | auth | workers:N -> the settings both servers get for that profile."""
+    """plain | auth | arrow | workers:N -> the settings both servers get for that profile."""
     if profile == "auth":
         return ServerOptions(timeout_s=args.timeout, auth=True, workers=args.workers)
+    if profile == "arrow":
+        return ServerOptions(timeout_s=args.timeout, workers=args.workers, arrow=True)
     if profile.startswith("workers:"):
         return ServerOptions(timeout_s=args.timeout, workers=int(profile.split(":")[1]))
     return ServerOptions(timeout_s=args.timeout, workers=args.workers)

@@ -105,6 +105,7 @@ class ServerOptions:
     auth: bool = False
     workers: int | None = None
     max_request_mb: int = 200
+    arrow: bool = False  # TABPY_ARROW_ENABLE, on a free TABPY_ARROWFLIGHT_PORT
 
 
 @dataclass
@@ -126,6 +127,11 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}/"
+
+    @property
+    def flight_port(self) -> int:
+        """The Arrow Flight port (only with ``ServerOptions.arrow``)."""
+        return int(self.extra["flight_port"])
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": basic_auth_header()} if self.options.auth else {}
@@ -179,6 +185,14 @@ class Server:
             self.proc.wait(timeout=10)
 
 
+def _arrow_lines(opts: ServerOptions, extra: dict[str, str]) -> list[str]:
+    """Flight on a free port (both servers bind it; TabPy on every interface)."""
+    if not opts.arrow:
+        return []
+    extra["flight_port"] = str(free_port())
+    return ["TABPY_ARROW_ENABLE = true", f"TABPY_ARROWFLIGHT_PORT = {extra['flight_port']}"]
+
+
 def _write_config(
     workdir: Path, port: int, opts: ServerOptions, extra_lines: list[str], tail: str = ""
 ) -> Path:
@@ -202,7 +216,14 @@ def _write_config(
     return conf
 
 
-def _spawn(name: str, cmd: list[str], workdir: Path, port: int, opts: ServerOptions) -> Server:
+def _spawn(
+    name: str,
+    cmd: list[str],
+    workdir: Path,
+    port: int,
+    opts: ServerOptions,
+    extra: dict[str, str] | None = None,
+) -> Server:
     log_path = workdir / "server.log"
     log = open(log_path, "ab")  # the child keeps its own copy of the fd
     # A new session gives the server its own process group, so stop() reaches its workers.
@@ -215,7 +236,7 @@ def _spawn(name: str, cmd: list[str], workdir: Path, port: int, opts: ServerOpti
         start_new_session=True,
     )
     log.close()
-    server = Server(name, port, proc, workdir, opts, log_path)
+    server = Server(name, port, proc, workdir, opts, log_path, extra or {})
     try:
         server.wait_ready()
     except Exception:
@@ -228,18 +249,20 @@ def start_tabpy(venv: Path, opts: ServerOptions, root: Path) -> Server:
     workdir = Path(tempfile.mkdtemp(prefix="tabpy-", dir=root))
     port = free_port()
     tail = _TABPY_LOGGING.format(log=workdir / "tabpy.log")
-    conf = _write_config(workdir, port, opts, [], tail)
+    extra: dict[str, str] = {}
+    conf = _write_config(workdir, port, opts, _arrow_lines(opts, extra), tail)
     cmd = [str(venv / "bin" / "tabpy"), f"--config={conf}", "--disable-auth-warning"]
-    return _spawn("tabpy", cmd, workdir, port, opts)
+    return _spawn("tabpy", cmd, workdir, port, opts, extra)
 
 
 def start_tabserve(python: str, opts: ServerOptions, root: Path) -> Server:
     workdir = Path(tempfile.mkdtemp(prefix="tabserve-", dir=root))
     port = free_port()
-    extra = [f"TABSERVE_WORKERS = {opts.workers}"] if opts.workers else []
-    conf = _write_config(workdir, port, opts, extra)
+    lines = [f"TABSERVE_WORKERS = {opts.workers}"] if opts.workers else []
+    extra: dict[str, str] = {}
+    conf = _write_config(workdir, port, opts, lines + _arrow_lines(opts, extra))
     cmd = [python, "-m", "tabserve", "--config", str(conf)]
-    return _spawn("tabserve", cmd, workdir, port, opts)
+    return _spawn("tabserve", cmd, workdir, port, opts, extra)
 
 
 def tree_rss_bytes(pid: int) -> int:

@@ -42,6 +42,10 @@ BUSY_SCRIPT = (
     "    pass\nreturn 1"
 )
 TABLE_ECHO = "import pandas as pd\nreturn pd.DataFrame(_arg1)"
+# The Flight comparison: the same vectorised sum over both transports, so that what differs
+# is how the columns travel (JSON lists vs Arrow), not the script.
+FLIGHT_JSON_SUM = "import numpy as np\nreturn (np.asarray(_arg1) + np.asarray(_arg2)).tolist()"
+FLIGHT_ARROW_SUM = "import pandas as pd\nreturn pd.DataFrame({'sum': _arg1['a'] + _arg1['b']})"
 DEPLOY_SCRIPT = Path(__file__).with_name("deploy_add2.py")
 
 
@@ -115,6 +119,27 @@ def zip_sum_body(rows: int) -> bytes:
         return {"script": ZIP_SUM, "data": {"_arg1": a, "_arg2": b}}
 
     return _cached(("zip", rows), build)
+
+
+def flight_json_body(rows: int) -> bytes:
+    def build() -> object:
+        a, b = columns(rows)
+        return {"script": FLIGHT_JSON_SUM, "data": {"_arg1": a, "_arg2": b}}
+
+    return _cached(("flight-json", rows), build)
+
+
+_TABLE_CACHE: dict[int, Any] = {}
+
+
+def arrow_table(rows: int) -> Any:
+    """The zip-sum's two columns as a pyarrow table (pyarrow: imported only when used)."""
+    if rows not in _TABLE_CACHE:
+        import pyarrow as pa
+
+        a, b = columns(rows)
+        _TABLE_CACHE[rows] = pa.table({"a": pa.array(a), "b": pa.array(b)})
+    return _TABLE_CACHE[rows]
 
 
 def table_body(rows: int) -> bytes:
@@ -305,6 +330,84 @@ class SingleCall(Workload):
             "us_per_row": round(p50 * 1000.0 / self.rows, 4),
             "request_mb": round(len(self.body()) / 1e6, 2),
             "response_mb": round(rounds[0]["response_bytes"] / 1e6, 2),
+        }
+
+
+class FlightRoundTrip(Workload):
+    """One Arrow Flight round trip as Tableau Prep makes it, timed end to end by the client:
+    getUniquePath, DoPut of the table, POST /evaluate {script, dataPath}, GetFlightInfo of the
+    result, DoGet. The same calls work against TabPy with TABPY_ARROW_ENABLE."""
+
+    def __init__(self, id: str, title: str, group: str, rows: int, reps: int, **kw: Any):
+        super().__init__(id, title, group, kind="latency", **kw)
+        self.rows, self.reps = rows, reps
+        self.params.setdefault("rows", rows)
+
+    def rounds(self, s: Settings) -> int:
+        return 1 if s.smoke else self.reps
+
+    def setup(self, server: Server, s: Settings) -> None:
+        # TabPy starts its Flight server in a thread after HTTP answers: wait for it.
+        import pyarrow.flight as fl
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with fl.connect(f"grpc+tcp://{server.host}:{server.flight_port}") as client:
+                    list(client.do_action(fl.Action("healthcheck", b"")))
+                break
+            except fl.FlightUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.measure(server, s)  # answers correctly (checked there), and warms up
+
+    def measure(self, server: Server, s: Settings) -> dict[str, Any]:
+        import urllib.request
+
+        import pyarrow.flight as fl
+
+        table = arrow_table(self.rows)
+        with fl.connect(f"grpc+tcp://{server.host}:{server.flight_port}") as client:
+            t0 = time.perf_counter()
+            action = fl.Action("getUniquePath", b"")
+            path = next(iter(client.do_action(action))).body.to_pybytes().decode()
+            writer, _ = client.do_put(fl.FlightDescriptor.for_path(path), table.schema)
+            writer.write_table(table)
+            writer.close()
+            t1 = time.perf_counter()
+            body = _dumps({"script": FLIGHT_ARROW_SUM, "dataPath": path})
+            headers = {"Content-Type": "application/json", **server.auth_headers()}
+            request = urllib.request.Request(server.url + "evaluate", body, headers)
+            with urllib.request.urlopen(request, timeout=300) as response:
+                answer = json.loads(response.read())
+            t2 = time.perf_counter()
+            info = client.get_flight_info(fl.FlightDescriptor.for_path(answer["outputDataPath"]))
+            result = client.do_get(info.endpoints[0].ticket).read_all()
+            t3 = time.perf_counter()
+        if result.num_rows != self.rows or result.column_names != ["sum"]:
+            raise RuntimeError(f"expected {self.rows} sums back, got {result.schema}")
+        return {
+            "ms": (t3 - t0) * 1000,
+            "put_ms": (t1 - t0) * 1000,
+            "evaluate_ms": (t2 - t1) * 1000,
+            "get_ms": (t3 - t2) * 1000,
+        }
+
+    def merge(self, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+        ms = [r["ms"] for r in rounds]
+        p50 = statistics.median(ms)
+        return {
+            "p50_ms": round(p50, 3),
+            "p99_ms": round(loadgen.percentile(ms, 99), 3),
+            "min_ms": round(min(ms), 3),
+            "calls": len(ms),
+            "rows": self.rows,
+            "us_per_row": round(p50 * 1000.0 / self.rows, 4),
+            **{
+                key: round(statistics.median(r[key] for r in rounds), 3)
+                for key in ("put_ms", "evaluate_ms", "get_ms")
+            },
         }
 
 
@@ -554,6 +657,30 @@ def catalogue(smoke: bool = False) -> list[Workload]:
             _rows_of_list,
         ),
     ]
+    # The Flight comparison (issue 14): 1M rows over JSON and over Arrow Flight, on servers
+    # started with TABPY_ARROW_ENABLE (TabPy included), so both paths share one profile.
+    items.append(
+        SingleCall(
+            "flight_json",
+            "1M-row vectorised sum over JSON (Flight on)",
+            "flight",
+            lambda: flight_json_body(1_000_000),
+            1_000_000,
+            reps_big,
+            _rows_of_list,
+            profile="arrow",
+        )
+    )
+    items.append(
+        FlightRoundTrip(
+            "flight_arrow",
+            "1M-row vectorised sum over Arrow Flight",
+            "flight",
+            1_000_000,
+            reps_big,
+            profile="arrow",
+        )
+    )
     for rows, label in ((10, "10"), (1000, "1k"), (10_000, "10k")):
         items.append(zip_call(f"rows_{label}", f"zip-sum {label} rows, one call", "rows", rows, 10))
     for n in (1, 2, 4):

@@ -27,6 +27,8 @@ EXPECTED = {
     "w7": ("rps", "p50_ms", "p99_ms"),
     "w8": ("p50_ms", "p99_ms"),
     "w9": ("peak_rss_mb", "idle_rss_mb"),
+    "flight_json": ("p50_ms", "us_per_row"),
+    "flight_arrow": ("p50_ms", "us_per_row", "put_ms", "evaluate_ms", "get_ms"),
     "rows_10": ("p50_ms", "us_per_row"),
     "rows_1k": ("p50_ms", "us_per_row"),
     "rows_10k": ("p50_ms", "us_per_row"),
