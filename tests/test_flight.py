@@ -132,12 +132,12 @@ def secured(server_factory: ServerFactory, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture(scope="module")
 def small(server_factory: ServerFactory) -> Server:
-    """No authentication; tables live 3 s, the store holds 1 MiB, scripts get 3 s."""
+    """No authentication; tables live 3 s, the store holds 1 MiB, scripts get 6 s."""
     return start_flight_server(
         server_factory,
         TABSERVE_FLIGHT_TTL="3",
         TABSERVE_FLIGHT_MAX_MB="1",
-        TABPY_EVALUATE_TIMEOUT="3",
+        TABPY_EVALUATE_TIMEOUT="6",
         TABSERVE_WORKERS="1",
     )
 

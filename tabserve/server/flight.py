@@ -204,6 +204,8 @@ class FlightService:
             done, _ = await asyncio.wait(
                 {self._ready, exited}, timeout=_START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
             )
+            if exited not in done:
+                exited.cancel()  # the supervisor waits for the exit from now on
             if self._ready in done:
                 ready = self._ready.result()
                 if ready.get("op") == "ready":
@@ -221,6 +223,7 @@ class FlightService:
             else:
                 reason = f"it did not start within {_START_TIMEOUT:g} s"
         except BaseException:
+            exited.cancel()
             self._discard(current)
             raise
         self._discard(current)
