@@ -16,7 +16,7 @@ import pytest
 import requests
 from tabpy.tabpy_tools.client import Client
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 from tabserve.store.passwords import hash_password
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -13,6 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Every workload of issue 5 plus both sweeps, and the figures each must carry.

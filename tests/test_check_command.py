@@ -13,7 +13,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 from tabserve.store.passwords import add_user
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -150,7 +150,7 @@ def test_failures_are_reported_and_exit_nonzero(sloppy_url: str) -> None:
 
 
 def test_unreachable_target_exits_2() -> None:
-    from conftest import free_port
+    from helpers import free_port
 
     code, _, output = run_check("--target", f"http://127.0.0.1:{free_port()}")
     assert code == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from conftest import free_port
+from helpers import free_port
 
 
 def tabserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -29,7 +29,7 @@ import cloudpickle
 import pytest
 
 import tabserve
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 from tabserve import (
     BadRequest,
     Client,
@@ -490,7 +490,7 @@ def test_a_closed_client_refuses_requests(stub: Stub) -> None:
 
 
 def test_connection_errors_are_oserrors() -> None:
-    from conftest import free_port
+    from helpers import free_port
 
     client = Client(f"http://127.0.0.1:{free_port()}", query_timeout=5)
     with pytest.raises(OSError):  # requests.ConnectionError is an OSError

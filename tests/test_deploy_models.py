@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import ServerFactory
+from helpers import ServerFactory
 
 
 def test_deploy_models_then_query_them(server_factory: ServerFactory) -> None:

@@ -13,7 +13,7 @@ import pytest
 import requests
 from tabpy.tabpy_tools.client import Client
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 
 # The server's workers cannot import this test module, so functions deployed from it must be
 # pickled by value, as they are when deployed from a notebook.

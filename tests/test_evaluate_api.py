@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import requests
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 
 
 def test_readme_curl_example_prints_3(server: Server) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 from tabserve.server.health import Readiness
 
 

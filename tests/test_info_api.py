@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 from tabserve import __version__
 
 FIXTURES = Path(__file__).parent / "fixtures"

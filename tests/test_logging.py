@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 from tabserve.logs import AccessRecord, JsonFormatter, TextFormatter
 
 SECRET_SCRIPT = "secret_marker = 'xyzzy-42'\nreturn [v + 1 for v in _arg1]"

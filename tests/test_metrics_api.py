@@ -15,7 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from tabpy.tabpy_tools.client import Client
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 from tabserve.server.executor import Executor, PoolConfig
 from tabserve.server.metrics import Metrics
 

@@ -13,7 +13,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 from tabserve.server import openapi
 from tabserve.server.routes import ROUTES, Route, route_for
 
@@ -107,6 +107,7 @@ def fuzz_server(server_factory: ServerFactory) -> Server:
     return server
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_answer_outside_the_document(
     fuzz_server: Server, tmp_path: Path
 ) -> None:

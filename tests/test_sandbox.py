@@ -29,7 +29,7 @@ import cloudpickle
 import psutil
 import pytest
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 from tabserve.config import load_settings
 from tabserve.errors import SandboxUnavailable
 from tabserve.server import sandbox
@@ -317,6 +317,7 @@ def test_sandboxed_workers_write_the_log_file(isolated: Case) -> None:
     assert marker in (isolated.server.workdir / "tabserve.log").read_text()
 
 
+@pytest.mark.root
 def test_user_code_is_not_root_when_the_server_is(isolated: Case) -> None:
     seen = attempt(isolated.server, "import os\nreturn [f'{os.getuid()} {os.geteuid()}']")
     uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else os.getuid()
@@ -366,6 +367,7 @@ def test_cpu_backstop_kills_a_runaway_script_and_its_children(isolated: Case) ->
     assert _gone(marker)
 
 
+@pytest.mark.slow
 def test_timeout_kills_everything_the_script_started_in_the_sandbox(isolated: Case) -> None:
     marker = f"orphan-{uuid.uuid4().hex}"
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -380,6 +382,7 @@ def test_timeout_kills_everything_the_script_started_in_the_sandbox(isolated: Ca
     assert _gone(marker)
 
 
+@pytest.mark.slow
 def test_timeout_kills_a_child_in_a_new_session_in_the_sandbox(isolated: Case) -> None:
     # setsid takes the child out of the worker's process group, which is all a timeout kills
     # in none mode; bubblewrap's PID namespace dies with the worker, taking it along.
@@ -660,6 +663,7 @@ def test_launcher_exit_codes_name_the_signal() -> None:
     assert describe_exit(128 + 24) == "exited with code 152"
 
 
+@pytest.mark.root
 def test_default_worker_user_keeps_a_root_install_working(server_factory: ServerFactory) -> None:
     """The README's quick start as root: with TABSERVE_WORKER_USER = auto, scripts run.
 

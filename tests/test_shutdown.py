@@ -11,7 +11,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 
 
 def wait_until_busy(server: Server, workers: int = 1) -> None:

@@ -21,10 +21,13 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 from tabserve.store.passwords import add_user
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.browser
+
 
 DOCS_SCREENSHOT = Path(__file__).parent.parent / "docs" / "images" / "status-page.png"
 CHROMIUM = "/usr/bin/chromium"

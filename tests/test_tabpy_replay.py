@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXCHANGES = json.loads((FIXTURES / "tabpy_responses.json").read_text())

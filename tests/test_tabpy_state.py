@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tabpy_state"
 

@@ -15,7 +15,7 @@ import requests
 from pki import DAY, NOW, Pki, issue, make_pki
 from tabpy.tabpy_tools.client import Client
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -9,7 +9,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import Server, ServerFactory
+from helpers import Server, ServerFactory
 
 
 def busy_processes(server: Server, interval: float = 0.5) -> list[tuple[int, float]]:
