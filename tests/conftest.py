@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Server, ServerFactory
+from helpers import AppFactory, InProcessServer, Server, ServerFactory
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +40,26 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerF
 def server(server_factory: ServerFactory) -> Server:
     """A shared server with TabPy's defaults, but a 5 s timeout to keep failures quick."""
     return server_factory(TABPY_EVALUATE_TIMEOUT="5")
+
+
+@pytest.fixture(scope="session")
+def app_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppFactory]:
+    """Start in-process servers (the real app, jobs run in this process) on demand."""
+    apps: list[InProcessServer] = []
+
+    def start(
+        auth: tuple[str, str] | None = None, workdir: Path | None = None, **config: str
+    ) -> InProcessServer:
+        app = InProcessServer(workdir or tmp_path_factory.mktemp("app"), config, auth)
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.close()
+
+
+@pytest.fixture(scope="session")
+def app(app_factory: AppFactory) -> InProcessServer:
+    """A shared in-process server with TabPy's defaults."""
+    return app_factory()

@@ -1,22 +1,42 @@
-"""What tests share: a real tabserve process on a free loopback port, talked to over HTTP.
+"""What tests share: tabserve on a free loopback port, talked to over HTTP.
+
+``Server`` is a real tabserve process with real workers: for what needs processes (timeouts,
+crashes, the sandbox, shutdown, logs on disk, end-to-end behaviour). ``InProcessServer`` is
+the same application in this process with the worker's job handler run in-process: for HTTP
+behaviour (envelopes, authentication, limits, routing, CORS), in milliseconds.
 
 Tests import from here (``from helpers import Server``); conftest.py only holds fixtures.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from tornado.netutil import bind_sockets
+
+from tabserve import logs
+from tabserve.config import Settings, load_settings
+from tabserve.logs import TextFormatter
+from tabserve.server.app import build_services, make_http_server
+from tabserve.server.executor import JobResult, PoolConfig, PoolStats, job_result
+from tabserve.server.sandbox import SandboxReport
+from tabserve.worker.main import Worker
+
+_T = TypeVar("_T")
 
 
 def free_port() -> int:
@@ -133,3 +153,140 @@ class Server:
 
 
 ServerFactory = Callable[..., Server]
+
+
+# -- in-process: the real app, no processes ----------------------------------------------------
+
+
+class FakeExecutor:
+    """The executor's interface, running each job with the worker's own job handler
+    (``worker.main.Worker.handle``) in this process, on the event loop.
+
+    What it cannot do is what needs a process: a timeout cannot stop a job, a crash takes
+    the test process with it, and no resource limit applies (they would apply to pytest).
+    Tests of those use a real server.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.config = PoolConfig(
+            workers=settings.workers,
+            request_limit=settings.max_request_bytes,
+            gzip_enabled=settings.gzip_enabled,
+        )
+        self.worker = Worker(
+            {"request_limit": settings.max_request_bytes, "gzip_enabled": settings.gzip_enabled}
+        )
+        self.stats = PoolStats(started=settings.workers)
+        self.queued = 0
+        self.busy = 0
+        self.jobs: list[dict[str, Any]] = []  # every job header sent, for tests to look at
+        self._context: dict[str, Any] = {}
+        self._generation = 0
+        self._sent_generation = -1
+
+    @property
+    def alive(self) -> int:
+        return self.config.workers
+
+    @property
+    def size(self) -> int:
+        return self.config.workers
+
+    @property
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def set_context(self, context: dict[str, Any]) -> None:
+        self._context = context
+        self._generation += 1
+
+    async def run(
+        self, kind: str, payload: bytes, timeout: float, options: Mapping[str, Any] | None = None
+    ) -> JobResult:
+        header: dict[str, Any] = {"kind": kind, "call_id": logs.call_id.get(), **(options or {})}
+        if self._sent_generation != self._generation:
+            header["context"] = self._context
+            self._sent_generation = self._generation
+        self.jobs.append(header)
+        reply, body = self.worker.handle(header, bytes(payload))
+        reply.update(worker_pid=os.getpid(), queue_ms=0.0)
+        return job_result(reply, body)
+
+    async def close(self) -> None:
+        pass
+
+
+class LogCapture(logging.Handler):
+    """tabserve's log lines while an in-process server runs, as text lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.setFormatter(TextFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+class InProcessServer:
+    """tabserve's real application (``build_services``, ``make_app``, ``make_http_server``)
+    on a free loopback port, served by an event loop in a thread of the test process, with
+    ``FakeExecutor`` for a pool. Starts in milliseconds; same request API as ``Server``.
+
+    ``config`` is settings by key, as in a config file. The sandbox report is a passed
+    self-check of the configured mode (nothing is confined: nothing runs in a worker).
+    """
+
+    def __init__(self, workdir: Path, config: dict[str, str], auth: tuple[str, str] | None = None):
+        values = {"TABPY_STATE_PATH": str(workdir / "state"), "TABSERVE_WORKERS": "2", **config}
+        self.settings = load_settings(None, values)
+        self.state_path = self.settings.state_path
+        self.verify = True
+        self.auth = auth
+        self.logs = LogCapture()
+        logger = logging.getLogger("tabserve")
+        logger.addHandler(self.logs)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.port = self._call(self._start())
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _call(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=60)
+
+    async def _start(self) -> int:
+        self.executor = FakeExecutor(self.settings)
+        report = SandboxReport.from_findings(self.settings.sandbox, [])
+        self.services = await build_services(self.settings, self.executor, report)  # type: ignore[arg-type]
+        self._http = make_http_server(self.services)
+        sockets = bind_sockets(0, "127.0.0.1")
+        self._http.add_sockets(sockets)
+        return int(sockets[0].getsockname()[1])
+
+    async def _stop(self) -> None:
+        self._http.stop()
+        await self._http.close_all_connections()
+        await self.services.close()
+
+    def close(self) -> None:
+        if not self._thread.is_alive():
+            return
+        self._call(self._stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        logging.getLogger("tabserve").removeHandler(self.logs)
+
+    def log(self) -> str:
+        return "\n".join(self.logs.lines)
+
+    request = Server.request
+    get = Server.get
+    post = Server.post
+    evaluate = Server.evaluate
+    metric = Server.metric
+
+
+AppFactory = Callable[..., InProcessServer]

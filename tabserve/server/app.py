@@ -80,6 +80,13 @@ class Services:
     sandbox: SandboxReport
     flight: FlightService | None = None  # when TABPY_ARROW_ENABLE is true
 
+    async def close(self) -> None:
+        """Stop what the services run beside the pool (the pool is closed by its owner)."""
+        if self.flight is not None:
+            await self.flight.close()
+        self.auth.close()
+        await self.endpoints.close()
+
 
 # Tornado's own cap on bodies; the real limit is TABPY_MAX_REQUEST_SIZE_MB, applied by the
 # handlers so that they can answer 413 in TabPy's shape (see handlers.base.DRAIN_LIMIT).
@@ -206,6 +213,69 @@ def readiness_checks(
     readiness.add("accepting", accepting)
 
 
+async def build_services(
+    settings: Settings, executor: Executor, sandbox: SandboxReport
+) -> Services:
+    """Everything the handlers use, around a started pool and its sandbox report.
+
+    Reads the state directory and the password file (raising ``StateError`` or
+    ``PasswordFileError``), starts checking the deployed endpoints in the background and,
+    with ``TABPY_ARROW_ENABLE``, starts the Arrow Flight service.
+    """
+    state_file = ensure_state_dir(settings.state_path)
+    service = service_info(read_state(state_file))
+    auth = load_authenticator(settings, service.name)
+    endpoints = EndpointService(
+        EndpointRegistry(settings.state_path),
+        executor,
+        settings.evaluate_timeout,
+        guard=sandbox.require_deployed,
+    )
+    try:
+        await endpoints.start()
+    except BaseException:
+        auth.close()
+        raise
+    requests = RequestTracker()
+    readiness = Readiness()
+    readiness_checks(readiness, executor, requests, Path(state_file), sandbox)
+    flight: FlightService | None = None
+    if settings.arrow_enabled:
+        flight = FlightService(settings, auth, executor)
+        try:
+            await flight.start()
+        except BaseException:
+            auth.close()
+            await endpoints.close()
+            raise
+        readiness.add("flight", flight.readiness)
+    return Services(
+        settings=settings,
+        executor=executor,
+        endpoints=endpoints,
+        service=service,
+        state_path=os.path.realpath(settings.state_path),
+        sandbox=sandbox,
+        auth=auth,
+        requests=requests,
+        metrics=Metrics(executor, lambda: requests.count),
+        readiness=readiness,
+        flight=flight,
+    )
+
+
+def make_http_server(services: Services, ssl_options: ssl.SSLContext | None = None) -> HTTPServer:
+    """The HTTP server for ``make_app(services)``, with the body handling handlers rely on."""
+    return HTTPServer(
+        make_app(services),
+        max_body_size=_TRANSPORT_BODY_CAP,
+        max_buffer_size=_TRANSPORT_BODY_CAP,
+        decompress_request=False,  # workers inflate gzip bodies, with the size cap
+        chunk_size=_BODY_CHUNK,
+        ssl_options=ssl_options,
+    )
+
+
 async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down gracefully and return.
 
@@ -217,72 +287,29 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
     # Workers start first, before anything secret (passwords, the TLS key) is loaded into
     # this process; the sandbox self-check runs before any deployed code is loaded.
     executor, sandbox = await start_pool(settings)
-    endpoints: EndpointService | None = None
-    auth: Authenticator | None = None
-    flight: FlightService | None = None
+    services: Services | None = None
     try:
-        state_file = ensure_state_dir(settings.state_path)
-        service = service_info(read_state(state_file))
-        auth = load_authenticator(settings, service.name)
+        services = await build_services(settings, executor, sandbox)
         # SIGHUP re-reads the password file (and no longer kills the server, its default).
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, auth.reload)
-        context = tls_context(settings)
-        endpoints = EndpointService(
-            EndpointRegistry(settings.state_path),
-            executor,
-            settings.evaluate_timeout,
-            guard=sandbox.require_deployed,
-        )
-        await endpoints.start()
-        requests = RequestTracker()
-        readiness = Readiness()
-        readiness_checks(readiness, executor, requests, Path(state_file), sandbox)
-        if settings.arrow_enabled:
-            flight = FlightService(settings, auth, executor)
-            await flight.start()
-            readiness.add("flight", flight.readiness)
-        services = Services(
-            settings=settings,
-            executor=executor,
-            endpoints=endpoints,
-            service=service,
-            state_path=os.path.realpath(settings.state_path),
-            sandbox=sandbox,
-            auth=auth,
-            requests=requests,
-            metrics=Metrics(executor, lambda: requests.count),
-            readiness=readiness,
-            flight=flight,
-        )
-        server = HTTPServer(
-            make_app(services),
-            max_body_size=_TRANSPORT_BODY_CAP,
-            max_buffer_size=_TRANSPORT_BODY_CAP,
-            decompress_request=False,  # workers inflate gzip bodies, with the size cap
-            chunk_size=_BODY_CHUNK,
-            ssl_options=context,
-        )
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, services.auth.reload)
+        server = make_http_server(services, tls_context(settings))
         sockets = bind_sockets(settings.port, settings.bind_address or None)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
         warning = exposure_warning(settings)
         if warning:
             log.warning("%s", warning)
-        print(banner(settings, port, sandbox, flight), file=out, flush=True)
+        print(banner(settings, port, sandbox, services.flight), file=out, flush=True)
         await signals.wait()
         server.stop()  # closes the listening sockets: new connections are refused
-        requests.draining = True
-        await _drain(requests, settings.shutdown_grace, signals)
+        services.requests.draining = True
+        await _drain(services.requests, settings.shutdown_grace, signals)
         # Idle keep-alive connections would otherwise outlive the loop.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.close_all_connections(), 1.0)
     finally:
-        if flight is not None:
-            await flight.close()  # after the drain: requests in flight may still need it
-        if auth is not None:
-            auth.close()
-        if endpoints is not None:
-            await endpoints.close()
+        if services is not None:
+            await services.close()
         await executor.close()
         log.info("stopped")
 

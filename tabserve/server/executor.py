@@ -95,6 +95,17 @@ class PoolStats:
     rejected: int = 0  # jobs refused because the queue was full
 
 
+def job_result(reply: dict[str, Any], body: bytes, fds: Sequence[int] = ()) -> JobResult:
+    """What a caller of ``run`` gets for a worker's reply: the result (with the descriptors
+    the worker handed back), or the error raised (closing them)."""
+    if reply.get("status", 200) != 200:
+        fdpass.close_all(fds)
+        error = TabserveError.from_wire(reply)
+        error.meta = reply
+        raise error
+    return JobResult(body, reply, list(fds))
+
+
 def worker_environment(allow: Sequence[str], source: Mapping[str, str]) -> dict[str, str]:
     """The environment a worker starts with: only allow-listed variables survive."""
     env = {name: source[name] for name in allow if name in source}
@@ -484,12 +495,7 @@ class Executor:
         else:
             self._release(worker)
         reply.update(worker_pid=worker.pid, queue_ms=round(queue_ms, 3))
-        if reply.get("status", 200) != 200:
-            fdpass.close_all(returned)
-            error = TabserveError.from_wire(reply)
-            error.meta = reply
-            raise error
-        return JobResult(body, reply, returned)
+        return job_result(reply, body, returned)
 
     async def _acquire(self, deadline: float, timeout: float) -> WorkerProcess:
         if self._closing:
