@@ -78,9 +78,12 @@ class BaseHandler(RequestHandler):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # A streamed body is complete only when the verb method starts; guarding each verb
-        # is the one place where an oversized body can be refused for every route.
+        # is the one place where a refusal (401, 403, 406) or an oversized body can be
+        # answered for every route. Every verb Tornado may call is guarded, so a handler
+        # that adds one (HEAD, say) cannot skip authentication.
         super().__init_subclass__(**kwargs)
-        for name in ("get", "post", "put", "delete", "patch", "options"):
+        for method in cls.SUPPORTED_METHODS:
+            name = method.lower()
             if name in cls.__dict__:
                 setattr(cls, name, _reject_refused(cls.__dict__[name]))
 
@@ -242,7 +245,9 @@ class BaseHandler(RequestHandler):
             "Method not allowed", f"{self.request.method} is not supported on {self.request.path}"
         )
 
-    post = put = delete = patch = get
+    # Every verb Tornado supports but OPTIONS: a route answers 405 (after authentication)
+    # for those its handler does not implement, HEAD included (Tornado's own would skip it).
+    post = put = delete = patch = head = get
 
     @_reject_refused
     async def options(self, *args: str) -> None:
@@ -297,7 +302,7 @@ class NotFoundHandler(BaseHandler):
     async def get(self, *args: str) -> None:
         raise NotFound("Not found", f"No route for {self.request.method} {self.request.path}")
 
-    post = put = delete = patch = get
+    post = put = delete = patch = head = get
 
 
 def log_request(handler: RequestHandler) -> None:
