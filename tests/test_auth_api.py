@@ -1,4 +1,7 @@
-"""Basic authentication over real HTTP: TabPy's 401/406 matrix, permissions, reloads, client."""
+"""Basic authentication over HTTP: TabPy's 401/406 matrix, permissions, reloads, clients.
+
+The matrix and permissions run against the app in process; reloads and start-up failures
+against real servers and the command line."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import pytest
 import requests
 from tabpy.tabpy_tools.client import Client
 
-from helpers import Server, ServerFactory
+from helpers import AppFactory, InProcessServer, Server, ServerFactory
 from tabserve.store.passwords import hash_password
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -58,9 +61,9 @@ def password_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def auth_server(server_factory: ServerFactory, password_file: Path) -> Server:
+def auth_server(app_factory: AppFactory, password_file: Path) -> InProcessServer:
     # No slow-down here: the matrix fails on purpose many times from one address.
-    server = server_factory(
+    server = app_factory(
         TABPY_PWD_FILE=str(password_file), TABSERVE_AUTH_MAX_DELAY="0", TABPY_EVALUATE_TIMEOUT="20"
     )
     answer = server.post(
@@ -90,7 +93,7 @@ ROUTE_IDS = [f"{method} {path}" for method, path, _, _ in ROUTES]
     "credentials", [None, BAD_USER, BAD_PASSWORD], ids=["no creds", "bad user", "bad password"]
 )
 def test_auth_on_refuses_missing_or_wrong_credentials(
-    auth_server: Server,
+    auth_server: InProcessServer,
     method: str,
     path: str,
     body: object,
@@ -106,25 +109,25 @@ def test_auth_on_refuses_missing_or_wrong_credentials(
 
 @pytest.mark.parametrize(("method", "path", "body", "ok"), ROUTES, ids=ROUTE_IDS)
 def test_auth_on_accepts_valid_credentials(
-    auth_server: Server, method: str, path: str, body: object, ok: int
+    auth_server: InProcessServer, method: str, path: str, body: object, ok: int
 ) -> None:
     answer = auth_server.request(method, path, json=body, auth=VALID)
     assert answer.status_code == ok, answer.text
 
 
-def test_info_advertises_basic_auth(auth_server: Server) -> None:
+def test_info_advertises_basic_auth(auth_server: InProcessServer) -> None:
     features = auth_server.get("/info", auth=VALID).json()["versions"]["v1"]["features"]
     assert features["authentication"] == {"required": True, "methods": {"basic-auth": {}}}
 
 
-def test_401_body_is_tabpys_bytes(auth_server: Server) -> None:
+def test_401_body_is_tabpys_bytes(auth_server: InProcessServer) -> None:
     answer = auth_server.get("/info")
     assert answer.content == (
         b'{"message": "Invalid credentials provided.", "info": "Unauthorized request."}'
     )
 
 
-def test_public_paths_need_no_credentials(auth_server: Server) -> None:
+def test_public_paths_need_no_credentials(auth_server: InProcessServer) -> None:
     page = auth_server.get("/")
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     assert auth_server.get("/unicorn").status_code == 404
@@ -132,23 +135,23 @@ def test_public_paths_need_no_credentials(auth_server: Server) -> None:
     assert preflight.status_code == 200
 
 
-def test_password_with_colon_authenticates(auth_server: Server) -> None:
+def test_password_with_colon_authenticates(auth_server: InProcessServer) -> None:
     assert auth_server.get("/info", auth=("colon", "a:b:c")).status_code == 200
     assert auth_server.get("/info", auth=("colon", "a:b")).status_code == 401
 
 
-def test_scheme_name_is_case_insensitive(auth_server: Server) -> None:
+def test_scheme_name_is_case_insensitive(auth_server: InProcessServer) -> None:
     token = base64.b64encode(b"user1:P@ssw0rd").decode()
     for scheme in ("basic", "BASIC"):
         answer = auth_server.get("/info", headers={"Authorization": f"{scheme} {token}"})
         assert answer.status_code == 200
 
 
-def test_user_names_are_case_insensitive(auth_server: Server) -> None:
+def test_user_names_are_case_insensitive(auth_server: InProcessServer) -> None:
     assert auth_server.get("/status", auth=("USER1", "P@ssw0rd")).status_code == 200
 
 
-def test_401_with_a_body_keeps_the_connection_usable(auth_server: Server) -> None:
+def test_401_with_a_body_keeps_the_connection_usable(auth_server: InProcessServer) -> None:
     with requests.Session() as session:
         big = {"script": "return 1", "data": {"_arg1": ["x" * 1000] * 200}}
         first = session.post(auth_server.url + "/evaluate", json=big, timeout=30)
@@ -157,7 +160,7 @@ def test_401_with_a_body_keeps_the_connection_usable(auth_server: Server) -> Non
         assert second.status_code == 200
 
 
-def test_failures_are_logged_with_reason_and_without_secrets(auth_server: Server) -> None:
+def test_failures_are_logged_with_reason_and_without_secrets(auth_server: InProcessServer) -> None:
     auth_server.get("/status", auth=("user1", "SecretGuess-42"))
     auth_server.get("/status", auth=("ghost", "AnotherSecret-43"))
     auth_server.get("/status", headers={"Authorization": "Bearer TokenValue-44"})
@@ -181,7 +184,7 @@ EVALUATE_BODY = {"script": "return _arg1", "data": {"_arg1": [5]}}
 CONNECTION_TEST_BODY = {"script": "return int(1)", "data": {"_arg1": [4]}}
 
 
-def test_evaluate_only_user(auth_server: Server) -> None:
+def test_evaluate_only_user(auth_server: InProcessServer) -> None:
     user = ("evaluser", "ev-pass")
     assert auth_server.post("/evaluate", json=EVALUATE_BODY, auth=user).json() == [5]
     # tabpy.query inside /evaluate needs only the evaluate permission.
@@ -201,7 +204,7 @@ def test_evaluate_only_user(auth_server: Server) -> None:
     assert delete.status_code == 403
 
 
-def test_query_only_user(auth_server: Server) -> None:
+def test_query_only_user(auth_server: InProcessServer) -> None:
     user = ("queryuser", "q-pass")
     answer = auth_server.post("/query/add", json={"data": {"x": [1], "y": [2]}}, auth=user)
     assert answer.status_code == 200 and answer.json()["response"] == [3]
@@ -220,7 +223,7 @@ def test_query_only_user(auth_server: Server) -> None:
     assert deploy.status_code == 403
 
 
-def test_manage_only_user_deploys_with_the_tabpy_client(auth_server: Server) -> None:
+def test_manage_only_user_deploys_with_the_tabpy_client(auth_server: InProcessServer) -> None:
     client = Client(auth_server.url + "/")
     client.set_credentials("deployer", "d-pass")
     client.deploy("add_by_deployer", add, "deployed without evaluate", override=True)
@@ -234,7 +237,7 @@ def test_manage_only_user_deploys_with_the_tabpy_client(auth_server: Server) -> 
     client.remove("add_by_deployer")
 
 
-def test_tabpy_client_set_credentials_deploys_and_queries(auth_server: Server) -> None:
+def test_tabpy_client_set_credentials_deploys_and_queries(auth_server: InProcessServer) -> None:
     anonymous = Client(auth_server.url + "/")
     with pytest.raises(Exception):  # noqa: B017  # the client raises a bare exception on 401
         anonymous.get_endpoints()
@@ -249,13 +252,13 @@ def test_tabpy_client_set_credentials_deploys_and_queries(auth_server: Server) -
 
 
 @pytest.fixture(scope="module")
-def open_server(server_factory: ServerFactory) -> Server:
-    return server_factory(TABPY_EVALUATE_TIMEOUT="20")
+def open_server(app_factory: AppFactory) -> InProcessServer:
+    return app_factory(TABPY_EVALUATE_TIMEOUT="20")
 
 
 @pytest.mark.parametrize(("method", "path", "body", "ok"), ROUTES, ids=ROUTE_IDS)
 def test_credentials_without_auth_are_406(
-    open_server: Server, method: str, path: str, body: object, ok: int
+    open_server: InProcessServer, method: str, path: str, body: object, ok: int
 ) -> None:
     answer = open_server.request(method, path, json=body, auth=VALID)
     assert answer.status_code == 406
@@ -263,7 +266,7 @@ def test_credentials_without_auth_are_406(
     assert answer.headers["WWW-Authenticate"] == 'Basic realm="tabserve"'
 
 
-def test_unparseable_header_without_auth_proceeds(open_server: Server) -> None:
+def test_unparseable_header_without_auth_proceeds(open_server: InProcessServer) -> None:
     for header in ("Bearer abc", "Basic !!!", "nonsense"):
         headers = {"Authorization": header}
         answer = open_server.post("/evaluate", json=EVALUATE_BODY, headers=headers)
@@ -271,8 +274,8 @@ def test_unparseable_header_without_auth_proceeds(open_server: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def no_evaluate_server(server_factory: ServerFactory, password_file: Path) -> Server:
-    return server_factory(
+def no_evaluate_server(app_factory: AppFactory, password_file: Path) -> InProcessServer:
+    return app_factory(
         TABPY_PWD_FILE=str(password_file),
         TABPY_EVALUATE_ENABLE="false",
         TABSERVE_AUTH_MAX_DELAY="0",
@@ -280,7 +283,7 @@ def no_evaluate_server(server_factory: ServerFactory, password_file: Path) -> Se
     )
 
 
-def test_evaluate_disabled_still_needs_credentials(no_evaluate_server: Server) -> None:
+def test_evaluate_disabled_still_needs_credentials(no_evaluate_server: InProcessServer) -> None:
     for credentials in (None, BAD_USER, BAD_PASSWORD):
         answer = no_evaluate_server.post("/evaluate", json=EVALUATE_BODY, auth=credentials)
         assert answer.status_code == 401
@@ -289,7 +292,7 @@ def test_evaluate_disabled_still_needs_credentials(no_evaluate_server: Server) -
     assert answer.json()["message"].startswith("Ad-hoc scripts have been disabled")
 
 
-def test_authentication_comes_before_the_size_limit(no_evaluate_server: Server) -> None:
+def test_authentication_comes_before_the_size_limit(no_evaluate_server: InProcessServer) -> None:
     oversized = b"x" * (2 * 1024 * 1024)
     refused = no_evaluate_server.post("/query/anything", data=oversized)
     assert refused.status_code == 401 and refused.json() == UNAUTHORIZED
@@ -360,7 +363,7 @@ def test_user_add_refuses_a_malformed_file_and_changes_nothing(tmp_path: Path) -
     assert path.read_text() == original
 
 
-def test_request_bodies_in_log_are_not_json_dumped(auth_server: Server) -> None:
+def test_request_bodies_in_log_are_not_json_dumped(auth_server: InProcessServer) -> None:
     # A 401 on /evaluate must not log or echo the script it refused.
     answer = auth_server.post("/evaluate", json={"script": "return 'TopSecretScript'", "data": {}})
     assert answer.status_code == 401
@@ -369,8 +372,9 @@ def test_request_bodies_in_log_are_not_json_dumped(auth_server: Server) -> None:
     assert json.loads(answer.text) == UNAUTHORIZED
 
 
-def test_operations_routes_with_auth_on(auth_server: Server, server_factory: ServerFactory,
-                                        password_file: Path) -> None:  # fmt: skip
+def test_operations_routes_with_auth_on(
+    auth_server: InProcessServer, app_factory: AppFactory, password_file: Path
+) -> None:
     """Health probes never need credentials; /metrics does, unless TABSERVE_METRICS_AUTH=false."""
     for path in ("/health/live", "/health/ready"):
         assert auth_server.get(path).status_code == 200
@@ -380,7 +384,7 @@ def test_operations_routes_with_auth_on(auth_server: Server, server_factory: Ser
     allowed = auth_server.get("/metrics", auth=VALID)
     assert allowed.status_code == 200
     assert "tabserve_requests_total" in allowed.text
-    open_metrics = server_factory(
+    open_metrics = app_factory(
         TABSERVE_WORKERS="1", TABPY_PWD_FILE=str(password_file), TABSERVE_METRICS_AUTH="false"
     )
     assert open_metrics.get("/metrics").status_code == 200

@@ -1,4 +1,5 @@
-"""``tabserve check``: the conformance kit, run as a command against live servers."""
+"""``tabserve check``: the conformance kit, run as a command against live servers (a real
+one, and variants of the app in process)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from helpers import Server, ServerFactory
+from helpers import AppFactory, Server, ServerFactory
 from tabserve.store.passwords import add_user
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -66,10 +67,10 @@ def test_everything_passes_against_tabserve(check_server: Server) -> None:
     assert [name for name, r in results.items() if r != "PASS"] == ["evaluate_enabled: false"]
 
 
-def test_passes_with_authentication_on(server_factory: ServerFactory, tmp_path: Path) -> None:
+def test_passes_with_authentication_on(app_factory: AppFactory, tmp_path: Path) -> None:
     passwords = tmp_path / "passwords.txt"
     add_user(passwords, "tableau", "kit-pass")
-    server = server_factory(TABPY_PWD_FILE=str(passwords), TABPY_MAX_REQUEST_SIZE_MB="1")
+    server = app_factory(TABPY_PWD_FILE=str(passwords), TABPY_MAX_REQUEST_SIZE_MB="1")
     code, results, output = run_check(
         "--target",
         server.url,
@@ -89,8 +90,8 @@ def test_passes_with_authentication_on(server_factory: ServerFactory, tmp_path: 
     assert "pass --user and --password" in output
 
 
-def test_evaluate_disabled_server(server_factory: ServerFactory) -> None:
-    server = server_factory(TABPY_EVALUATE_ENABLE="false", TABPY_MAX_REQUEST_SIZE_MB="1")
+def test_evaluate_disabled_server(app_factory: AppFactory) -> None:
+    server = app_factory(TABPY_EVALUATE_ENABLE="false", TABPY_MAX_REQUEST_SIZE_MB="1")
     code, results, output = run_check("--target", server.url, "--max-request-mb", "1")
     assert code == 0, output
     assert results["evaluate_enabled: false"] == "PASS"

@@ -1,4 +1,7 @@
-"""POST /evaluate over real HTTP: TabPy's semantics, and the deliberate fixes."""
+"""POST /evaluate over HTTP: TabPy's semantics, and the deliberate fixes.
+
+Scripts run in a real server's workers; limits, encodings and envelopes are checked against
+the app in process."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import subprocess
 import pytest
 import requests
 
-from helpers import Server, ServerFactory
+from helpers import AppFactory, InProcessServer, Server, ServerFactory
 
 
 def test_readme_curl_example_prints_3(server: Server) -> None:
@@ -221,8 +224,8 @@ def test_corrupt_gzip_is_400(server: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_limit_server(server_factory: ServerFactory) -> Server:
-    return server_factory(TABPY_MAX_REQUEST_SIZE_MB="1", TABPY_GZIP_ENABLE="true")
+def small_limit_server(app_factory: AppFactory) -> InProcessServer:
+    return app_factory(TABPY_MAX_REQUEST_SIZE_MB="1", TABPY_GZIP_ENABLE="true")
 
 
 def _two_megabytes() -> bytes:
@@ -232,7 +235,7 @@ def _two_megabytes() -> bytes:
 @pytest.mark.parametrize("path", ["/evaluate", "/info", "/unicorn"])
 @pytest.mark.parametrize("content_type", ["application/json", "application/x-www-form-urlencoded"])
 def test_over_the_limit_is_413_on_every_route(
-    small_limit_server: Server, path: str, content_type: str
+    small_limit_server: InProcessServer, path: str, content_type: str
 ) -> None:
     body = _two_megabytes()
     response = small_limit_server.post(path, data=body, headers={"Content-Type": content_type})
@@ -243,14 +246,14 @@ def test_over_the_limit_is_413_on_every_route(
     }
 
 
-def test_oversized_preflight_is_413_too(small_limit_server: Server) -> None:
+def test_oversized_preflight_is_413_too(small_limit_server: InProcessServer) -> None:
     body = _two_megabytes()
     response = requests.options(small_limit_server.url + "/evaluate", data=body, timeout=30)
     assert response.status_code == 413
     assert response.json()["info"] == "Request Entity Too Large"
 
 
-def test_chunked_body_over_the_limit_is_413(small_limit_server: Server) -> None:
+def test_chunked_body_over_the_limit_is_413(small_limit_server: InProcessServer) -> None:
     body = _two_megabytes()
     chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
     response = small_limit_server.post("/evaluate", data=chunks)
@@ -258,7 +261,9 @@ def test_chunked_body_over_the_limit_is_413(small_limit_server: Server) -> None:
     assert response.json()["info"] == "Request Entity Too Large"
 
 
-def test_expect_continue_over_the_limit_is_413_without_upload(small_limit_server: Server) -> None:
+def test_expect_continue_over_the_limit_is_413_without_upload(
+    small_limit_server: InProcessServer,
+) -> None:
     out = subprocess.run(
         ["curl", "-s", "-H", "Expect: 100-continue", "-w", "\n%{http_code}",
          "--data-binary", "@-", f"{small_limit_server.url}/evaluate"],
@@ -269,7 +274,7 @@ def test_expect_continue_over_the_limit_is_413_without_upload(small_limit_server
     assert json.loads(body)["info"] == "Request Entity Too Large"
 
 
-def test_gzip_bomb_is_413(small_limit_server: Server) -> None:
+def test_gzip_bomb_is_413(small_limit_server: InProcessServer) -> None:
     bomb = gzip.compress(b'{"script": "return 1", "data": {"_arg1": "' + b"0" * 5_000_000 + b'"}}')
     assert len(bomb) < 1_048_576
     response = small_limit_server.post("/evaluate", data=bomb, headers={"Content-Encoding": "gzip"})
@@ -277,13 +282,13 @@ def test_gzip_bomb_is_413(small_limit_server: Server) -> None:
     assert response.json()["info"] == "Request Entity Too Large"
 
 
-def test_under_the_limit_still_works(small_limit_server: Server) -> None:
+def test_under_the_limit_still_works(small_limit_server: InProcessServer) -> None:
     response = small_limit_server.evaluate("return len(_arg1)", _arg1=[1] * 1000)
     assert response.json() == 1000
 
 
-def test_gzip_disabled_is_415(server_factory: ServerFactory) -> None:
-    server = server_factory(TABPY_GZIP_ENABLE="false", TABSERVE_WORKERS="1")
+def test_gzip_disabled_is_415(app_factory: AppFactory) -> None:
+    server = app_factory(TABPY_GZIP_ENABLE="false", TABSERVE_WORKERS="1")
     body = gzip.compress(b'{"script": "return 1", "data": {}}')
     response = server.post("/evaluate", data=body, headers={"Content-Encoding": "gzip"})
     assert response.status_code == 415
@@ -300,8 +305,8 @@ def test_timeout_is_408_with_tabpys_exact_body(server_factory: ServerFactory) ->
     )
 
 
-def test_evaluate_disabled_is_404_with_tabpys_message(server_factory: ServerFactory) -> None:
-    server = server_factory(TABPY_EVALUATE_ENABLE="false", TABSERVE_WORKERS="1")
+def test_evaluate_disabled_is_404_with_tabpys_message(app_factory: AppFactory) -> None:
+    server = app_factory(TABPY_EVALUATE_ENABLE="false", TABSERVE_WORKERS="1")
     response = server.evaluate("return 1")
     assert response.status_code == 404
     assert response.json() == {
@@ -324,15 +329,15 @@ def test_evaluate_disabled_is_404_with_tabpys_message(server_factory: ServerFact
     ],
 )
 def test_unknown_paths_and_methods_are_json(
-    server: Server, method: str, path: str, status: int
+    app: InProcessServer, method: str, path: str, status: int
 ) -> None:
-    response = requests.request(method, server.url + path, timeout=10)
+    response = requests.request(method, app.url + path, timeout=10)
     assert response.status_code == status
     assert response.headers["Content-Type"].startswith("application/json")
     assert set(response.json()) == {"message", "info"}
 
 
-def test_root_page_is_html(server: Server) -> None:
-    response = server.get("/")
+def test_root_page_is_html(app: InProcessServer) -> None:
+    response = app.get("/")
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/html")

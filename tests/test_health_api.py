@@ -1,23 +1,23 @@
-"""/health/live and /health/ready over real HTTP, and the readiness check list itself."""
+"""/health/live and /health/ready over HTTP (in process), and the readiness check list itself."""
 
 from __future__ import annotations
 
 import asyncio
 
-from helpers import Server, ServerFactory
+from helpers import AppFactory, InProcessServer
 from tabserve.server.health import Readiness
 
 
-def test_live_answers_200_without_credentials(server: Server) -> None:
-    response = server.get("/health/live")
+def test_live_answers_200_without_credentials(app: InProcessServer) -> None:
+    response = app.get("/health/live")
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "application/json"
     assert response.json() == {"status": "alive"}
     assert "Etag" not in response.headers
 
 
-def test_ready_lists_every_check_when_ready(server: Server) -> None:
-    response = server.get("/health/ready")
+def test_ready_lists_every_check_when_ready(app: InProcessServer) -> None:
+    response = app.get("/health/ready")
     assert response.status_code == 200
     document = response.json()
     assert document["status"] == "ready"
@@ -27,8 +27,8 @@ def test_ready_lists_every_check_when_ready(server: Server) -> None:
     assert checks["workers"]["detail"] == "2 of 2 workers alive"
 
 
-def test_ready_is_503_with_the_reason_when_state_is_gone(server_factory: ServerFactory) -> None:
-    server = server_factory()
+def test_ready_is_503_with_the_reason_when_state_is_gone(app_factory: AppFactory) -> None:
+    server = app_factory()
     assert server.get("/health/ready").status_code == 200
     state_file = server.state_path / "state.ini"
     saved = state_file.read_bytes()

@@ -15,7 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from tabpy.tabpy_tools.client import Client
 
-from helpers import Server, ServerFactory
+from helpers import InProcessServer, Server, ServerFactory
 from tabserve.server.executor import Executor, PoolConfig
 from tabserve.server.metrics import Metrics
 
@@ -191,9 +191,9 @@ def test_metrics_credentials_follow_the_setting_and_probes_never_need_them() -> 
     assert load_settings(None, {}).metrics_auth is True
 
 
-def test_made_up_methods_do_not_create_series(server: Server) -> None:
+def test_made_up_methods_do_not_create_series(app: InProcessServer) -> None:
     for method in ("FOO1", "FOO2", "BREW"):
-        assert requests.request(method, server.url + "/info", timeout=10).status_code == 405
-    text = server.get("/metrics").text
+        assert requests.request(method, app.url + "/info", timeout=10).status_code == 405
+    text = app.get("/metrics").text
     assert 'method="FOO1"' not in text and 'method="BREW"' not in text
     assert 'method="other"' in text

@@ -13,7 +13,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from helpers import Server, ServerFactory
+from helpers import InProcessServer, Server, ServerFactory
 from tabserve.server import openapi
 from tabserve.server.routes import ROUTES, Route, route_for
 
@@ -82,13 +82,13 @@ def test_api_md_and_the_document_name_the_same_routes() -> None:
                 )
 
 
-def test_document_is_served(server: Server) -> None:
-    answer = server.get("/openapi.json")
+def test_document_is_served(app: InProcessServer) -> None:
+    answer = app.get("/openapi.json")
     assert answer.status_code == 200
     assert answer.headers["Content-Type"].startswith("application/json")
     document: dict[str, Any] = answer.json()
     assert document["openapi"] == "3.1.0"
-    assert document["info"]["version"] == server.get("/info").json()["server_version"]
+    assert document["info"]["version"] == app.get("/info").json()["server_version"]
     assert document == openapi.document(ROUTES)
 
 
@@ -150,10 +150,10 @@ def test_schemathesis_finds_no_answer_outside_the_document(
     assert "Uncaught exception" not in fuzz_server.log()
 
 
-def test_fuzzer_finding_unencodable_src_path_is_a_400(server: Server) -> None:
+def test_fuzzer_finding_unencodable_src_path_is_a_400(app: InProcessServer) -> None:
     """schemathesis found this 500: realpath raised on a NUL or a lone surrogate."""
     for src_path in ("/tmp/a\u0000b", "/tmp/\udb21x"):
-        answer = server.post(
+        answer = app.post(
             "/endpoints", json={"name": "fuzzed", "type": "model", "src_path": src_path}
         )
         assert answer.status_code == 400, answer.text
