@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 import psutil
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,6 +32,7 @@ from tornado.netutil import bind_sockets
 from tabserve import logs
 from tabserve.config import Settings, load_settings
 from tabserve.logs import TextFormatter
+from tabserve.protocol import Context, JobHeader, JobKind, Telemetry
 from tabserve.server.app import build_services, make_http_server
 from tabserve.server.executor import JobResult, PoolConfig, PoolStats, job_result
 from tabserve.server.sandbox import SandboxReport
@@ -180,9 +182,7 @@ class FakeExecutor:
         self.queued = 0
         self.busy = 0
         self.jobs: list[dict[str, Any]] = []  # every job header sent, for tests to look at
-        self._context: dict[str, Any] = {}
-        self._generation = 0
-        self._sent_generation = -1
+        self.jobs_context: list[Context] = []  # every table sent, in order
 
     @property
     def alive(self) -> int:
@@ -196,21 +196,25 @@ class FakeExecutor:
     def pids(self) -> list[int]:
         return [os.getpid()]
 
-    def set_context(self, context: dict[str, Any]) -> None:
-        self._context = context
-        self._generation += 1
+    def set_context(self, context: Context) -> None:
+        # The worker is in this process: it sees the table at once, as a real one would
+        # before its next job.
+        self.jobs_context.append(context)
+        self.worker.set_context(orjson.loads(orjson.dumps(context)))
 
     async def run(
-        self, kind: str, payload: bytes, timeout: float, options: Mapping[str, Any] | None = None
+        self,
+        kind: JobKind,
+        payload: bytes,
+        timeout: float,
+        options: Mapping[str, Any] | None = None,
     ) -> JobResult:
-        header: dict[str, Any] = {"kind": kind, "call_id": logs.call_id.get(), **(options or {})}
-        if self._sent_generation != self._generation:
-            header["context"] = self._context
-            self._sent_generation = self._generation
-        self.jobs.append(header)
+        header: JobHeader = {"kind": kind, "call_id": logs.call_id.get()}
+        header.update(options or {})  # type: ignore[typeddict-item]
+        self.jobs.append(dict(header))
         reply, body = self.worker.handle(header, bytes(payload))
-        reply.update(worker_pid=os.getpid(), queue_ms=0.0)
-        return job_result(reply, body)
+        telemetry: Telemetry = {**reply.get("telemetry", {}), "worker_pid": os.getpid()}
+        return job_result(reply, body, {**telemetry, "queue_ms": 0.0})
 
     async def close(self) -> None:
         pass

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from tabserve.errors import BadRequest, Overloaded, ScriptError, ScriptTimeout, WorkerDied
+from tabserve.protocol import MAX_HEADER, JobKind
 from tabserve.server.executor import Executor, PoolConfig, describe_exit, worker_environment
 
 
@@ -239,5 +240,24 @@ def test_close_answers_queued_callers_at_once() -> None:
         assert loop.time() - started < 2.5
         with pytest.raises((WorkerDied, asyncio.CancelledError, Overloaded)):
             await busy
+
+    run_with_pool(test)
+
+
+def test_an_endpoint_table_larger_than_any_frame_header_reaches_the_workers() -> None:
+    """The table travels as a payload: its size is not bounded by the header cap."""
+
+    async def test(executor: Executor) -> None:
+        table = {
+            f"model{i}": {"type": "model", "version": 1, "path": f"/nowhere/{i:05}/pickle_archive"}
+            for i in range(30_000)
+        }
+        assert len(orjson.dumps(table)) > MAX_HEADER
+        executor.set_context({"endpoints": table})  # type: ignore[typeddict-item]
+        with pytest.raises(ScriptError) as caught:
+            await executor.run(JobKind.QUERY, b'{"data": []}', 30, {"name": "model29999"})
+        # Known to the worker (not a 404), and then not found on disk.
+        assert caught.value.info["type"] == "LoadFailed"  # type: ignore[index]
+        assert "FileNotFoundError" in caught.value.info["error"]  # type: ignore[index]
 
     run_with_pool(test)

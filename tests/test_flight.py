@@ -24,7 +24,7 @@ import pytest
 import requests
 from pki import make_pki
 
-from conftest import Server, ServerFactory, free_port
+from helpers import Server, ServerFactory, free_port
 from tabserve.server.flight import data_path
 from tabserve.store.passwords import hash_password
 

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 import tabserve.worker.main as worker_module
+from tabserve.protocol import Context, JobKind
 from tabserve.worker.main import Worker
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -33,11 +34,10 @@ def table(tmp_path: Path, version: int) -> dict[str, object]:
     return {"endpoints": {"t": {"type": "model", "version": version, "path": path}}}
 
 
-def query(worker: Worker, context: dict[str, object] | None = None) -> dict[str, object]:
-    header: dict[str, object] = {"kind": "query", "name": "t"}
+def query(worker: Worker, context: Context | None = None) -> dict[str, object]:
     if context is not None:
-        header["context"] = context
-    reply, body = worker.handle(header, b'{"data": [2]}')
+        worker.set_context(context)  # what a context frame before the job does
+    reply, body = worker.handle({"kind": JobKind.QUERY, "name": "t"}, b'{"data": [2]}')
     assert reply["status"] == 200, reply
     return orjson.loads(body)
 
@@ -63,8 +63,8 @@ def test_each_version_is_loaded_once(
 
 def test_removed_endpoint_stops_answering_and_is_unloaded(worker: Worker, tmp_path: Path) -> None:
     query(worker, table(tmp_path, 1))
-    reply, _ = worker.handle({"kind": "query", "name": "t", "context": {"endpoints": {}}},
-                             b'{"data": [2]}')  # fmt: skip
+    worker.set_context({"endpoints": {}})
+    reply, _ = worker.handle({"kind": JobKind.QUERY, "name": "t"}, b'{"data": [2]}')
     assert reply["status"] == 404
     assert worker._loaded == {}
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadRequest, TabserveError
+from ..protocol import Context, EndpointEntry, JobKind
 from .executor import Executor, JobResult
 from .registry import EndpointRecord, EndpointRegistry
 
@@ -73,7 +74,7 @@ class EndpointService:
             log.error("endpoint %s version %d does not load: %s", endpoint.name, endpoint.version,
                       error)  # fmt: skip
 
-    def _entry(self, endpoint: EndpointRecord) -> dict[str, Any]:
+    def _entry(self, endpoint: EndpointRecord) -> EndpointEntry:
         return {
             "type": endpoint.type,
             "version": endpoint.version,
@@ -84,14 +85,13 @@ class EndpointService:
 
     def _publish(self) -> None:
         table = {name: self._entry(e) for name, e in self.registry.all().items()}
-        self.executor.set_context({"endpoints": table})
+        self.executor.set_context(Context(endpoints=table))
 
     async def _load_error(self, endpoint: EndpointRecord) -> str | None:
         """Why ``endpoint`` does not load in a worker, or None when it does."""
         try:
-            await self.executor.run(
-                "load", b"", self.timeout, {"name": endpoint.name, "entry": self._entry(endpoint)}
-            )
+            options = {"name": endpoint.name, "entry": self._entry(endpoint)}
+            await self.executor.run(JobKind.LOAD, b"", self.timeout, options)
         except BadRequest as exc:
             return str(exc.info)
         except TabserveError as exc:
@@ -171,7 +171,7 @@ class EndpointService:
         self.registry.resolve(name)  # an unknown name is a 404 without using a worker
         self.guard()
         return await self.executor.run(
-            "query", body, self.timeout, {"name": name, "encoding": encoding}
+            JobKind.QUERY, body, self.timeout, {"name": name, "encoding": encoding}
         )
 
     async def close(self) -> None:

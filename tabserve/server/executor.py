@@ -30,7 +30,18 @@ import orjson
 
 from .. import fdpass, logs
 from ..errors import Overloaded, ScriptTimeout, TabserveError, WorkerDied
-from ..protocol import PREFIX, ProtocolError, decode_header, decode_prefix, encode_prefix
+from ..protocol import (
+    PREFIX,
+    Context,
+    JobHeader,
+    JobKind,
+    ProtocolError,
+    ReplyHeader,
+    Telemetry,
+    decode_header,
+    decode_prefix,
+    encode_prefix,
+)
 
 log = logging.getLogger("tabserve.executor")
 
@@ -76,10 +87,10 @@ class PoolConfig:
 
 @dataclass
 class JobResult:
-    """A worker's successful answer: the response body and what the worker said about it."""
+    """A worker's successful answer: the response body and what was measured about it."""
 
     body: bytes
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: Telemetry = field(default_factory=lambda: Telemetry())
     fds: list[int] = field(default_factory=list)  # tables the worker handed back; caller closes
 
 
@@ -95,15 +106,18 @@ class PoolStats:
     rejected: int = 0  # jobs refused because the queue was full
 
 
-def job_result(reply: dict[str, Any], body: bytes, fds: Sequence[int] = ()) -> JobResult:
+def job_result(
+    reply: ReplyHeader, body: bytes, telemetry: Telemetry, fds: Sequence[int] = ()
+) -> JobResult:
     """What a caller of ``run`` gets for a worker's reply: the result (with the descriptors
-    the worker handed back), or the error raised (closing them)."""
-    if reply.get("status", 200) != 200:
+    the worker handed back), or the error raised (closing them; the error carries the
+    telemetry, for the access log)."""
+    if reply["status"] != 200:
         fdpass.close_all(fds)
-        error = TabserveError.from_wire(reply)
-        error.meta = reply
+        error = TabserveError.from_wire(dict(reply))
+        error.meta = dict(telemetry)
         raise error
-    return JobResult(body, reply, list(fds))
+    return JobResult(body, telemetry, list(fds))
 
 
 def worker_environment(allow: Sequence[str], source: Mapping[str, str]) -> dict[str, str]:
@@ -270,9 +284,15 @@ class WorkerProcess:
         return worker
 
     async def call(
-        self, header: dict[str, Any], payload: bytes, deadline: float, fds: Sequence[int] = ()
-    ) -> tuple[dict[str, Any], bytes, list[int]]:
-        """Send one job and wait for its reply until ``deadline`` (loop time): TimeoutError.
+        self,
+        header: JobHeader,
+        payload: bytes,
+        deadline: float,
+        fds: Sequence[int] = (),
+        context: bytes | None = None,
+    ) -> tuple[ReplyHeader, bytes, list[int]]:
+        """Send one job (after ``context``, an encoded endpoint table, if given) and wait for
+        its reply until ``deadline`` (loop time): TimeoutError.
 
         ``fds`` go with the job (the worker gets duplicates); the descriptors the worker sends
         back are returned, owned by the caller.
@@ -292,12 +312,15 @@ class WorkerProcess:
         # A timer on the reply future, rather than wait_for, which costs a task per job.
         timer = asyncio.get_running_loop().call_at(deadline, _expire, reply)
         try:
+            if context is not None:
+                stdin.write(encode_prefix({"kind": JobKind.CONTEXT}, len(context)))
+                stdin.write(context)
             stdin.write(encode_prefix(header, len(payload)))
             stdin.write(payload)
             answer, body = await reply
         finally:
             timer.cancel()
-        return answer, body, self._returned_fds(answer)
+        return answer, body, self._returned_fds(answer)  # type: ignore[return-value]
 
     def _returned_fds(self, answer: dict[str, Any]) -> list[int]:
         """The descriptors the worker sent before its reply, which announces how many.
@@ -371,16 +394,17 @@ class Executor:
         self._busy = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
-        self._context: dict[str, Any] = {}
+        self._context = orjson.dumps(Context(endpoints={}))
         self._context_generation = 0
 
-    def set_context(self, context: dict[str, Any]) -> None:
-        """Data every worker must see before its next job (e.g. the deployed endpoints).
+    def set_context(self, context: Context) -> None:
+        """What every worker must see before its next job: the deployed endpoints.
 
-        It travels in the header of a worker's next job, so each job sees one consistent
-        version of it: the one current when the job was dispatched.
+        It is sent, encoded once, in a ``context`` frame just before a worker's next job, so
+        each job sees one consistent version of it: the one current when the job was
+        dispatched.
         """
-        self._context = context
+        self._context = orjson.dumps(context)
         self._context_generation += 1
 
     @property
@@ -445,7 +469,7 @@ class Executor:
 
     async def run(
         self,
-        kind: str,
+        kind: JobKind,
         payload: bytes,
         timeout: float,
         options: Mapping[str, Any] | None = None,
@@ -461,14 +485,16 @@ class Executor:
         enqueued = time.perf_counter()
         worker = await self._acquire(deadline, timeout)
         queue_ms = (time.perf_counter() - enqueued) * 1000
-        header = {"kind": kind, "call_id": logs.call_id.get(), **(options or {})}
+        header: JobHeader = {"kind": kind, "call_id": logs.call_id.get()}
+        header.update(options or {})  # type: ignore[typeddict-item]
+        context = None
         if worker.context_generation != self._context_generation:
-            header["context"] = self._context
+            context = self._context
             worker.context_generation = self._context_generation
         self._busy += 1
         worker.busy = True
         try:
-            reply, body, returned = await worker.call(header, payload, deadline, fds)
+            reply, body, returned = await worker.call(header, payload, deadline, fds, context)
         except asyncio.TimeoutError:
             self.stats.timeouts += 1
             self.stats.kills += 1
@@ -490,12 +516,16 @@ class Executor:
         finally:
             self._busy -= 1
             worker.busy = False
-        if reply.pop("recycle", False):
+        if reply.get("recycle"):
             self._retire(worker)
         else:
             self._release(worker)
-        reply.update(worker_pid=worker.pid, queue_ms=round(queue_ms, 3))
-        return job_result(reply, body, returned)
+        telemetry: Telemetry = {
+            **reply.get("telemetry", {}),
+            "worker_pid": worker.pid,
+            "queue_ms": round(queue_ms, 3),
+        }
+        return job_result(reply, body, telemetry, returned)
 
     async def _acquire(self, deadline: float, timeout: float) -> WorkerProcess:
         if self._closing:

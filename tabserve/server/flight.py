@@ -36,6 +36,7 @@ import orjson
 from .. import fdpass
 from ..config import Settings
 from ..errors import BadRequest, FlightUnavailable, ScriptError, TabserveError
+from ..protocol import JobKind
 from ..store.passwords import User
 from .auth import Authenticator
 from .executor import PACKAGE_PARENT, Executor, JobResult
@@ -444,7 +445,7 @@ class FlightService:
         table = await self.take(user.name, path)
         try:
             result = await self.executor.run(
-                "evaluate_arrow",
+                JobKind.EVALUATE_ARROW,
                 body,
                 max(deadline - loop.time(), 0.001),
                 {"encoding": encoding},

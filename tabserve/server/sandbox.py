@@ -39,6 +39,7 @@ import orjson
 
 from ..config import ConfigError, Settings
 from ..errors import SandboxUnavailable, TabserveError
+from ..protocol import JobKind
 from ..store.archives import ARCHIVE_DIR_NAME, archive_dir
 from .executor import PACKAGE_PARENT, SINGLE_THREADED, Executor, PoolConfig
 
@@ -604,7 +605,9 @@ async def run_self_check(
             "server_pid": os.getpid(),
         }
         try:
-            result = await executor.run("self_check", b"", _SELF_CHECK_TIMEOUT, {"params": params})
+            result = await executor.run(
+                JobKind.SELF_CHECK, b"", _SELF_CHECK_TIMEOUT, {"params": params}
+            )
         except TabserveError as exc:
             error = f"the self-check job failed: {exc}"
             return SandboxReport.from_findings(

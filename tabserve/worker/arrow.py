@@ -21,6 +21,7 @@ import pyarrow.ipc
 
 from .. import fdpass
 from ..errors import BadRequest, ScriptError, TabserveError
+from ..protocol import JobHeader, Telemetry
 from .bodies import decode_body, parse_json
 from .script import describe_exception
 
@@ -36,8 +37,8 @@ _TABLE_HINT = (
 
 
 def evaluate(
-    worker: Worker, header: dict[str, Any], payload: bytes, fds: Sequence[int]
-) -> tuple[bytes, dict[str, Any]]:
+    worker: Worker, header: JobHeader, payload: bytes, fds: Sequence[int]
+) -> tuple[bytes, Telemetry]:
     """Run the script of ``payload`` over the table in ``fds[0]``.
 
     A ``None`` result answers ``null`` (TabPy's answer); a table is handed back through
@@ -56,7 +57,7 @@ def evaluate(
     rows_in = len(frame)
     result, script_hash = worker.run_script(script, {"_arg1": frame})
     del frame  # its memory (possibly the mapped table itself) can go once the script is done
-    meta: dict[str, Any] = {"rows_in": rows_in, "script_hash": script_hash}
+    meta: Telemetry = {"rows_in": rows_in, "script_hash": script_hash}
     if result is None:
         return b"null", meta
     table = as_table(result)

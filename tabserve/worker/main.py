@@ -30,7 +30,17 @@ import pandas
 
 from .. import fdpass, logs
 from ..errors import BadRequest, EndpointNotFound, ScriptError, TabserveError
-from ..protocol import BlockingChannel, ProtocolError
+from ..protocol import (
+    BlockingChannel,
+    Context,
+    EndpointEntry,
+    Greeting,
+    JobHeader,
+    JobKind,
+    ProtocolError,
+    ReplyHeader,
+    Telemetry,
+)
 from ..store.archives import python_mismatch
 from . import self_check
 from .bodies import (
@@ -130,7 +140,7 @@ class Worker:
         self.request_limit: int = config["request_limit"]
         self.gzip_enabled: bool = config.get("gzip_enabled", True)
         self.tabpy = ScriptTabpy(self)
-        self.endpoints: dict[str, dict[str, Any]] = {}
+        self.endpoints: dict[str, EndpointEntry] = {}
         self._loaded: dict[str, Callable[..., Any]] = {}  # archive path -> callable
         # Its descriptor is opened by confine() when the worker gives up root (see _load).
         self.archive_dir: str = config.get("archive_dir", "")
@@ -138,38 +148,40 @@ class Worker:
         # Sealed tables a job hands back (an Arrow result); the main loop sends and closes them.
         self.outgoing_fds: list[int] = []
 
-    def set_context(self, context: dict[str, Any]) -> None:
+    def set_context(self, context: Context) -> None:
+        """The endpoint table (a ``context`` frame) for the jobs that follow."""
         self.endpoints = context.get("endpoints", {})
         live = {entry.get("path") for entry in self.endpoints.values()}
         for path in [p for p in self._loaded if p not in live]:
             del self._loaded[path]  # removed or superseded: free its memory
 
     def handle(
-        self, header: dict[str, Any], payload: bytes, fds: Sequence[int] = ()
-    ) -> tuple[dict[str, Any], bytes]:
-        """Run one job; ``fds`` are the tables that came with it (the caller closes them)."""
+        self, header: JobHeader, payload: bytes, fds: Sequence[int] = ()
+    ) -> tuple[ReplyHeader, bytes]:
+        """Run one job; the reply says how it went, never an exception. ``fds`` are the
+        tables that came with it (the caller closes them)."""
         started = time.perf_counter()
         logs.call_id.set(header.get("call_id") or "")
-        if "context" in header:
-            self.set_context(header["context"])
         _arm_cpu_backstop(self.cpu_seconds)
+        telemetry: Telemetry = {}
         try:
-            body, meta = self._dispatch(header, payload, fds)
-            reply: dict[str, Any] = {"status": 200, **meta}
+            body, telemetry = self._dispatch(header, payload, fds)
+            reply: ReplyHeader = {"status": 200}
         except TabserveError as exc:
-            reply, body = exc.to_wire(), b""
+            reply, body = _error_reply(exc), b""
         except MemoryError:
             limit = f"its memory limit of {self.memory_mb} MiB" if self.memory_mb else "memory"
             error = ScriptError(info=f"MemoryError : the script exceeded {limit}")
             # The heap may be fragmented or half-built: start the next request afresh.
-            reply, body = {**error.to_wire(), "recycle": True}, b""
+            reply, body = {**_error_reply(error), "recycle": True}, b""
         except Exception as exc:
             # A fault of tabserve's own, not of the script (those are ScriptErrors by now):
             # answer it, and keep the worker rather than let one request kill it.
             log.error("job failed inside the worker", exc_info=exc)
             error = ScriptError(info=f"{type(exc).__name__} : {exc}")
-            reply, body = error.to_wire(), b""
-        reply["exec_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            reply, body = _error_reply(error), b""
+        telemetry["exec_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        reply["telemetry"] = telemetry
         if _cpu_budget_spent(self.cpu_seconds):
             reply["recycle"] = True  # the next job could not get its full CPU allowance
         if reply["status"] != 200:
@@ -178,22 +190,22 @@ class Worker:
         return reply, body
 
     def _dispatch(
-        self, header: dict[str, Any], payload: bytes, fds: Sequence[int]
-    ) -> tuple[bytes, dict[str, Any]]:
+        self, header: JobHeader, payload: bytes, fds: Sequence[int]
+    ) -> tuple[bytes, Telemetry]:
         kind = header.get("kind")
-        if kind == "evaluate":
+        if kind == JobKind.EVALUATE:
             return self.evaluate(header, payload)
-        if kind == "evaluate_arrow":
+        if kind == JobKind.EVALUATE_ARROW:
             from . import arrow  # pyarrow is optional: loaded by the first Flight job
 
             return arrow.evaluate(self, header, payload, fds)
-        if kind == "query":
+        if kind == JobKind.QUERY:
             return self.query(header, payload)
-        if kind == "load":
+        if kind == JobKind.LOAD:
             return self.load(header)
-        if kind == "ping":
+        if kind == JobKind.PING:
             return b"{}", {}
-        if kind == "self_check":
+        if kind == JobKind.SELF_CHECK:
             try:
                 return orjson.dumps(self_check.run(header.get("params", {}))), {}
             except Exception as exc:
@@ -202,12 +214,12 @@ class Worker:
                 ) from None
         raise BadRequest(f"unknown job kind {kind!r}")
 
-    def evaluate(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
+    def evaluate(self, header: JobHeader, payload: bytes) -> tuple[bytes, Telemetry]:
         body = decode_body(payload, header.get("encoding"), self.request_limit, self.gzip_enabled)
         request = EvaluateRequest.parse(parse_json(body))
         result, script_hash = self.run_script(request.script, request.data)
         check_result_length(request.data, result)
-        meta = {"rows_in": _rows_in(request.data.values()), "script_hash": script_hash}
+        meta: Telemetry = {"rows_in": _rows_in(request.data.values()), "script_hash": script_hash}
         rows_out = count_rows(result)
         if rows_out is not None:
             meta["rows_out"] = rows_out
@@ -235,7 +247,7 @@ class Worker:
             raise ScriptError(info=describe_exception(exc)) from None
         return result, script_hash
 
-    def query(self, header: dict[str, Any], payload: bytes) -> tuple[bytes, dict[str, Any]]:
+    def query(self, header: JobHeader, payload: bytes) -> tuple[bytes, Telemetry]:
         """``/query/<name>``: ``data`` as an object is keyword arguments, as an array positional."""
         body = decode_body(payload, header.get("encoding"), self.request_limit, self.gzip_enabled)
         document = parse_json(body)
@@ -255,7 +267,7 @@ class Worker:
             envelope = self.call_endpoint(header["name"], args, kwargs)
         except EndpointUnavailable as failure:
             raise failure.for_query() from None
-        meta = {
+        meta: Telemetry = {
             "model": envelope["model"],
             "version": envelope["version"],
             "rows_in": _rows_in(kwargs.values() if kwargs else args),
@@ -274,7 +286,7 @@ class Worker:
         except EndpointUnavailable as failure:
             raise failure.for_script() from None
 
-    def load(self, header: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    def load(self, header: JobHeader) -> tuple[bytes, Telemetry]:
         """Check that an archive loads here (a deploy is only accepted if it does)."""
         try:
             self._callable(header["name"], header["entry"])
@@ -344,6 +356,10 @@ class Worker:
                 with os.fdopen(fd, "rb") as handle:
                     return load_callable(handle)
         return load_archive(Path(path))
+
+
+def _error_reply(error: TabserveError) -> ReplyHeader:
+    return error.to_wire()  # type: ignore[return-value]  # {status, message, info}
 
 
 def _rows_in(columns: Any) -> int:
@@ -459,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     # User code yields the CPU to the server's event loop, so /info and health checks stay
     # quick while every worker is busy; on an idle machine this changes nothing.
     os.nice(WORKER_NICENESS)
-    channel.send({"ready": True, "pid": os.getpid()})
+    channel.send(Greeting(ready=True, pid=os.getpid()))
     while True:
         fds: list[int] = []
         try:
@@ -468,8 +484,11 @@ def main(argv: list[str] | None = None) -> int:
                 fds = tables.receive(header.get("fd_seq", 0), header["fds"])
         except (ProtocolError, fdpass.FdProtocolError, OSError):
             return 0  # the server went away or is shutting us down
+        if header.get("kind") == JobKind.CONTEXT:
+            worker.set_context(orjson.loads(payload))  # for the jobs that follow; no answer
+            continue
         try:
-            reply, body = worker.handle(header, payload, fds)
+            reply, body = worker.handle(header, payload, fds)  # type: ignore[arg-type]
         finally:
             fdpass.close_all(fds)
         if worker.outgoing_fds and tables is not None:

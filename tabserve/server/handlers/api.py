@@ -8,6 +8,7 @@ from ... import __version__
 from ...errors import (
     EvaluateDisabled,
 )
+from ...protocol import JobKind
 from ..flight import data_path
 from .base import BaseHandler
 
@@ -58,7 +59,7 @@ class EvaluateHandler(BaseHandler):
             self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
             self.services.sandbox.require_evaluate()
             result = await self.services.executor.run(
-                "evaluate",
+                JobKind.EVALUATE,
                 self.body,
                 settings.evaluate_timeout,
                 {"encoding": self.content_encoding},
