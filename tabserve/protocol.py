@@ -41,13 +41,13 @@ class JobKind(str, Enum):
     CONTEXT = "context"  # not a job: the endpoint table, as payload, for later jobs; no reply
 
 
-class EndpointEntry(TypedDict, total=False):
-    """One deployed endpoint in the table a worker resolves ``tabpy.query`` names with."""
+class EndpointEntry(TypedDict):
+    """What answers for one endpoint name, in the table a worker looks names up in. For an
+    alias it is its model's entry: the server resolves aliases before publishing."""
 
-    type: str  # "model" or "alias"
+    model: str  # the model's name
     version: int
-    target: str | None  # an alias's target
-    path: str  # a model's archive
+    path: str  # its archive
     python_version: str | None  # what it was pickled with, when known
 
 

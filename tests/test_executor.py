@@ -249,7 +249,7 @@ def test_an_endpoint_table_larger_than_any_frame_header_reaches_the_workers() ->
 
     async def test(executor: Executor) -> None:
         table = {
-            f"model{i}": {"type": "model", "version": 1, "path": f"/nowhere/{i:05}/pickle_archive"}
+            f"model{i}": {"model": f"model{i}", "version": 1, "path": f"/nowhere/{i}/archive"}
             for i in range(30_000)
         }
         assert len(orjson.dumps(table)) > MAX_HEADER

@@ -31,7 +31,7 @@ def worker(tmp_path: Path) -> Worker:
 
 def table(tmp_path: Path, version: int) -> dict[str, object]:
     path = str(tmp_path / str(version) / "pickle_archive")
-    return {"endpoints": {"t": {"type": "model", "version": version, "path": path}}}
+    return {"endpoints": {"t": {"model": "t", "version": version, "path": path}}}
 
 
 def query(worker: Worker, context: Context | None = None) -> dict[str, object]:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BadRequest, TabserveError
+from ..errors import BadRequest, NotFound, TabserveError
 from ..protocol import Context, EndpointEntry, JobKind
 from .executor import Executor, JobResult
 from .registry import EndpointRecord, EndpointRegistry
@@ -74,17 +74,23 @@ class EndpointService:
             log.error("endpoint %s version %d does not load: %s", endpoint.name, endpoint.version,
                       error)  # fmt: skip
 
-    def _entry(self, endpoint: EndpointRecord) -> EndpointEntry:
+    def _entry(self, model: EndpointRecord) -> EndpointEntry:
         return {
-            "type": endpoint.type,
-            "version": endpoint.version,
-            "target": endpoint.target,
-            "path": str(self.registry.archive_path(endpoint)),
-            "python_version": endpoint.python_version,
+            "model": model.name,
+            "version": model.version,
+            "path": str(self.registry.archive_path(model)),
+            "python_version": model.python_version,
         }
 
     def _publish(self) -> None:
-        table = {name: self._entry(e) for name, e in self.registry.all().items()}
+        """Send the workers every name that answers, aliases already resolved to their model
+        (so the worker looks names up and walks no alias chain)."""
+        table: dict[str, EndpointEntry] = {}
+        for name in self.registry.all():
+            try:
+                table[name] = self._entry(self.registry.resolve(name))
+            except NotFound:
+                continue  # an alias whose target is gone (a hand-edited state.ini) answers 404
         self.executor.set_context(Context(endpoints=table))
 
     async def _load_error(self, endpoint: EndpointRecord) -> str | None:
@@ -164,11 +170,14 @@ class EndpointService:
     # -- querying --------------------------------------------------------------------------
 
     def resolve(self, name: str) -> EndpointRecord:
-        """The model answering for ``name`` (following aliases); NotFound if there is none."""
+        """The model answering for ``name`` (following aliases); NotFound if there is none.
+
+        The /query handler calls this first, so that an unknown name is a 404 without
+        using a worker (and a known one labels the request's metrics)."""
         return self.registry.resolve(name)
 
     async def query(self, name: str, body: bytes, encoding: str) -> JobResult:
-        self.registry.resolve(name)  # an unknown name is a 404 without using a worker
+        """Call ``name`` (already found by ``resolve``) in a worker."""
         self.guard()
         return await self.executor.run(
             JobKind.QUERY, body, self.timeout, {"name": name, "encoding": encoding}

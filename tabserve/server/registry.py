@@ -106,16 +106,26 @@ class EndpointRegistry:
     def archive_path(self, endpoint: EndpointRecord) -> Path:
         return self.archive_dir / endpoint.name / str(endpoint.version) / ARCHIVE_FILE
 
+    def chain(self, name: str) -> list[EndpointRecord]:
+        """``name``'s record, then each alias target in turn: the one alias walker.
+
+        Ends at a model, at a target that does not exist, or before a record repeats.
+        """
+        chain: list[EndpointRecord] = []
+        endpoint = self._endpoints.get(name)
+        while endpoint is not None and endpoint not in chain:
+            chain.append(endpoint)
+            if endpoint.type != "alias":
+                break
+            endpoint = self._endpoints.get(endpoint.target or "")
+        return chain
+
     def resolve(self, name: str) -> EndpointRecord:
         """Follow aliases to the model that answers for ``name``."""
-        seen: set[str] = set()
-        endpoint = self._endpoints.get(name)
-        while endpoint is not None and endpoint.type == "alias" and endpoint.name not in seen:
-            seen.add(endpoint.name)
-            endpoint = self._endpoints.get(endpoint.target or "")
-        if endpoint is None or endpoint.type != "model":
+        chain = self.chain(name)
+        if not chain or chain[-1].type != "model":
             raise NotFound("UnknownURI", f"Endpoint '{name}' does not exist")
-        return endpoint
+        return chain[-1]
 
     # -- changing --------------------------------------------------------------------------
 
@@ -198,13 +208,11 @@ class EndpointRegistry:
             raise BadRequest(f"alias {name} cannot point at itself")
         if target not in self._endpoints:
             raise BadRequest(f"alias target {target} is not a deployed endpoint")
-        seen = {name}
-        current: EndpointRecord | None = self._endpoints[target]
-        while current is not None and current.type == "alias":
-            if current.name in seen:
-                raise BadRequest(f"alias {name} -> {target} would create a cycle")
-            seen.add(current.name)
-            current = self._endpoints.get(current.target or "")
+        chain = self.chain(target)
+        names = {endpoint.name for endpoint in chain}
+        looped = chain[-1].type == "alias" and chain[-1].target in names  # a hand-made loop
+        if name in names or looped:
+            raise BadRequest(f"alias {name} -> {target} would create a cycle")
         return target
 
     def _place_archive(self, endpoint: EndpointRecord, request: Mapping[str, Any]) -> Path | None:

@@ -297,7 +297,10 @@ class Worker:
     def call_endpoint(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> dict[str, Any]:
-        model, entry = self._resolve(name)
+        entry = self.endpoints.get(name)  # aliases come resolved to their model's entry
+        if entry is None:
+            raise EndpointUnavailable("missing", name, "not deployed")
+        model = entry["model"]
         function = self._callable(model, entry)
         try:
             result = function(*args, **kwargs)
@@ -313,20 +316,7 @@ class Worker:
             "uuid": str(uuid.uuid4()),
         }
 
-    def _resolve(self, name: str) -> tuple[str, dict[str, Any]]:
-        seen: set[str] = set()
-        current = name
-        while current not in seen:
-            seen.add(current)
-            entry = self.endpoints.get(current)
-            if entry is None:
-                break
-            if entry.get("type") == "model":
-                return current, entry
-            current = entry.get("target") or ""
-        raise EndpointUnavailable("missing", name, "not deployed")
-
-    def _callable(self, name: str, entry: dict[str, Any]) -> Callable[..., Any]:
+    def _callable(self, name: str, entry: EndpointEntry) -> Callable[..., Any]:
         path = entry["path"]
         function = self._loaded.get(path)
         if function is None:
