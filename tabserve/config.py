@@ -183,7 +183,8 @@ def default_state_path() -> Path:
     return Path(platformdirs.user_data_dir("tabserve", appauthor=False))
 
 
-_WORKER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+# What workers see of the environment by default (TABSERVE_WORKER_ENV); the pool has no other.
+WORKER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 
 
 @dataclass(frozen=True)
@@ -337,8 +338,8 @@ class Settings:
         "TABSERVE_WORKER_ENV",
         _parse_name_list,
         "Comma-separated environment variables passed to workers; all others are removed.",
-        _WORKER_ENV,
-        doc="`" + ",".join(_WORKER_ENV) + "`",
+        WORKER_ENV,
+        doc="`" + ",".join(WORKER_ENV) + "`",
     )
     sandbox: str = setting(
         "TABSERVE_SANDBOX",

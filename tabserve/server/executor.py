@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from .. import fdpass, logs
+from ..config import WORKER_ENV
 from ..errors import Overloaded, ScriptTimeout, TabserveError, WorkerDied
 from ..protocol import (
     PREFIX,
@@ -71,7 +72,7 @@ class PoolConfig:
     request_limit: int
     memory_mb: int = 0
     queue_length: int = 128
-    env_allow: Sequence[str] = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+    env_allow: Sequence[str] = WORKER_ENV  # TABSERVE_WORKER_ENV's default
     gzip_enabled: bool = True
     log_level: str = "INFO"
     log_format: str = "text"
