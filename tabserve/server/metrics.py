@@ -11,13 +11,10 @@ read from the executor when scraped, so the executor needs no metrics code of it
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -37,35 +34,17 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
-def _process_start() -> float:
-    """When this process started (not when metrics were set up, after the workers)."""
-    try:
-        ticks = int(Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(
-            float(line.split()[1])
-            for line in Path("/proc/stat").read_text().splitlines()
-            if line.startswith("btime ")
-        )
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()  # not Linux: close enough, and never in the future
-
-
 class _PoolCollector(Collector):
     """Reads the worker pool's state and counters at scrape time."""
 
     def __init__(self, executor: Executor, in_flight: Callable[[], int]) -> None:
         self.executor = executor
         self.in_flight = in_flight
-        self.started = _process_start()
 
     def collect(self) -> Iterator[Metric]:
         pool = self.executor
         stats = pool.stats
         gauges = (
-            # The standard name (prometheus_client's process collector uses it): dashboards and
-            # the status page compute uptime from it.
-            ("process_start_time_seconds", "Server start, seconds since the epoch.", self.started),
             ("tabserve_requests_in_flight", "HTTP requests being handled.", self.in_flight()),
             ("tabserve_queue_depth", "Jobs waiting for a free worker.", pool.queued),
             ("tabserve_workers", "Worker processes alive.", pool.alive),
@@ -130,6 +109,9 @@ class Metrics:
             "tabserve_response_bytes_total", "Response body bytes sent.", registry=registry
         )
         registry.register(_PoolCollector(executor, in_flight))
+        # This process's start (dashboards and the status page compute uptime from
+        # process_start_time_seconds), CPU, memory and open files; from /proc, so Linux only.
+        ProcessCollector(registry=registry)
 
     def observe(
         self,
