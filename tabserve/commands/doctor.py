@@ -25,6 +25,7 @@ from typing import TextIO
 
 from tabserve.config import ConfigError, Settings, load_settings
 from tabserve.server import sandbox
+from tabserve.server.findings import ERROR, INFO, OK, WARNING, Finding, Level
 from tabserve.server.tls import (
     CertificateReport,
     TLSConfigError,
@@ -36,24 +37,28 @@ from tabserve.store.passwords import ALL_PERMISSIONS, PasswordFileError, read_pa
 EXIT_OK = 0
 EXIT_FAILED = 1
 
-_LABELS = {"ok": "[ ok ]", "info": "[info]", "warning": "[warn]", "error": "[FAIL]"}
+_LABELS = {OK: "[ ok ]", INFO: "[info]", WARNING: "[warn]", ERROR: "[FAIL]"}
 
 
 @dataclass(frozen=True)
 class Check:
-    """One checklist line: ``level`` is ``ok``, ``info``, ``warning`` or ``error``."""
+    """One checklist line: a finding (see ``server.findings``) about a topic."""
 
-    level: str
+    level: Level
     topic: str
     message: str
+
+    @classmethod
+    def of(cls, topic: str, finding: Finding) -> Check:
+        return cls(finding.level, topic, finding.message)
 
 
 def sandbox_report(settings: Settings) -> list[Check]:
     """The sandbox mode and its self-check (``server.sandbox.self_check``)."""
     report = sandbox.self_check(settings)
-    level, verdict = ("ok", "passed") if report.ok else ("error", "FAILED")
+    level, verdict = (OK, "passed") if report.ok else (ERROR, "FAILED")
     checks = [Check(level, "sandbox", f"Mode {report.mode}: self-check {verdict}.")]
-    checks += [Check(level, "sandbox", message) for level, message in report.findings]
+    checks += [Check.of("sandbox", finding) for finding in report.findings]
     return checks
 
 
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the checklist; return 1 when anything failed."""
     checks = diagnose(getattr(args, "config", None), os.environ, host=args.host)
     print_checks(checks, sys.stdout)
-    return EXIT_FAILED if any(check.level == "error" for check in checks) else EXIT_OK
+    return EXIT_FAILED if any(check.level == ERROR for check in checks) else EXIT_OK
 
 
 def diagnose(
@@ -87,9 +92,9 @@ def diagnose(
     try:
         settings = load_settings(config, environ)
     except ConfigError as exc:
-        return [Check("error", "config", str(exc))]
+        return [Check(ERROR, "config", str(exc))]
     source = f"Configuration read from {config}" if config else "No config file: defaults"
-    checks = [Check("ok", "config", f"{source} and the environment.")]
+    checks = [Check(OK, "config", f"{source} and the environment.")]
     checks += network_checks(settings)
     checks += tls_checks(settings, host=host, now=now)
     checks += auth_checks(settings)
@@ -104,8 +109,8 @@ def print_checks(checks: list[Check], out: TextIO) -> None:
     for check in checks:
         # One line per check, unwrapped, so that it can be searched for and pasted whole.
         print(f"{_LABELS[check.level]} {check.topic:<11} {check.message}", file=out)
-    failures = sum(check.level == "error" for check in checks)
-    warnings = sum(check.level == "warning" for check in checks)
+    failures = sum(check.level == ERROR for check in checks)
+    warnings = sum(check.level == WARNING for check in checks)
     print(file=out)
     print(f"{failures} failure(s), {warnings} warning(s).", file=out)
 
@@ -119,7 +124,7 @@ def network_checks(settings: Settings) -> list[Check]:
     where = f"{settings.bind_address or '*'}:{settings.port}"
     if settings.loopback_only:
         first = Check(
-            "warning",
+            WARNING,
             "network",
             f"Listens on {where} ({scheme}): only this machine can connect. Tableau Server, "
             f"Tableau Cloud and Desktop on other machines cannot reach it; set "
@@ -127,7 +132,7 @@ def network_checks(settings: Settings) -> list[Check]:
         )
     else:
         first = Check(
-            "ok",
+            OK,
             "network",
             f"Listens on {where} ({scheme}), reachable from other machines: Tableau connects "
             f"with {scheme}://<this host's name>:{settings.port}.",
@@ -148,7 +153,7 @@ def _port_check(settings: Settings) -> list[Check]:
             if exc.errno == errno.EADDRINUSE:
                 return [
                     Check(
-                        "warning",
+                        WARNING,
                         "network",
                         f"Port {settings.port} is in use: tabserve is already running, or "
                         f"another program holds the port (then the server cannot start).",
@@ -157,7 +162,7 @@ def _port_check(settings: Settings) -> list[Check]:
             if exc.errno == errno.EACCES:
                 return [
                     Check(
-                        "error",
+                        ERROR,
                         "network",
                         f"Port {settings.port} needs privileges this user lacks; use a port "
                         f"above 1023.",
@@ -165,7 +170,7 @@ def _port_check(settings: Settings) -> list[Check]:
                 ]
             return [
                 Check(
-                    "error",
+                    ERROR,
                     "network",
                     f"Cannot listen on {settings.bind_address}:{settings.port}: "
                     f"{exc.strerror or exc}.",
@@ -192,36 +197,34 @@ def tls_checks(
 ) -> list[Check]:
     if not settings.tls_enabled:
         if settings.loopback_only:
-            return [Check("info", "tls", "TLS off (http): fine while only this machine connects.")]
+            return [Check(INFO, "tls", "TLS off (http): fine while only this machine connects.")]
         return [
             Check(
-                "warning",
+                WARNING,
                 "tls",
                 "TLS off (http): credentials and data cross the network unencrypted. Set "
                 "TABPY_TRANSFER_PROTOCOL = https with TABPY_CERTIFICATE_FILE and TABPY_KEY_FILE.",
             )
         ]
-    checks = [Check("ok", "tls", "TLS on (https).")]
+    checks = [Check(OK, "tls", "TLS on (https).")]
     try:
+        # The one warning the server starts with anyway, but Tableau then fails on.
         report = inspect_tls_files(
-            settings.certificate_file, settings.key_file, now=now, hostname=host
+            settings.certificate_file,
+            settings.key_file,
+            now=now,
+            hostname=host,
+            missing_intermediate=ERROR,
         )
     except TLSConfigError as exc:
-        return [*checks, Check("error", "certificate", str(exc))]
+        return [*checks, Check(ERROR, "certificate", str(exc))]
     checks += _certificate_checks(report)
     checks += _context_checks(settings)
     return checks
 
 
 def _certificate_checks(report: CertificateReport) -> list[Check]:
-    checks = []
-    for finding in report.findings:
-        level = finding.level
-        # The one warning the server starts with anyway, but Tableau then fails on.
-        if not report.chain_complete and finding.message.startswith("Missing intermediate"):
-            level = "error"
-        checks.append(Check(level, "certificate", finding.message))
-    return checks
+    return [Check.of("certificate", finding) for finding in report.findings]
 
 
 def _context_checks(settings: Settings) -> list[Check]:
@@ -238,9 +241,9 @@ def _context_checks(settings: Settings) -> list[Check]:
             logger,
         )
     except TLSConfigError as exc:
-        checks.append(Check("error", "tls", str(exc)))
+        checks.append(Check(ERROR, "tls", str(exc)))
     for record in collector.records:
-        level = "warning" if record.levelno >= logging.WARNING else "info"
+        level = WARNING if record.levelno >= logging.WARNING else INFO
         checks.append(Check(level, "tls", record.getMessage() + "."))
     return checks
 
@@ -252,10 +255,10 @@ def _context_checks(settings: Settings) -> list[Check]:
 def auth_checks(settings: Settings) -> list[Check]:
     if settings.password_file is None:
         if settings.loopback_only:
-            return [Check("info", "auth", "Authentication off: anyone on this machine may call.")]
+            return [Check(INFO, "auth", "Authentication off: anyone on this machine may call.")]
         return [
             Check(
-                "warning",
+                WARNING,
                 "auth",
                 "Authentication OFF on an address other machines can reach: anyone who can "
                 "connect can run code on this machine. Set TABPY_PWD_FILE (create it with "
@@ -266,10 +269,10 @@ def auth_checks(settings: Settings) -> list[Check]:
     try:
         parsed = read_password_file(path)
     except PasswordFileError as exc:
-        return [Check("error", "auth", f"Authentication on, but the password file fails: {exc}")]
+        return [Check(ERROR, "auth", f"Authentication on, but the password file fails: {exc}")]
     entries = parsed.entries
     checks = [
-        Check("ok", "auth", f"Authentication on (HTTP Basic): {len(entries)} user(s) in {path}.")
+        Check(OK, "auth", f"Authentication on (HTTP Basic): {len(entries)} user(s) in {path}.")
     ]
     limited = [entry for entry in entries if entry.effective_permissions != ALL_PERMISSIONS]
     if limited:
@@ -277,12 +280,12 @@ def auth_checks(settings: Settings) -> list[Check]:
             f"{entry.username} ({','.join(sorted(entry.effective_permissions))})"
             for entry in limited
         )
-        checks.append(Check("info", "auth", f"Users with limited permissions: {names}."))
+        checks.append(Check(INFO, "auth", f"Users with limited permissions: {names}."))
     no_evaluate = [e.username for e in entries if "evaluate" not in e.effective_permissions]
     if no_evaluate and settings.evaluate_enabled:
         checks.append(
             Check(
-                "info",
+                INFO,
                 "auth",
                 f"Users without the 'evaluate' permission ({', '.join(no_evaluate)}) pass "
                 f"Tableau's Test Connection, but their SCRIPT_ calculations get 403.",
@@ -292,7 +295,7 @@ def auth_checks(settings: Settings) -> list[Check]:
     if not settings.tls_enabled and not settings.loopback_only:
         checks.append(
             Check(
-                "warning",
+                WARNING,
                 "auth",
                 "Passwords are sent in clear text: Basic authentication without TLS on a "
                 "network address. Turn on https.",
@@ -309,7 +312,7 @@ def _file_mode_checks(path: os.PathLike[str]) -> list[Check]:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         return [
             Check(
-                "warning",
+                WARNING,
                 "auth",
                 f"The password file can be read by other users (mode "
                 f"{stat.S_IMODE(mode):o}); restrict it with: chmod 600 {os.fspath(path)}",
@@ -320,10 +323,10 @@ def _file_mode_checks(path: os.PathLike[str]) -> list[Check]:
 
 def evaluate_checks(settings: Settings) -> list[Check]:
     if settings.evaluate_enabled:
-        return [Check("info", "evaluate", "Evaluate on: SCRIPT_ calculations run ad-hoc code.")]
+        return [Check(INFO, "evaluate", "Evaluate on: SCRIPT_ calculations run ad-hoc code.")]
     return [
         Check(
-            "info",
+            INFO,
             "evaluate",
             "Evaluate off: SCRIPT_ calculations get 404, including those calling "
             "tabpy.query; deployed endpoints answer on /query (MODEL_EXTENSION_ calculations).",

@@ -42,6 +42,7 @@ from ..errors import SandboxUnavailable, TabserveError
 from ..protocol import JobKind
 from ..store.archives import ARCHIVE_DIR_NAME, archive_dir
 from .executor import PACKAGE_PARENT, SINGLE_THREADED, Executor, PoolConfig
+from .findings import ERROR, INFO, OK, WARNING, Finding
 
 log = logging.getLogger("tabserve.sandbox")
 
@@ -49,8 +50,6 @@ NONE = "none"
 BUBBLEWRAP = "bubblewrap"
 AUTO_USER = "auto"
 
-# Levels of a finding, mildest first. Only "error" fails the check.
-OK, INFO, WARNING, ERROR = "ok", "info", "warning", "error"
 
 # Mounted empty in the sandbox: /tmp is the scripts' private scratch space; /run holds the
 # host's sockets (D-Bus, container runtimes), which a read-only mount does not make
@@ -81,7 +80,7 @@ class Confinement:
     nproc_note: str = ""  # why RLIMIT_NPROC is not applied, when it is not
     hidden: tuple[str, ...] = ()  # replaced by empty stand-ins (bubblewrap)
     secrets: tuple[str, ...] = ()  # what the self-check tries to read
-    notes: tuple[tuple[str, str], ...] = ()  # findings known before the self-check runs
+    notes: tuple[Finding, ...] = ()  # findings known before the self-check runs
     archive_dir: str = ""
     state_path: str = ""
 
@@ -92,12 +91,12 @@ class SandboxReport:
 
     mode: str
     ok: bool
-    findings: list[tuple[str, str]]
+    findings: list[Finding]
     trust_deployed_code: bool = False
 
     @classmethod
     def from_findings(
-        cls, mode: str, findings: list[tuple[str, str]], trust: bool = False
+        cls, mode: str, findings: list[Finding], trust: bool = False
     ) -> SandboxReport:
         return cls(mode, all(level != ERROR for level, _ in findings), findings, trust)
 
@@ -225,7 +224,7 @@ def _parents(path: str, covered: list[str]) -> list[str]:
     return args
 
 
-def _hide_plan(secrets: list[str], needed: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+def _hide_plan(secrets: list[str], needed: list[str]) -> tuple[list[str], list[Finding]]:
     """What to hide for each secret file, and warnings where that falls short.
 
     A mount over the file itself does not last: replacing the file by rename on the host
@@ -235,7 +234,7 @@ def _hide_plan(secrets: list[str], needed: list[str]) -> tuple[list[str], list[t
     unless the directory holds something workers need.
     """
     hidden: list[str] = []
-    notes: list[tuple[str, str]] = []
+    notes: list[Finding] = []
     for secret in secrets:
         for path in dict.fromkeys((secret, os.path.realpath(secret))):
             directory = os.path.dirname(path)
@@ -245,7 +244,7 @@ def _hide_plan(secrets: list[str], needed: list[str]) -> tuple[list[str], list[t
                 continue
             hidden.append(path)
             notes.append(
-                (
+                Finding(
                     WARNING,
                     f"{path} is hidden by a mount over the file alone, because {directory} "
                     "holds what workers need; replacing the file (tabserve user, an editor, "
@@ -427,15 +426,13 @@ def _expected_env(settings: Settings, mode: str) -> set[str]:
     return names
 
 
-def assess(
-    settings: Settings, confined: Confinement, result: dict[str, Any]
-) -> list[tuple[str, str]]:
+def assess(settings: Settings, confined: Confinement, result: dict[str, Any]) -> list[Finding]:
     """Turn what the self-check job saw into findings; errors are broken promises of the mode."""
     strict = confined.mode == BUBBLEWRAP
-    findings: list[tuple[str, str]] = []
+    findings: list[Finding] = []
 
     def add(held: bool, level: str, good: str, bad: str) -> None:
-        findings.append((OK, good) if held else (level, bad))
+        findings.append(Finding(OK, good) if held else Finding(level, bad))
 
     uid = result["uid"]
     if confined.drop_to is not None:
@@ -454,13 +451,13 @@ def assess(
             else f"TABSERVE_WORKER_USER = {settings.worker_user}"
         )
         findings.append(
-            (
+            Finding(
                 ERROR if strict else WARNING,
                 f"user code runs as root ({why}): it can read every root-owned file it can see",
             )
         )
     else:
-        findings.append((INFO, f"user code runs as the server's own user (uid {uid})"))
+        findings.append(Finding(INFO, f"user code runs as the server's own user (uid {uid})"))
     add(
         uid == 0 or result["capabilities"] == 0,
         ERROR,
@@ -478,14 +475,14 @@ def assess(
 
     if result.get("server_environ"):
         findings.append(
-            (
+            Finding(
                 ERROR if strict or confined.drop_to else WARNING,
                 "scripts can read the server's environment through /proc/<pid>/environ "
                 "(workers run as the server's user)",
             )
         )
     else:
-        findings.append((OK, "scripts cannot read the server's environment"))
+        findings.append(Finding(OK, "scripts cannot read the server's environment"))
     for path, readable in sorted(result.get("secrets", {}).items()):
         add(
             not readable,
@@ -523,10 +520,10 @@ def assess(
             "scripts can open network connections although TABSERVE_SANDBOX_NETWORK is false",
         )
     else:
-        findings.append((INFO, "scripts can open network connections"))
+        findings.append(Finding(INFO, "scripts can open network connections"))
     if not strict:
         findings.append(
-            (
+            Finding(
                 INFO,
                 "a timeout kills the worker's process group only: a process a script starts "
                 "in a new session (os.setsid, start_new_session=True) outlives it; "
@@ -558,7 +555,7 @@ def assess(
 
 
 def _assess_limits(
-    settings: Settings, confined: Confinement, result: dict[str, Any], findings: list[Any]
+    settings: Settings, confined: Confinement, result: dict[str, Any], findings: list[Finding]
 ) -> None:
     mib = 1024 * 1024
     expected = {
@@ -573,19 +570,19 @@ def _assess_limits(
             continue
         held = limits.get(name) == value
         findings.append(
-            (OK, f"RLIMIT_{name.upper()} is {value}")
+            Finding(OK, f"RLIMIT_{name.upper()} is {value}")
             if held
-            else (ERROR, f"RLIMIT_{name.upper()} is {limits.get(name)}, not {value}")
+            else Finding(ERROR, f"RLIMIT_{name.upper()} is {limits.get(name)}, not {value}")
         )
     if settings.worker_cpu_seconds > 0:
         held = limits.get("cpu", resource.RLIM_INFINITY) != resource.RLIM_INFINITY
         findings.append(
-            (OK, f"the CPU backstop is {settings.worker_cpu_seconds} s per request")
+            Finding(OK, f"the CPU backstop is {settings.worker_cpu_seconds} s per request")
             if held
-            else (ERROR, "RLIMIT_CPU is not set")
+            else Finding(ERROR, "RLIMIT_CPU is not set")
         )
     if confined.nproc_note:
-        findings.append((INFO, confined.nproc_note))
+        findings.append(Finding(INFO, confined.nproc_note))
 
 
 async def run_self_check(
@@ -611,7 +608,7 @@ async def run_self_check(
         except TabserveError as exc:
             error = f"the self-check job failed: {exc}"
             return SandboxReport.from_findings(
-                confined.mode, [(ERROR, error)], settings.trust_deployed_code
+                confined.mode, [Finding(ERROR, error)], settings.trust_deployed_code
             )
     findings = assess(settings, confined, orjson.loads(result.body))
     return SandboxReport.from_findings(confined.mode, findings, settings.trust_deployed_code)
@@ -639,7 +636,10 @@ async def start_pool(settings: Settings, workers: int = 0) -> tuple[Executor, Sa
     if failure:
         report = SandboxReport.from_findings(
             settings.sandbox,
-            [(ERROR, failure), *((INFO, m) for level, m in report.findings if level != OK)],
+            [
+                Finding(ERROR, failure),
+                *(Finding(INFO, m) for level, m in report.findings if level != OK),
+            ],
             settings.trust_deployed_code,
         )
     for level, message in report.findings:
@@ -655,7 +655,7 @@ async def _check_alone(settings: Settings) -> SandboxReport:
         executor, report = await start_pool(settings, workers=1)
     except (RuntimeError, OSError, ConfigError) as exc:
         return SandboxReport.from_findings(
-            settings.sandbox, [(ERROR, f"workers cannot start: {exc}")]
+            settings.sandbox, [Finding(ERROR, f"workers cannot start: {exc}")]
         )
     await executor.close()
     return report

@@ -25,19 +25,20 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 
+from .findings import ERROR, INFO, OK, WARNING, Finding, Level
+
 __all__ = [
     "CERTIFICATE_PARAMETER",
     "DEFAULT_MINIMUM_VERSION",
     "KEY_PARAMETER",
     "CertificateReport",
-    "Finding",
     "TLSConfigError",
     "check_tls_files",
     "inspect_tls_files",
@@ -68,13 +69,6 @@ class TLSConfigError(Exception):
         self.report = report
 
 
-class Finding(NamedTuple):
-    """One checklist line: ``level`` is ``ok``, ``info``, ``warning`` or ``error``."""
-
-    level: str
-    message: str
-
-
 @dataclass(frozen=True)
 class CertificateReport:
     """What the certificate and key files contain, and what is wrong with them."""
@@ -94,11 +88,11 @@ class CertificateReport:
 
     @property
     def errors(self) -> list[Finding]:
-        return [finding for finding in self.findings if finding.level == "error"]
+        return [finding for finding in self.findings if finding.level == ERROR]
 
     @property
     def warnings(self) -> list[Finding]:
-        return [finding for finding in self.findings if finding.level == "warning"]
+        return [finding for finding in self.findings if finding.level == WARNING]
 
     @property
     def ok(self) -> bool:
@@ -229,7 +223,9 @@ def _walk_chain(
         path.append(parent)
 
 
-def _chain_findings(certs: list[x509.Certificate], findings: list[Finding]) -> tuple[bool, bool]:
+def _chain_findings(
+    certs: list[x509.Certificate], findings: list[Finding], missing_intermediate: Level
+) -> tuple[bool, bool]:
     """Append chain findings; return (leaf self-signed, chain complete)."""
     leaf = certs[0]
     path, reaches_root = _walk_chain(certs)
@@ -237,7 +233,7 @@ def _chain_findings(certs: list[x509.Certificate], findings: list[Finding]) -> t
     if self_signed:
         findings.append(
             Finding(
-                "info",
+                INFO,
                 "The certificate is self-signed: Tableau must be told to trust it (add it to "
                 "Tableau Server's trust store, or the OS store for Desktop).",
             )
@@ -247,7 +243,7 @@ def _chain_findings(certs: list[x509.Certificate], findings: list[Finding]) -> t
         complete = False
         findings.append(
             Finding(
-                "warning",
+                missing_intermediate,
                 f"Missing intermediate certificate: the server certificate is issued by "
                 f"{_name(leaf.issuer)}, which is not in {CERTIFICATE_PARAMETER}. Append the "
                 f"intermediate certificate(s) after the server certificate; a missing "
@@ -258,11 +254,11 @@ def _chain_findings(certs: list[x509.Certificate], findings: list[Finding]) -> t
     else:
         complete = True
         names = " -> ".join(_name(cert.subject) for cert in path)
-        findings.append(Finding("ok", f"Certificate chain in the file: {names}."))
+        findings.append(Finding(OK, f"Certificate chain in the file: {names}."))
         if not reaches_root:
             findings.append(
                 Finding(
-                    "info",
+                    INFO,
                     f"The chain ends at a certificate issued by {_name(path[-1].issuer)}; "
                     f"clients must trust that CA (public CAs usually are; a company CA must be "
                     f"in Tableau's trust store).",
@@ -273,7 +269,7 @@ def _chain_findings(certs: list[x509.Certificate], findings: list[Finding]) -> t
         names = ", ".join(_name(cert.subject) for cert in unused)
         findings.append(
             Finding(
-                "warning",
+                WARNING,
                 f"{len(unused)} certificate(s) in the file are not part of the server "
                 f"certificate's chain and will confuse clients: {names}.",
             )
@@ -288,7 +284,7 @@ def _date_findings(
     if leaf.not_valid_after_utc < now:
         findings.append(
             Finding(
-                "error",
+                ERROR,
                 f"{_PREFIX} The certificate provided expired on "
                 f"{_format_time(leaf.not_valid_after_utc)}.",
             )
@@ -296,14 +292,14 @@ def _date_findings(
     elif leaf.not_valid_before_utc > now:
         findings.append(
             Finding(
-                "error",
+                ERROR,
                 f"{_PREFIX} The certificate provided is not valid until "
                 f"{_format_time(leaf.not_valid_before_utc)}.",
             )
         )
     else:
         left = leaf.not_valid_after_utc - now
-        level = "warning" if left < EXPIRY_WARNING else "ok"
+        level = WARNING if left < EXPIRY_WARNING else OK
         findings.append(
             Finding(
                 level,
@@ -315,7 +311,7 @@ def _date_findings(
         if cert.not_valid_after_utc < now:
             findings.append(
                 Finding(
-                    "error",
+                    ERROR,
                     f"The chain certificate {_name(cert.subject)} expired on "
                     f"{_format_time(cert.not_valid_after_utc)} UTC.",
                 )
@@ -327,14 +323,14 @@ def _key_findings(
 ) -> bool:
     public = _public_der(key.public_key())
     if _public_der(certs[0].public_key()) == public:
-        findings.append(Finding("ok", "The private key matches the certificate."))
+        findings.append(Finding(OK, "The private key matches the certificate."))
         return True
     message = (
         f"{_PREFIX} The private key in {key_file} does not match the certificate in {cert_file}."
     )
     if any(_public_der(cert.public_key()) == public for cert in certs[1:]):
         message += " It matches another certificate in the file: put the server certificate first."
-    findings.append(Finding("error", message))
+    findings.append(Finding(ERROR, message))
     return False
 
 
@@ -342,14 +338,12 @@ def _strength_findings(leaf: x509.Certificate, findings: list[Finding]) -> None:
     public = leaf.public_key()
     if isinstance(public, rsa.RSAPublicKey | dsa.DSAPublicKey) and public.key_size < 2048:
         findings.append(
-            Finding("warning", f"The key has only {public.key_size} bits; use 2048 or more.")
+            Finding(WARNING, f"The key has only {public.key_size} bits; use 2048 or more.")
         )
     algorithm = leaf.signature_hash_algorithm
     if isinstance(algorithm, hashes.SHA1 | hashes.MD5):
         findings.append(
-            Finding(
-                "warning", f"The certificate is signed with {algorithm.name}; clients reject it."
-            )
+            Finding(WARNING, f"The certificate is signed with {algorithm.name}; clients reject it.")
         )
 
 
@@ -359,8 +353,12 @@ def inspect_tls_files(
     *,
     now: dt.datetime | None = None,
     hostname: str | None = None,
+    missing_intermediate: Level = WARNING,
 ) -> CertificateReport:
     """Read both files and report every problem found as a finding.
+
+    A missing intermediate certificate is a ``missing_intermediate`` finding: the server
+    starts with it (a warning), ``tabserve doctor`` fails on it (it is what Tableau fails on).
 
     Raises :class:`TLSConfigError` only when no report can be made: a file is unset, missing
     or unreadable, holds no certificate or key, or the key needs a passphrase.
@@ -374,31 +372,31 @@ def inspect_tls_files(
     sans = _sans(leaf)
     findings = [
         Finding(
-            "info",
+            INFO,
             f"{cert_path} holds {len(certs)} certificate(s); the server certificate "
             f"is {_name(leaf.subject)}, issued by {_name(leaf.issuer)}.",
         )
     ]
     _date_findings(certs, moment, findings)
     key_matches = _key_findings(certs, key, cert_path, key_path, findings)
-    self_signed, complete = _chain_findings(certs, findings)
+    self_signed, complete = _chain_findings(certs, findings, missing_intermediate)
     if not sans:
         findings.append(
             Finding(
-                "warning",
+                WARNING,
                 "The certificate has no subjectAltName; most clients ignore the Common Name and "
                 "will reject the host name.",
             )
         )
     else:
-        findings.append(Finding("info", f"Names in the certificate: {', '.join(sans)}."))
+        findings.append(Finding(INFO, f"Names in the certificate: {', '.join(sans)}."))
     if hostname:
         if _hostname_matches(hostname, sans):
-            findings.append(Finding("ok", f"The certificate is valid for {hostname}."))
+            findings.append(Finding(OK, f"The certificate is valid for {hostname}."))
         else:
             findings.append(
                 Finding(
-                    "warning",
+                    WARNING,
                     f"The certificate is not valid for {hostname}; Tableau must connect with "
                     f"one of: {', '.join(sans) or '(no names)'}.",
                 )
