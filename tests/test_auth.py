@@ -21,14 +21,8 @@ from tabserve.server.auth import (
     is_connection_test,
     parse_basic,
 )
-from tabserve.store.passwords import (
-    CredentialCache,
-    FailureThrottle,
-    PasswordEntry,
-    User,
-    hash_password,
-    verify,
-)
+from tabserve.server.credentials import CredentialCache, FailureThrottle, User
+from tabserve.store.passwords import PasswordEntry, hash_password, verify
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tabpy_passwords.txt"
 

@@ -7,19 +7,19 @@ TabPy's 406, because a client that sends them believes they protect something.
 * The header is split at the **first** ``:``, so passwords may contain ``:`` (TabPy splits at
   every ``:`` and such passwords never work there). The scheme name is case-insensitive.
 * A verified (user, password) pair is remembered by
-  :class:`~tabserve.store.passwords.CredentialCache`, so the hash (PBKDF2 or scrypt,
+  :class:`~tabserve.server.credentials.CredentialCache`, so the hash (PBKDF2 or scrypt,
   milliseconds each) is computed once, not per request, and never on the event loop: a
   cache miss is hashed in a small thread pool, and identical concurrent misses share one
   hash.
 * The file is re-read when it changes (checked at most once a second); :meth:`reload`
   (wired to SIGHUP) forces it.
 * Each failure is logged with its reason and never with a secret. After repeated failures
-  from one address, the 401 is delayed (:class:`~tabserve.store.passwords.FailureThrottle`); valid
-  credentials are never delayed, since Tableau Server sends every user's requests from the
-  same few addresses.
+  from one address, the 401 is delayed
+  (:class:`~tabserve.server.credentials.FailureThrottle`); valid credentials are never
+  delayed, since Tableau Server sends every user's requests from the same few addresses.
 
 Nothing here knows HTTP framing: handlers pass the header value and the address, and get a
-:class:`~tabserve.store.passwords.User` or a :class:`~tabserve.errors.TabserveError`.
+:class:`~tabserve.server.credentials.User` or a :class:`~tabserve.errors.TabserveError`.
 """
 
 from __future__ import annotations
@@ -39,15 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import Forbidden, NotAcceptable, Unauthorized
-from ..store.passwords import (
-    ALL_PERMISSIONS,
-    PERMISSION_ORDER,
-    AuthResult,
-    CredentialCache,
-    FailureThrottle,
-    User,
-    normalize_username,
-)
+from ..store.passwords import ALL_PERMISSIONS, PERMISSION_ORDER, normalize_username
+from .credentials import AuthResult, CredentialCache, FailureThrottle, User
 
 log = logging.getLogger("tabserve.auth")
 

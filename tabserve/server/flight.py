@@ -37,8 +37,8 @@ from .. import fdpass
 from ..config import Settings
 from ..errors import BadRequest, FlightUnavailable, ScriptError, TabserveError
 from ..protocol import JobKind
-from ..store.passwords import User
 from .auth import Authenticator
+from .credentials import User
 from .executor import PACKAGE_PARENT, Executor, JobResult
 from .health import Verdict
 

@@ -1,4 +1,4 @@
-"""Password file: TabPy-compatible reading, safer writing, and a credential cache.
+"""The password file: its format (TabPy-compatible), hashing, reading and safe editing.
 
 File format (a superset of TabPy's ``TABPY_PWD_FILE``)::
 
@@ -25,26 +25,22 @@ a hash that is neither 128 hex digits nor a valid ``$scrypt$`` token is an error
 loads it and that user can never log in); a UTF-8 BOM, CRLF line ends, whitespace-only lines
 and indented ``#`` comments are tolerated; errors name the file and line.
 
-Everything here is pure (no HTTP); the server wires :class:`CredentialCache` and
-:class:`FailureThrottle` into its auth check, and ``tabserve user`` uses the file editors.
+Everything here is pure (no HTTP, no state between calls); what the server remembers while
+it runs (the credential cache, the failure throttle, the ``User`` value) is in
+``server.credentials``, and ``tabserve user`` uses the file editors.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
-import logging
 import os
 import re
 import secrets
 import string
-import threading
-import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,13 +50,9 @@ __all__ = [
     "ALL_PERMISSIONS",
     "PERMISSION_ORDER",
     "SCHEMES",
-    "AuthResult",
-    "CredentialCache",
-    "FailureThrottle",
     "PasswordEntry",
     "PasswordFile",
     "PasswordFileError",
-    "User",
     "add_user",
     "delete_user",
     "generate_password",
@@ -73,8 +65,6 @@ __all__ = [
     "validate_username",
     "verify",
 ]
-
-log = logging.getLogger("tabserve.passwords")  # the name it always had
 
 PERMISSION_ORDER: tuple[str, ...] = ("evaluate", "query", "manage")
 ALL_PERMISSIONS: frozenset[str] = frozenset(PERMISSION_ORDER)
@@ -106,17 +96,6 @@ class PasswordFileError(Exception):
 
 
 @dataclass(frozen=True)
-class User:
-    """An authenticated user: what the server needs after a successful check."""
-
-    name: str
-    permissions: frozenset[str] = ALL_PERMISSIONS
-
-    def can(self, permission: str) -> bool:
-        return permission in self.permissions
-
-
-@dataclass(frozen=True)
 class PasswordEntry:
     """One ``username hash [permissions]`` line.
 
@@ -138,10 +117,6 @@ class PasswordEntry:
     @property
     def effective_permissions(self) -> frozenset[str]:
         return ALL_PERMISSIONS if self.permissions is None else self.permissions
-
-    @property
-    def user(self) -> User:
-        return User(self.username, self.effective_permissions)
 
     def render(self) -> str:
         if self.text is not None:
@@ -521,236 +496,3 @@ def delete_user(path: str | os.PathLike[str], username: str) -> PasswordFile:
     parsed.remove(username)
     _write_atomic(target, parsed.render())
     return parsed
-
-
-# ---------------------------------------------------------------------------------------------
-# Runtime checks
-
-
-@dataclass(frozen=True)
-class AuthResult:
-    """Outcome of a credential check; ``reason`` is safe to log (it never holds a secret)."""
-
-    user: User | None
-    reason: str  # "ok", "unknown user", "wrong password"
-    cached: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.user is not None
-
-
-_FileSignature = tuple[int, int, int, int]
-
-
-def _signature(path: Path) -> _FileSignature | None:
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-
-
-@functools.cache
-def _dummy_entry(scheme: str) -> PasswordEntry:
-    """Verified against when the user name is unknown, so that a miss costs as much as a
-    wrong password (the same scheme, the same work) and response time does not reveal which
-    user names exist. Made once per scheme, with a password nobody knows."""
-    return PasswordEntry("\0dummy", hash_password("\0dummy", secrets.token_hex(16), scheme))
-
-
-class CredentialCache:
-    """Answers Basic-auth checks, paying the hash cost once per distinct (user, password).
-
-    Successful checks are remembered under an HMAC-SHA256 of (user, password) keyed with a
-    per-process random key, so the memory holds no plaintext and nothing reusable elsewhere.
-    Failures are never cached. The file is re-read when its inode, size or mtime changes
-    (looked at no more than once per ``recheck_interval`` seconds); the cache is dropped on
-    every reload so removed users and changed passwords stop working straight away.
-
-    If a reload finds the file malformed or missing, the previous users stay in force and
-    the error is logged (and kept in ``last_error``): a half-saved edit must not lock
-    everyone out. Files written by ``tabserve user`` are replaced atomically, so this only
-    matters for hand edits.
-
-    Thread-safe: hashing happens outside the lock, so the server may call :meth:`check`
-    from worker threads and :meth:`cached` (which never hashes) on the event loop.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        recheck_interval: float = 1.0,
-        max_entries: int = 4096,
-        clock: Callable[[], float] = time.monotonic,
-        verifier: Callable[[PasswordEntry, str], bool] = verify,
-    ) -> None:
-        self.path = Path(path)
-        self._recheck_interval = recheck_interval
-        self._max_entries = max_entries
-        self._clock = clock
-        self._verify = verifier
-        self._key = secrets.token_bytes(32)
-        self._lock = threading.Lock()
-        self._hits: OrderedDict[bytes, User] = OrderedDict()
-        self.last_error: PasswordFileError | None = None
-        # Startup must fail loudly on a bad file, so the first read is allowed to raise.
-        self._entries = read_password_file(self.path).users
-        self._signature = _signature(self.path)
-        self._next_check = clock() + recheck_interval
-
-    @property
-    def users(self) -> dict[str, User]:
-        return {name: entry.user for name, entry in self._entries.items()}
-
-    def _key_for(self, username: str, password: str) -> bytes:
-        name = username.encode("utf-8", "surrogatepass")
-        secret = password.encode("utf-8", "surrogatepass")
-        # Length prefix so ("ab", "c") and ("a", "bc") can never share a key.
-        message = len(name).to_bytes(4, "big") + name + secret
-        return hmac.new(self._key, message, hashlib.sha256).digest()
-
-    def reload_if_changed(self, *, force: bool = False) -> bool:
-        """Re-read the file if it changed; return True when a new version was loaded."""
-        now = self._clock()
-        with self._lock:
-            if not force and now < self._next_check:
-                return False
-            self._next_check = now + self._recheck_interval
-            signature = _signature(self.path)
-            if not force and signature == self._signature:
-                return False
-            self._signature = signature
-        try:
-            new_file = read_password_file(self.path)
-        except PasswordFileError as exc:
-            self.last_error = exc
-            log.error("Password file not reloaded, keeping the previous users: %s", exc)
-            return False
-        with self._lock:
-            self._entries = new_file.users
-            self._hits.clear()
-            self.last_error = None
-        log.info("Password file reloaded: %d user(s)", len(new_file))
-        return True
-
-    def cached(self, username: str, password: str) -> User | None:
-        """The user if this exact pair already succeeded; None means "unknown, call check"."""
-        self.reload_if_changed()
-        key = self._key_for(normalize_username(username), password)
-        with self._lock:
-            user = self._hits.get(key)
-            if user is not None:
-                self._hits.move_to_end(key)
-            return user
-
-    def authenticate(self, username: str, password: str) -> AuthResult:
-        """Full check with a loggable reason; may cost one hash (tens of milliseconds)."""
-        self.reload_if_changed()
-        name = normalize_username(username)
-        key = self._key_for(name, password)
-        with self._lock:
-            user = self._hits.get(key)
-            if user is not None:
-                self._hits.move_to_end(key)
-                return AuthResult(user, "ok", cached=True)
-            entries = self._entries
-        entry = entries.get(name)
-        if entry is None:
-            # The scheme most users in the file have: what a wrong password would cost.
-            schemes = [e.scheme for e in entries.values()]
-            scheme = max(set(schemes), key=schemes.count) if schemes else "scrypt"
-            self._verify(_dummy_entry(scheme), password)
-            return AuthResult(None, "unknown user")
-        if not self._verify(entry, password):
-            return AuthResult(None, "wrong password")
-        user = entry.user
-        with self._lock:
-            # A reload while we were hashing may have changed this user; do not cache then.
-            if self._entries is entries:
-                self._hits[key] = user
-                while len(self._hits) > self._max_entries:
-                    self._hits.popitem(last=False)
-        return AuthResult(user, "ok")
-
-    def check(self, username: str, password: str) -> User | None:
-        """The authenticated user, or None for an unknown user or a wrong password."""
-        return self.authenticate(username, password).user
-
-
-class FailureThrottle:
-    """Slows down password guessing from one client address.
-
-    After ``threshold`` failures within ``window`` seconds, :meth:`delay_for` returns
-    ``base_delay`` and doubles with each further failure, up to ``max_delay``. Failures older
-    than the window are forgotten. Pure bookkeeping: the server decides where to sleep.
-
-    Tableau Server sends every user's requests from the same few addresses, so the server
-    should delay only the *failing* response (before sending 401), never a request whose
-    credentials are good, or one misconfigured workbook would slow everyone down.
-    """
-
-    def __init__(
-        self,
-        *,
-        threshold: int = 5,
-        window: float = 60.0,
-        base_delay: float = 0.5,
-        max_delay: float = 10.0,
-        max_clients: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if threshold < 1 or window <= 0 or base_delay < 0 or max_delay < base_delay:
-            raise ValueError("invalid throttle settings")
-        self.threshold = threshold
-        self.window = window
-        self.base_delay = base_delay
-        self.max_delay = max_delay
-        self.max_clients = max_clients
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        # Beyond this many failures the delay is already capped, so older ones need not be kept.
-        doublings = 0
-        while base_delay > 0 and base_delay * (2**doublings) < max_delay:
-            doublings += 1
-        self._keep = threshold + doublings + 1
-
-    def _recent(self, addr: str, now: float) -> deque[float] | None:
-        times = self._failures.get(addr)
-        if times is None:
-            return None
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if not times:
-            del self._failures[addr]
-            return None
-        return times
-
-    def record_failure(self, addr: str) -> None:
-        now = self._clock()
-        with self._lock:
-            times = self._recent(addr, now)
-            if times is None:
-                times = self._failures[addr] = deque(maxlen=self._keep)
-            times.append(now)
-            self._failures.move_to_end(addr)
-            while len(self._failures) > self.max_clients:
-                self._failures.popitem(last=False)
-
-    def failures(self, addr: str) -> int:
-        with self._lock:
-            times = self._recent(addr, self._clock())
-            return 0 if times is None else len(times)
-
-    def delay_for(self, addr: str) -> float:
-        """Seconds to wait before answering a failed attempt from ``addr`` (0 when fine)."""
-        count = self.failures(addr)
-        if count < self.threshold:
-            return 0.0
-        return min(self.max_delay, self.base_delay * 2.0 ** (count - self.threshold))
-
-    def reset(self, addr: str) -> None:
-        with self._lock:
-            self._failures.pop(addr, None)

@@ -32,8 +32,8 @@ from ...errors import (
     TabserveError,
     error_for_status,
 )
-from ...store.passwords import User
 from ..auth import ANONYMOUS
+from ..credentials import User
 
 if TYPE_CHECKING:
     from ..app import Services
