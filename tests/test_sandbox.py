@@ -693,3 +693,19 @@ def test_self_check_reads_a_directory_by_listing_it(tmp_path: Path) -> None:
         str(empty): False,
         str(tmp_path / "missing"): False,
     }
+
+
+def test_planning_creates_nothing_and_start_prepares_what_the_plan_mounts(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        {
+            "TABPY_STATE_PATH": str(tmp_path / "state"),
+            "TABSERVE_SANDBOX": "bubblewrap",
+            "TABSERVE_LOG_FILE": str(tmp_path / "tabserve.log"),
+        },
+    )
+    confined = sandbox.confinement(settings)
+    assert list(tmp_path.iterdir()) == []  # no archive directory, no log file
+    assert f"--ro-bind {confined.archive_dir} {confined.archive_dir}" in " ".join(confined.prefix)
+    sandbox.prepare(settings, confined)
+    assert Path(confined.archive_dir).is_dir() and (tmp_path / "tabserve.log").is_file()
