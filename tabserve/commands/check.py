@@ -3,8 +3,9 @@
 It replays the requests Tableau really sends (Test Connection, SCRIPT_* calls, Table
 Extensions, MODEL_EXTENSION calls, gzip and form-urlencoded bodies) and the rules around them
 (auth 401/406, the result-length rule, 413, disabled evaluate), then prints a pass/fail table.
-It talks plain HTTP with the standard library and imports nothing from the server, so it can
-be pointed at TabPy, tabserve or any other implementation.
+It talks plain HTTP (the standard library, and h11 through ``rawhttp`` for the one upload
+that must wait for ``100 Continue``) and imports nothing from the server, so it can be
+pointed at TabPy, tabserve or any other implementation.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import base64
 import gzip
 import http.client
 import json
-import select
 import socket
 import ssl
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 from urllib.parse import urlsplit
+
+from .rawhttp import post_expecting_continue
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -427,93 +428,24 @@ def evaluate_disabled(target: Target) -> str:
 
 def _send_oversized(target: Target, path: str, size: int) -> tuple[int, bytes]:
     """POST ``size`` bytes as curl would: Expect 100-continue, body only if asked for."""
-    raw = socket.create_connection((target.host, target.port), timeout=target.timeout)
-    conn: socket.socket = raw
-    if target.scheme == "https":
+
+    def connect() -> socket.socket:
+        raw = socket.create_connection((target.host, target.port), timeout=target.timeout)
+        if target.scheme != "https":
+            return raw
         context = ssl.create_default_context()
         if target.insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-        conn = context.wrap_socket(raw, server_hostname=target.host)
-    headers = [
-        f"POST {target.prefix}{path} HTTP/1.1",
-        f"Host: {target.host}:{target.port}",
-        "Content-Type: application/json",
-        f"Content-Length: {size}",
-        "Expect: 100-continue",
-        "Connection: close",
-    ]
+        return context.wrap_socket(raw, server_hostname=target.host)
+
+    headers = [("Content-Type", "application/json")]
     if target.user is not None:
-        headers.append(f"Authorization: {target.credentials()}")
-    try:
-        conn.sendall(("\r\n".join(headers) + "\r\n\r\n").encode())
-        received = _read_some(conn, 3.0)
-        if received.startswith(b"HTTP/1.1 100"):
-            received = received.split(b"\r\n\r\n", 1)[1]
-            received += _send_body_until_answer(conn, size, received)
-        received += _read_rest(conn, target.timeout)
-    finally:
-        conn.close()
-    return _parse_raw_response(received)
-
-
-def _read_some(conn: socket.socket, wait: float) -> bytes:
-    ready, _, _ = select.select([conn], [], [], wait)
-    return conn.recv(65536) if ready else b""
-
-
-def _send_body_until_answer(conn: socket.socket, size: int, already: bytes) -> bytes:
-    """Upload the body in chunks, stopping as soon as the server answers."""
-    if already:
-        return b""
-    chunk = b" " * (1 << 20)
-    sent = 0
-    while sent < size:
-        piece = chunk[: min(len(chunk), size - sent)]
-        try:
-            conn.sendall(piece)
-        except OSError:
-            break  # the server answered and closed: read what it said
-        sent += len(piece)
-        answer = _read_some(conn, 0)
-        if answer:
-            return answer
-    return b""
-
-
-def _read_rest(conn: socket.socket, timeout: float) -> bytes:
-    data = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            piece = _read_some(conn, max(0.0, deadline - time.monotonic()))
-        except OSError:
-            break
-        if not piece:
-            break
-        data += piece
-        if _complete(data):
-            break
-    return data
-
-
-def _complete(data: bytes) -> bool:
-    head, sep, body = data.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(body) >= int(value.strip())
-    return False
-
-
-def _parse_raw_response(data: bytes) -> tuple[int, bytes]:
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].split()
-    if len(status_line) < 2 or not status_line[1].isdigit():
-        return 0, data[:200]
-    return int(status_line[1]), body
+        headers.append(("Authorization", target.credentials()))
+    answer = post_expecting_continue(
+        connect, f"{target.host}:{target.port}", target.prefix + path, size, headers, target.timeout
+    )
+    return answer.status, answer.body
 
 
 # ---- running and reporting ----------------------------------------------------------------
