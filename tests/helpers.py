@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,12 +29,11 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from tornado.netutil import bind_sockets
 
-from tabserve import logs
 from tabserve.config import Settings, load_settings
 from tabserve.logs import TextFormatter
-from tabserve.protocol import Context, JobHeader, JobKind, Telemetry
+from tabserve.protocol import Context, JobKind
 from tabserve.server.app import build_services, make_http_server
-from tabserve.server.executor import JobResult, PoolConfig, PoolStats, job_result
+from tabserve.server.executor import JobResult, PoolConfig, PoolStats, job_header, job_result
 from tabserve.server.sandbox import SandboxReport
 from tabserve.worker.main import Worker
 
@@ -45,6 +44,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# user1 / P@ssw0rd, as in TabPy's tests/integration/resources/pwdfile.txt; computed once with
+# hashlib.pbkdf2_hmac("sha512", b"P@ssw0rd", b"_$salt@tabpy:user1$_", 10000).hex()
+USER1_HASH = (
+    "b8a63cf588cd2399da615042de4732f5b121c4d1042acfb91598a56d2dd3e1d7"
+    "b9f785213262eddbbd00c7a8c9c3e89d7cb98f31d405cc644b1aeba92c3de40b"
+)
+
+
+class FakeClock:
+    """A monotonic clock a test moves by hand (``clock.now += 1.5``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 class Server:
@@ -208,13 +230,13 @@ class FakeExecutor:
         payload: bytes,
         timeout: float,
         options: Mapping[str, Any] | None = None,
+        fds: Sequence[int] = (),
     ) -> JobResult:
-        header: JobHeader = {"kind": kind, "call_id": logs.call_id.get()}
-        header.update(options or {})  # type: ignore[typeddict-item]
+        header = job_header(kind, options)
         self.jobs.append(dict(header))
-        reply, body = self.worker.handle(header, bytes(payload))
-        telemetry: Telemetry = {**reply.get("telemetry", {}), "worker_pid": os.getpid()}
-        return job_result(reply, body, {**telemetry, "queue_ms": 0.0})
+        reply, body = self.worker.handle(header, bytes(payload), fds)
+        returned, self.worker.outgoing_fds = self.worker.outgoing_fds, []
+        return job_result(reply, body, os.getpid(), 0.0, returned)
 
     async def close(self) -> None:
         pass

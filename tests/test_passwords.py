@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import USER1_HASH, write
 from tabserve.store import passwords
 from tabserve.store.passwords import (
     ALL_PERMISSIONS,
@@ -21,27 +22,6 @@ from tabserve.store.passwords import (
     update_user,
     verify,
 )
-
-# user1 / P@ssw0rd, as in TabPy's tests/integration/resources/pwdfile.txt; computed once with
-# hashlib.pbkdf2_hmac("sha512", b"P@ssw0rd", b"_$salt@tabpy:user1$_", 10000).hex()
-USER1_HASH = (
-    "b8a63cf588cd2399da615042de4732f5b121c4d1042acfb91598a56d2dd3e1d7"
-    "b9f785213262eddbbd00c7a8c9c3e89d7cb98f31d405cc644b1aeba92c3de40b"
-)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
-
 
 # --- TabPy format ---------------------------------------------------------------------------
 

@@ -107,12 +107,24 @@ class PoolStats:
     rejected: int = 0  # jobs refused because the queue was full
 
 
+def job_header(kind: JobKind, options: Mapping[str, Any] | None) -> JobHeader:
+    """The header of a job: its kind, the request's call id, the kind's own fields."""
+    header: JobHeader = {"kind": kind, "call_id": logs.call_id.get()}
+    header.update(options or {})  # type: ignore[typeddict-item]
+    return header
+
+
 def job_result(
-    reply: ReplyHeader, body: bytes, telemetry: Telemetry, fds: Sequence[int] = ()
+    reply: ReplyHeader, body: bytes, worker_pid: int, queue_ms: float, fds: Sequence[int] = ()
 ) -> JobResult:
     """What a caller of ``run`` gets for a worker's reply: the result (with the descriptors
     the worker handed back), or the error raised (closing them; the error carries the
     telemetry, for the access log)."""
+    telemetry: Telemetry = {
+        **reply.get("telemetry", {}),
+        "worker_pid": worker_pid,
+        "queue_ms": round(queue_ms, 3),
+    }
     if reply["status"] != 200:
         fdpass.close_all(fds)
         error = TabserveError.from_wire(dict(reply))
@@ -486,8 +498,7 @@ class Executor:
         enqueued = time.perf_counter()
         worker = await self._acquire(deadline, timeout)
         queue_ms = (time.perf_counter() - enqueued) * 1000
-        header: JobHeader = {"kind": kind, "call_id": logs.call_id.get()}
-        header.update(options or {})  # type: ignore[typeddict-item]
+        header = job_header(kind, options)
         context = None
         if worker.context_generation != self._context_generation:
             context = self._context
@@ -521,12 +532,7 @@ class Executor:
             self._retire(worker)
         else:
             self._release(worker)
-        telemetry: Telemetry = {
-            **reply.get("telemetry", {}),
-            "worker_pid": worker.pid,
-            "queue_ms": round(queue_ms, 3),
-        }
-        return job_result(reply, body, telemetry, returned)
+        return job_result(reply, body, worker.pid, queue_ms, returned)
 
     async def _acquire(self, deadline: float, timeout: float) -> WorkerProcess:
         if self._closing:
