@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from pg import postgres  # noqa: F401  (a session fixture: a real PostgreSQL server)
 from prometheus_client.parser import text_string_to_metric_families
 
 
