@@ -128,6 +128,10 @@ class EndpointChange:
         if archive is not None:
             self.archives[(endpoint.name, endpoint.version)] = archive
 
+    def keep_archive(self, name: str, version: int, data: bytes) -> None:
+        """Also store an older version's archive (a copy keeps the rollback target)."""
+        self.archives[(name, version)] = data
+
     def delete(self, name: str) -> None:
         self.endpoints.pop(name, None)
         self.archives = {key: v for key, v in self.archives.items() if key[0] != name}
