@@ -235,3 +235,39 @@ def test_urls_are_shown_without_passwords() -> None:
     assert redact("postgresql://h/db") == "postgresql://h/db"
     with pytest.raises(StoreError, match="unsupported store"):
         open_store("mysql://u:pw@h/db")
+
+
+def test_the_job_and_result_tables_hold_a_job_through_its_life(store) -> None:  # type: ignore[no-untyped-def]
+    """The tables the jobs feature builds on: a job is queued, claimed once, finished, and
+    its result found by key."""
+    db = store.sql.db if hasattr(store, "sql") else store.db
+    with db.write() as tx:
+        for number in (1, 2):
+            tx.execute(
+                "INSERT INTO jobs (id, kind, endpoint, owner, status, request, created) "
+                "VALUES (?, 'query', 'add', 'alice', 1, ?, ?)",
+                (f"job{number}", b'{"data": {}}', float(number)),
+            )
+    claimed = []
+    for worker in ("replica-a", "replica-b", "replica-c"):
+        with db.write() as tx:
+            rows = tx.execute(
+                "UPDATE jobs SET status = 2, claimed_by = ?, started = 10 WHERE id = "
+                "(SELECT id FROM jobs WHERE status = 1 ORDER BY created LIMIT 1) RETURNING id",
+                (worker,),
+            )
+            claimed.extend(row[0] for row in rows)
+    assert claimed == ["job1", "job2"]  # the third claimer finds nothing left
+    with db.write() as tx:
+        tx.execute(
+            "INSERT INTO results (key, endpoint, version, body, retrieved_at, size) "
+            "VALUES ('k1', 'add', 1, ?, 11, 3)",
+            (b"[3]",),
+        )
+        tx.execute("UPDATE jobs SET status = 3, finished = 11, result_key = 'k1' WHERE id = 'job1'")
+    with db.read() as tx:
+        rows = tx.execute(
+            "SELECT j.status, r.body FROM jobs j JOIN results r ON r.key = j.result_key "
+            "WHERE j.id = 'job1'"
+        )
+    assert [(int(s), bytes(b)) for s, b in rows] == [(3, b"[3]")]

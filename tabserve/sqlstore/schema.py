@@ -147,12 +147,72 @@ def _seed_generation(dialect: Dialect) -> list[str]:
     return ["INSERT INTO generation (id, value) VALUES (1, 0)"]
 
 
+# -- migration 2: the tables the jobs, result cache and API keys (issue 12) build on ---------
+# Declared here so that the schema's shape is settled with the store; the features that use
+# them change them, if they must, with a migration of their own.
+
+JOBS = Table(
+    "jobs",
+    (
+        Column("id", "text"),
+        Column("kind", "text"),  # evaluate | query
+        Column("endpoint", "text", nullable=True),
+        Column("owner", "text", nullable=True),  # the user who submitted it
+        # 1 pending, 2 started, 3 success, 4 failure, 5 cancelled (Redash's codes)
+        Column("status", "int"),
+        Column("request", "bytes"),
+        Column("encoding", "text", default="''"),  # the request's Content-Encoding
+        Column("created", "real"),
+        Column("started", "real", nullable=True),
+        Column("finished", "real", nullable=True),
+        Column("claimed_by", "text", nullable=True),  # replica id while it runs
+        Column("heartbeat", "real", nullable=True),
+        Column("error", "text", nullable=True),  # the {"message", "info"} envelope, as JSON
+        Column("result_key", "text", nullable=True),  # -> results.key
+    ),
+    primary_key=("id",),
+    indexes=(("status", "created"), ("owner",)),
+)
+
+RESULTS = Table(
+    "results",
+    (
+        # A hash of what the answer depends on: endpoint, its version, the request body.
+        Column("key", "text"),
+        Column("endpoint", "text", nullable=True),
+        Column("version", "int", nullable=True),
+        Column("body", "bytes"),
+        Column("retrieved_at", "real"),
+        Column("size", "int"),
+    ),
+    primary_key=("key",),
+    indexes=(("retrieved_at",),),
+)
+
+API_KEYS = Table(
+    "api_keys",
+    (
+        Column("id", "text"),  # the public part shown in lists and logs
+        Column("secret_hash", "text"),
+        Column("user_name", "text"),
+        Column("permissions", "text", nullable=True),  # NULL: the user's own
+        Column("endpoint", "text", nullable=True),  # restricted to one endpoint, or NULL
+        Column("created", "real"),
+        Column("expires", "real", nullable=True),
+        Column("revoked", "real", nullable=True),
+        Column("last_used", "real", nullable=True),
+    ),
+    primary_key=("id",),
+    indexes=(("user_name",),),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
         "endpoints, archives, users, service info, change generation",
         (ENDPOINTS, ARCHIVES, USERS, SERVICE_INFO, GENERATION, _seed_generation),
     ),
+    Migration(2, "jobs, cached results, API keys", (JOBS, RESULTS, API_KEYS)),
 )
 
 LATEST = MIGRATIONS[-1].number
