@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, tuple[str, str]] = {
     "user": (
         "tabserve.commands.user",
-        "add, update or delete a user in a password file (TABPY_PWD_FILE)",
+        "add, update or delete a user in a password file (TABPY_PWD_FILE) or a store",
+    ),
+    "store": (
+        "tabserve.commands.store",
+        "migrate the store's schema; import a TabPy state directory into a store; export",
     ),
     "doctor": (
         "tabserve.commands.doctor",

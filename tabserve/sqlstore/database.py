@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import TabserveError
+from ..errors import StoreUnavailable
 from .schema import HISTORY, LATEST, Dialect, pending
 
 log = logging.getLogger("tabserve.store")
@@ -34,17 +34,6 @@ log = logging.getLogger("tabserve.store")
 # pg_advisory_xact_lock key every writer takes ("tabs" in ASCII): one writer at a time.
 _WRITE_LOCK_KEY = 0x74616273
 CHANGES_CHANNEL = "tabserve_changes"
-
-
-class StoreUnavailable(TabserveError):
-    """The store cannot be reached just now; what is loaded keeps serving."""
-
-    status = 503
-    default_message = "The store is unavailable; try again shortly"
-    retry_after = 5
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
 
 
 class StoreError(Exception):
