@@ -3,6 +3,12 @@
 A deploy writes the new version's files, has one worker load them, and only then publishes
 the new endpoint table to the workers. Each job carries the table current when it was
 dispatched, so a request sees the old version or the new one, never a half-deployed one.
+
+Changes made by other processes or replicas arrive two ways: the store calls back when it
+notices one (PostgreSQL ``NOTIFY``, or the state directory's watcher), and every request
+that reads the table first asks the store, for free, whether it is stale (a ``stat`` of
+state.ini, or the listener's latest generation). Either way the table is reloaded in a
+thread and republished; the store being unreachable leaves the loaded table serving.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BadRequest, TabserveError
+from ..errors import BadRequest, StoreUnavailable, TabserveError
 from .executor import Executor, JobResult
 from .registry import EndpointRecord, EndpointRegistry
 
@@ -47,17 +53,68 @@ class EndpointService:
         self.timeout = timeout
         self._states: dict[str, LoadState] = {}
         self._lock = asyncio.Lock()  # one change at a time; queries never wait on it
+        self._refreshing: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+        # Deploys of this process between commit and load check: name -> what to publish
+        # meanwhile (the previous version, or None for nothing).
+        self._pending: dict[str, EndpointRecord | None] = {}
+        self._follower: asyncio.Task[None] | None = None
+        # Called with nothing after each reload from the store (the users follow it too).
+        self.on_refresh: list[Callable[[], Any]] = []
 
     async def start(self) -> None:
-        """Publish what state.ini holds and check every model loads, in the background."""
+        """Load what the store holds, publish it, check every model loads (in the
+        background), and follow the store's changes from now on."""
+        await asyncio.to_thread(self.registry.refresh)
         self._publish()
-        for endpoint in self.registry.all().values():
+        self._check_models(self.registry.all().values())
+        loop = asyncio.get_running_loop()
+        self.registry.store.watch(lambda: loop.call_soon_threadsafe(self._changed.set))
+        self._follower = asyncio.create_task(self._follow())
+
+    def _check_models(self, endpoints: Any) -> None:
+        for endpoint in endpoints:
             if endpoint.type == "model":
                 self._states[endpoint.name] = LoadState(LOAD_IN_PROGRESS)
                 task = asyncio.create_task(self._check_on_start(endpoint))
                 self._checks.add(task)
                 task.add_done_callback(self._checks.discard)
+
+    async def _follow(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await self.refresh()
+
+    async def ensure_fresh(self) -> None:
+        """Reload first if the store changed since the table was loaded (a cheap check)."""
+        if self.registry.stale():
+            await self.refresh()
+
+    async def refresh(self) -> None:
+        """Reload the table from the store and republish it; concurrent callers share one."""
+        task = self._refreshing
+        if task is None or task.done():
+            task = self._refreshing = asyncio.create_task(self._reload())
+        await asyncio.shield(task)
+
+    async def _reload(self) -> None:
+        try:
+            changed = await asyncio.to_thread(self.registry.refresh)
+        except StoreUnavailable as exc:
+            log.warning("store unreachable, serving the loaded endpoints: %s", exc.info)
+            return
+        except Exception:  # a reload must never stop the follower; the old table serves on
+            log.exception("reloading the endpoints from the store failed")
+            return
+        known = self.registry.all()
+        for name in [n for n in self._states if n not in known]:
+            del self._states[name]
+        self._publish()
+        self._check_models(e for e in changed if e.name not in self._pending)
+        for callback in self.on_refresh:
+            callback()
 
     async def _check_on_start(self, endpoint: EndpointRecord) -> None:
         try:
@@ -83,7 +140,13 @@ class EndpointService:
         }
 
     def _publish(self) -> None:
-        table = {name: self._entry(e) for name, e in self.registry.all().items()}
+        endpoints = self.registry.all()
+        for name, previous in self._pending.items():
+            if previous is None:
+                endpoints.pop(name, None)
+            else:
+                endpoints[name] = previous
+        table = {name: self._entry(e) for name, e in endpoints.items()}
         self.executor.set_context({"endpoints": table})
 
     async def _load_error(self, endpoint: EndpointRecord) -> str | None:
@@ -130,8 +193,9 @@ class EndpointService:
     async def update(self, name: str, request: Mapping[str, Any]) -> EndpointRecord:
         self.guard()
         async with self._lock:
-            previous = self.registry.get(name)
-            endpoint, archive = await asyncio.to_thread(self.registry.update, name, request)
+            previous, endpoint, archive = await asyncio.to_thread(
+                self.registry.update, name, request
+            )
             if archive is not None:
                 await self._accept(endpoint, previous)
             else:
@@ -142,9 +206,13 @@ class EndpointService:
         """Publish ``endpoint`` if its archive loads in a worker; otherwise undo the deploy."""
         if endpoint.type == "model":
             before = self._states.get(endpoint.name)
-            # Recorded in state.ini already, but not answering yet: /status says so.
+            # Recorded in the store already, but not answering here yet: /status says so.
             self._states[endpoint.name] = LoadState(LOAD_IN_PROGRESS)
-            error = await self._load_error(endpoint)
+            self._pending[endpoint.name] = previous
+            try:
+                error = await self._load_error(endpoint)
+            finally:
+                self._pending.pop(endpoint.name, None)
             if error:
                 await asyncio.to_thread(self.registry.discard_version, endpoint, previous)
                 if before is None:
@@ -168,6 +236,7 @@ class EndpointService:
         return self.registry.resolve(name)
 
     async def query(self, name: str, body: bytes, encoding: str) -> JobResult:
+        await self.ensure_fresh()
         self.registry.resolve(name)  # an unknown name is a 404 without using a worker
         self.guard()
         return await self.executor.run(
@@ -175,5 +244,7 @@ class EndpointService:
         )
 
     async def close(self) -> None:
-        for task in list(self._checks):
-            task.cancel()
+        for task in [*self._checks, self._follower, self._refreshing]:
+            if task is not None:
+                task.cancel()
+        await asyncio.to_thread(self.registry.store.close)

@@ -71,7 +71,11 @@ def read_state(state_file: Path) -> configparser.ConfigParser:
 
 
 def service_info(parser: configparser.ConfigParser) -> ServiceInfo:
-    section = parser[SERVICE_INFO]
+    return service_info_from(dict(parser[SERVICE_INFO]))
+
+
+def service_info_from(section: dict[str, str]) -> ServiceInfo:
+    """``[Service Info]``'s keys and values, from state.ini or a store, as ServiceInfo."""
     cors = tuple((key, section[key]) for key in CORS_KEYS if section.get(key))
     return ServiceInfo(
         name=section.get("Name") or "tabserve",

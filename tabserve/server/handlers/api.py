@@ -72,6 +72,7 @@ class StatusHandler(BaseHandler):
     async def get(self) -> None:
         """Load status of every deployed endpoint."""
         self.add_cors_headers()
+        await self.services.endpoints.ensure_fresh()
         self.write_json(self.services.endpoints.statuses())
 
 
@@ -79,6 +80,7 @@ class EndpointsHandler(BaseHandler):
     async def get(self) -> None:
         """Every deployed endpoint's description, keyed by name."""
         self.add_cors_headers()
+        await self.services.endpoints.ensure_fresh()
         self.write_json(self.services.endpoints.infos())
 
     async def post(self) -> None:
@@ -91,6 +93,7 @@ class EndpointHandler(BaseHandler):
     async def get(self, name: str) -> None:
         """One endpoint's description, unwrapped (as TabPy answers)."""
         self.add_cors_headers()
+        await self.services.endpoints.ensure_fresh()
         self.write_json(self.services.endpoints.info(name))
 
     async def put(self, name: str) -> None:
