@@ -41,10 +41,6 @@ QUERY_USER = ("reader", "replicas-reader-pass")
 LOAD_THREADS = 4
 
 
-def add(x: list[float], y: list[float]) -> list[float]:
-    return [a + b for a, b in zip(x, y, strict=True)]
-
-
 class HAProxy:
     """deploy/haproxy.cfg as shipped, but bound to loopback ports with loopback servers."""
 
@@ -258,6 +254,9 @@ def test_replicas_share_one_store(cluster: Cluster) -> None:
     first, second, third = cluster.replicas
 
     # 1. TabPy's own client, unmodified, deploys through the load balancer.
+    def add(x: list[float], y: list[float]) -> list[float]:  # local: pickled by value
+        return [a + b for a, b in zip(x, y, strict=True)]
+
     client = Client(lb + "/")
     client.set_credentials(*ADMIN)
     client.deploy("add", add, "Adds two lists")
@@ -266,7 +265,7 @@ def test_replicas_share_one_store(cluster: Cluster) -> None:
     for replica in cluster.replicas:  # every replica answers, directly
         response = _query(replica.url, "add")
         assert response.status_code == 200, response.text
-        assert response.json() == [4, 6]
+        assert response.json()["response"] == [4, 6]
     assert client.query("add", [1, 2], [3, 4])["response"] == [4, 6]
 
     # 2. Propagation: a deploy through one replica, served by the two others.
@@ -278,7 +277,7 @@ def test_replicas_share_one_store(cluster: Cluster) -> None:
         assert response.status_code in (200, 201), response.text
         version = round_ + 1
         delays.append(_visible_after(cluster, "shift", version, others))
-        assert _query(others[0].url, "shift").json() == [4 + round_, 6 + round_]
+        assert _query(others[0].url, "shift").json()["response"] == [4 + round_, 6 + round_]
     cluster.versions["shift"] = 6
     print(
         f"\npropagation to the other replicas: median {statistics.median(delays) * 1000:.0f} ms,"

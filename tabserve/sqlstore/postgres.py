@@ -4,7 +4,7 @@ A listener thread holds its own connection, runs ``LISTEN tabserve_changes`` and
 ``on_change`` for every notification. Notifications are delivered at commit and never
 replayed, so after every (re)connect it calls ``on_change`` once more: the replica then
 compares the ``generation`` row with what it serves and reloads if it differs. While the
-connection is down the listener retries with a growing pause (0.2 s to 5 s); what is loaded
+connection is down the listener retries with a growing pause (0.2 s to 2 s); what is loaded
 keeps serving, and the readiness check reports the store as unreachable.
 """
 
@@ -27,7 +27,7 @@ log = logging.getLogger("tabserve.store")
 # (a network partition) shows up here, and a missed notification is caught up.
 _POLL_SECONDS = 5.0
 _WAIT_SECONDS = 0.5
-_RETRY_FIRST, _RETRY_MAX = 0.2, 5.0
+_RETRY_FIRST, _RETRY_MAX = 0.2, 2.0
 
 
 class PostgresStore(SqlStore):
