@@ -188,6 +188,23 @@ def _deploy(base: str, name: str, offset: int, new: bool) -> requests.Response:
     return requests.put(f"{base}/endpoints/{name}", json=body, auth=ADMIN, timeout=60)
 
 
+def _deploy_quietly(base: str, name: str) -> None:
+    """A deploy with an 8 MB archive, to a replica that is about to be killed."""
+    blob = os.urandom(8_000_000)
+
+    def big(x: list[float], y: list[float]) -> int:
+        return len(blob)
+
+    body = {
+        "name": name, "type": "model", "python_version": platform.python_version(),
+        "archive": base64.b64encode(cloudpickle.dumps(big)).decode("ascii"),
+    }  # fmt: skip
+    try:
+        requests.post(f"{base}/endpoints", json=body, auth=ADMIN, timeout=60)
+    except requests.RequestException:
+        pass  # the replica died under it: expected
+
+
 def _version(base: str, name: str) -> int | None:
     response = requests.get(f"{base}/endpoints/{name}", auth=ADMIN, timeout=5)
     return int(response.json()["version"]) if response.status_code == 200 else None
@@ -301,10 +318,14 @@ def test_replicas_share_one_store(cluster: Cluster) -> None:
     cluster.versions["shift"] = 8
     _visible_after(cluster, "shift", 8, cluster.replicas)
 
-    # 4. SIGKILL one replica under a steady, bounded load through the load balancer.
+    # 4. SIGKILL one replica under a steady, bounded load through the load balancer, while
+    # it is taking a large deploy.
     load = Load(lb, "add", seconds=30)
     time.sleep(1.5)
     before = load.ok
+    big = threading.Thread(target=_deploy_quietly, args=(third.url, "big"))
+    big.start()
+    time.sleep(0.3)  # the body is on its way or being stored
     os.kill(third.process.pid, signal.SIGKILL)
     third.process.wait()
     killed_at = time.monotonic()
@@ -312,6 +333,18 @@ def test_replicas_share_one_store(cluster: Cluster) -> None:
     down_after = time.monotonic() - killed_at
     time.sleep(1.5)
     load.stop()
+    big.join()
+    with psycopg.connect(cluster.url) as conn:
+        row = conn.execute(
+            "SELECT e.version, a.sha256 = encode(sha256(a.data), 'hex') FROM endpoints e "
+            "JOIN archives a ON a.name = e.name AND a.version = e.version WHERE e.name = 'big'"
+        ).fetchone()
+        listed = conn.execute("SELECT count(*) FROM endpoints WHERE name = 'big'").fetchone()
+    # Either the deploy happened (row and its intact archive) or it did not (neither).
+    assert listed is not None and (listed[0] == 0 if row is None else row == (1, True))
+    if row is not None:
+        cluster.versions["big"] = 1
+    print(f"replica killed during a deploy: the deploy {'happened' if row else 'did not happen'}")
     print(
         f"SIGKILL of one replica under load: {load.ok} requests answered ({before} before the "
         f"kill), {len(load.failed)} failed {load.failed[:4]}; HAProxy marked it down after "

@@ -127,7 +127,7 @@ def banner(
         f"tabserve {__version__} listening on {scheme}://{shown}:{port}\n"
         f"  bind {host}:{port} | TLS {on(settings.tls_enabled)} | "
         f"auth {on(settings.auth_enabled)} | evaluate {on(settings.evaluate_enabled)} | "
-        f"{settings.workers} workers | store {store_shown(settings)}"
+        f"{settings.workers} workers | {store_shown(settings)}"
     )
     if sandbox is not None:
         text += f"\n  sandbox {sandbox.mode} | self-check {sandbox.info()['self_check']}"
@@ -143,8 +143,8 @@ def store_shown(settings: Settings) -> str:
     if settings.store:
         from .sqlstore import redact
 
-        return redact(settings.store)
-    return f"state directory {settings.state_path}"
+        return f"store {redact(settings.store)}"
+    return f"state {settings.state_path}"
 
 
 def open_configured_store(settings: Settings) -> Store:
