@@ -83,11 +83,14 @@ def test_sigkill_during_changes_leaves_the_store_consistent(
     location = _location(kind, tmp_path, postgres)
     committed = 0
     kills = 0
-    for delay in (0.3, 0.45, 0.6, 0.75, 0.9):
+    for delay in (0.0, 0.05, 0.13, 0.21, 0.34):
         writer = _writer(location, tmp_path / "cache")
         seen: list[int] = []
         reader = threading.Thread(target=_collect, args=(writer, seen))
         reader.start()
+        deadline = time.monotonic() + 60
+        while not seen and writer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # started and committed once: the kill lands mid-stream
         time.sleep(delay)
         writer.send_signal(signal.SIGKILL)
         writer.wait()

@@ -81,7 +81,9 @@ class StateDirStore:
         return f"state directory {self.path}"
 
     def migrate(self) -> list[int]:
-        return self.sql.db.migrate()
+        applied = self.sql.db.migrate()
+        self._poll_database()  # the token is stable from here on: no reload for nothing
+        return applied
 
     # -- reading ---------------------------------------------------------------------------
 
