@@ -15,7 +15,7 @@ from pg import PostgresServer
 
 from tabserve.errors import BadRequest, NotFound
 from tabserve.server.registry import EndpointRegistry
-from tabserve.sqlstore import open_store
+from tabserve.store.backends import open_store
 from tabserve.store.state_dir import ensure_state_dir
 from tabserve.worker.unpickling import load_archive
 

@@ -14,11 +14,17 @@ from pathlib import Path
 import pytest
 from pg import PostgresServer
 
-from tabserve.sqlstore import Endpoint, StoreError, StoreUnavailable, UserRecord, open_store
-from tabserve.sqlstore.database import Database, redact, sqlite_url
-from tabserve.sqlstore.schema import LATEST, MIGRATIONS, check_numbers
-from tabserve.sqlstore.sql import SqlStore
-from tabserve.store import ensure_state_dir
+from tabserve.store.backends import (
+    EndpointRecord,
+    StoreError,
+    StoreUnavailable,
+    UserRecord,
+    open_store,
+)
+from tabserve.store.database import Database, redact, sqlite_url
+from tabserve.store.schema import LATEST, MIGRATIONS, check_numbers
+from tabserve.store.sql import SqlStore
+from tabserve.store.state_dir import ensure_state_dir
 
 FIXTURE_STATE = Path(__file__).parent / "fixtures" / "tabpy_state"
 _counter = iter(range(10**6))
@@ -71,9 +77,11 @@ def store(make_store):  # type: ignore[no-untyped-def]
     return make_store()
 
 
-def _model(name: str, version: int = 1, **extra: object) -> Endpoint:
-    return Endpoint(name=name, type="model", version=version, description=f"{name} v{version}",
-                    docstring="Adds.\n  100% ünïcode", **extra)  # type: ignore[arg-type]  # fmt: skip
+def _model(name: str, version: int = 1, **extra: object) -> EndpointRecord:
+    return EndpointRecord(
+        name=name, type="model", version=version, description=f"{name} v{version}",
+        docstring="Adds.\n  100% ünïcode", **extra,  # type: ignore[arg-type]
+    )  # fmt: skip
 
 
 def test_migrations_are_numbered_in_order() -> None:
@@ -106,7 +114,7 @@ def test_endpoints_round_trip_with_their_archives(store) -> None:  # type: ignor
     with store.change() as change:
         assert change.endpoints == {}
         change.put(add, archive=b"\x80\x04pickle-bytes")
-        change.put(Endpoint(name="plus", type="alias", target="add", dependencies=["add"]))
+        change.put(EndpointRecord(name="plus", type="alias", target="add", dependencies=["add"]))
     snapshot = store.snapshot()
     assert snapshot.endpoints == {"add": add, "plus": snapshot.endpoints["plus"]}
     assert snapshot.endpoints["plus"].target == "add"
@@ -217,7 +225,7 @@ def test_the_tabpy_state_directory_loads(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_postgresql_is_unavailable(tmp_path: Path) -> None:
-    from conftest import free_port
+    from helpers import free_port
 
     url = f"postgresql://u:hunter2@127.0.0.1:{free_port()}/db"
     store = open_store(url, cache=tmp_path)

@@ -9,8 +9,8 @@ import pytest
 from pg import PostgresServer
 
 from tabserve.cli import main
-from tabserve.passwords import PasswordEntry, verify
-from tabserve.sqlstore import open_store
+from tabserve.store.backends import open_store
+from tabserve.store.passwords import PasswordEntry, verify
 
 FIXTURE_STATE = Path(__file__).parent / "fixtures" / "tabpy_state"
 
@@ -86,7 +86,7 @@ def test_a_bad_store_url_is_refused_without_showing_its_password(
 def test_an_unreachable_store_is_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from conftest import free_port
+    from helpers import free_port
 
     url = f"postgresql://u:hunter2@127.0.0.1:{free_port()}/db"
     assert main(["store", "migrate", "--store", url]) == 1

@@ -14,22 +14,22 @@ from pathlib import Path
 import pytest
 from pg import PostgresServer
 
-from tabserve.sqlstore import open_store
-from tabserve.store import ensure_state_dir
+from tabserve.store.backends import open_store
+from tabserve.store.state_dir import ensure_state_dir
 
 # A writer that bumps endpoint "m" forever, each version with a 2 MB archive that names its
 # version, and prints each version once committed.
 _WRITER = """
 import sys
 from pathlib import Path
-from tabserve.sqlstore import Endpoint, open_store
+from tabserve.store.backends import EndpointRecord, open_store
 store = open_store(sys.argv[1], cache=Path(sys.argv[2]))
 store.migrate()
 for _ in range(int(sys.argv[3])):
     with store.change() as change:
         old = change.endpoints.get("m")
         version = old.version + 1 if old else 1
-        change.put(Endpoint(name="m", type="model", version=version),
+        change.put(EndpointRecord(name="m", type="model", version=version),
                    archive=b"v%d:" % version + b"x" * 2_000_000)
     print(version, flush=True)
 """
@@ -139,9 +139,9 @@ def test_the_listener_resyncs_after_postgresql_restarts(
         writer = open_store(url, cache=tmp_path / "w")
         heard.clear()
         with writer.change() as change:
-            from tabserve.sqlstore import Endpoint
+            from tabserve.store.backends import EndpointRecord
 
-            change.put(Endpoint(name="late", type="model"), archive=b"x")
+            change.put(EndpointRecord(name="late", type="model"), archive=b"x")
         writer.close()
         # ... yet it is seen, by the resync after the reconnect (or the notification).
         assert heard.wait(15), "the change made around the restart was never seen"
@@ -167,7 +167,8 @@ def test_sigkill_while_holding_the_state_lock_does_not_block_the_next_writer(
     ensure_state_dir(tmp_path / "state")
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from tabserve.sqlstore import open_store\n"
+         "import sys, time; from pathlib import Path\n"
+         "from tabserve.store.backends import open_store\n"
          "s = open_store(Path(sys.argv[1]))\n"
          "with s.locked():\n print('locked', flush=True); time.sleep(60)",
          str(tmp_path / "state")],
@@ -178,8 +179,8 @@ def test_sigkill_while_holding_the_state_lock_does_not_block_the_next_writer(
     holder.wait()
     store = open_store(tmp_path / "state")
     with store.change() as change:
-        from tabserve.sqlstore import Endpoint
+        from tabserve.store.backends import EndpointRecord
 
-        change.put(Endpoint(name="after", type="model"), archive=b"x")
+        change.put(EndpointRecord(name="after", type="model"), archive=b"x")
     assert "after" in store.snapshot().endpoints
     store.close()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pg import PostgresServer
 
-from tabserve.sqlstore import StoreError, open_store
-from tabserve.sqlstore.transfer import copy_store, read_contents
+from tabserve.store.backends import StoreError, open_store
+from tabserve.store.transfer import copy_store, read_contents
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -70,7 +70,7 @@ def test_a_state_directory_without_an_archive_is_refused(tmp_path: Path) -> None
 
 
 def test_export_of_a_state_directory_store_keeps_its_users(tmp_path: Path) -> None:
-    from tabserve.sqlstore import UserRecord
+    from tabserve.store.backends import UserRecord
 
     source = tmp_path / "src"
     copy_store(str(FIXTURES / "tabpy_state"), str(source), tmp_path / "c1")

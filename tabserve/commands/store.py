@@ -53,9 +53,9 @@ def configured_store(config: str | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tabserve.sqlstore import is_store_url, open_store
-    from tabserve.sqlstore.transfer import copy_store
-    from tabserve.store import ensure_state_dir
+    from tabserve.store.backends import is_store_url, open_store
+    from tabserve.store.state_dir import ensure_state_dir
+    from tabserve.store.transfer import copy_store
 
     config = getattr(args, "config", None)
     with tempfile.TemporaryDirectory(prefix="tabserve-store-") as scratch:
@@ -81,14 +81,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _shown(location: str) -> str:
-    from tabserve.sqlstore import redact
+    from tabserve.store.backends import redact
 
     return redact(location)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tabserve.passwords import PasswordFileError
-    from tabserve.sqlstore import StoreError, StoreUnavailable
+    from tabserve.store.backends import StoreError, StoreUnavailable
+    from tabserve.store.passwords import PasswordFileError
 
     try:
         return _run(args)

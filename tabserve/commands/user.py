@@ -24,6 +24,7 @@ from typing import Any
 
 from tabserve.config import ConfigError
 from tabserve.errors import StoreUnavailable
+from tabserve.store.backends import StoreError
 from tabserve.store.passwords import (
     SCHEMES,
     PasswordFileError,
@@ -35,7 +36,6 @@ from tabserve.store.passwords import (
     update_user,
     validate_username,
 )
-from tabserve.sqlstore import StoreError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -189,8 +189,8 @@ def _run_store(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tabserve.commands.store import configured_store
-    from tabserve.sqlstore import UserRecord, is_store_url, open_store
-    from tabserve.store import ensure_state_dir
+    from tabserve.store.backends import UserRecord, is_store_url, open_store
+    from tabserve.store.state_dir import ensure_state_dir
 
     try:
         name = validate_username(args.username)

@@ -22,7 +22,7 @@ from tornado.web import Application
 from .. import __version__
 from ..config import Settings
 from ..errors import TabserveError
-from ..sqlstore import Store, open_store
+from ..store.backends import Store, open_store
 from ..store.passwords import PasswordEntry
 from ..store.state_dir import ServiceInfo, ensure_state_dir, service_info_from
 from . import openapi
@@ -141,7 +141,7 @@ def banner(
 def store_shown(settings: Settings) -> str:
     """The store as the banner and logs show it (never with its password)."""
     if settings.store:
-        from .sqlstore import redact
+        from ..store.database import redact
 
         return f"store {redact(settings.store)}"
     return f"state {settings.state_path}"

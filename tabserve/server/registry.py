@@ -1,7 +1,7 @@
 """The endpoint registry: what is deployed, at which version, and where its files are.
 
 It keeps the endpoint table in memory and changes it through the store
-(:mod:`tabserve.sqlstore`): the state directory (``state.ini`` in TabPy's format, so a state
+(:mod:`tabserve.store.backends`): the state directory (``state.ini`` in TabPy's format, so a state
 directory written by TabPy loads as it is) or PostgreSQL. Every change runs inside the store's
 exclusive change, on the table as the store holds it then, so that deploys through several
 processes or replicas never overwrite each other: two deploys of one name give two
@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadRequest, NotFound
-from ..sqlstore import Store
-from ..sqlstore.records import FINGERPRINT as _FINGERPRINT
-from ..sqlstore.records import Endpoint as EndpointRecord
 from ..store.archives import ARCHIVE_FILE, python_mismatch
+from ..store.backends import Store
+from ..store.records import FINGERPRINT as _FINGERPRINT
+from ..store.records import EndpointRecord
 
 log = logging.getLogger("tabserve.registry")
 

@@ -22,11 +22,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..files import atomic_write
+from .archives import ARCHIVE_FILE
 from .database import CHANGES_CHANNEL, Database, Tx
+from .files import atomic_write
 from .records import (
-    Endpoint,
     EndpointChange,
+    EndpointRecord,
     Snapshot,
     UserRecord,
     dump_document,
@@ -34,8 +35,6 @@ from .records import (
 )
 
 log = logging.getLogger("tabserve.store")
-
-ARCHIVE_FILE = "pickle_archive"
 
 
 class SqlStore:
@@ -69,11 +68,11 @@ class SqlStore:
             )
         return bytes(rows[0][0]) if rows else None
 
-    def archive_path(self, endpoint: Endpoint) -> Path:
+    def archive_path(self, endpoint: EndpointRecord) -> Path:
         """Where workers read ``endpoint``'s archive (see :meth:`materialize`)."""
         return self.cache / endpoint.name / str(endpoint.version) / ARCHIVE_FILE
 
-    def materialize(self, endpoints: dict[str, Endpoint]) -> list[str]:
+    def materialize(self, endpoints: dict[str, EndpointRecord]) -> list[str]:
         """Write the archive of every model in ``endpoints`` that the cache lacks.
 
         Versions never change once written, so a file present is a file up to date. Returns
@@ -94,7 +93,7 @@ class SqlStore:
             atomic_write(path, data)
         return missing
 
-    def prune_cache(self, endpoints: dict[str, Endpoint]) -> None:
+    def prune_cache(self, endpoints: dict[str, EndpointRecord]) -> None:
         """Drop cached versions that are neither current nor the one before."""
         if not self.cache.is_dir():
             return
@@ -219,7 +218,7 @@ def _bump(tx: Tx) -> int:
     )
 
 
-def _endpoints(tx: Tx) -> dict[str, Endpoint]:
+def _endpoints(tx: Tx) -> dict[str, EndpointRecord]:
     result = {}
     for name, document in tx.execute("SELECT name, document FROM endpoints ORDER BY name"):
         try:

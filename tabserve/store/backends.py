@@ -1,6 +1,6 @@
-"""The durable store: one interface, two backends (the state directory, or PostgreSQL).
+"""The store's interface and how to open one: the state directory, or PostgreSQL.
 
-``TABSERVE_STORE`` unset: :class:`~.statedir.StateDirStore`, TabPy's state directory plus an
+``TABSERVE_STORE`` unset: :class:`~.state_dir.StateDirStore`, TabPy's state directory plus an
 SQLite database beside it. ``postgresql://user:password@host:port/dbname``:
 :class:`~.postgres.PostgresStore`, everything in PostgreSQL, shared by replicas.
 
@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Protocol
 
 from .database import StoreError, StoreUnavailable, redact
-from .records import Endpoint, EndpointChange, Snapshot, UserRecord
+from .records import EndpointChange, EndpointRecord, Snapshot, UserRecord
 
 __all__ = [
-    "Endpoint",
     "EndpointChange",
+    "EndpointRecord",
     "Snapshot",
     "Store",
     "StoreError",
@@ -40,9 +40,9 @@ class Store(Protocol):
     def snapshot(self) -> Snapshot: ...
     def change(self) -> contextlib.AbstractContextManager[EndpointChange]: ...
     def archive(self, name: str, version: int) -> bytes | None: ...
-    def archive_path(self, endpoint: Endpoint) -> Path: ...
-    def materialize(self, endpoints: dict[str, Endpoint]) -> list[str]: ...
-    def prune_cache(self, endpoints: dict[str, Endpoint]) -> None: ...
+    def archive_path(self, endpoint: EndpointRecord) -> Path: ...
+    def materialize(self, endpoints: dict[str, EndpointRecord]) -> list[str]: ...
+    def prune_cache(self, endpoints: dict[str, EndpointRecord]) -> None: ...
     def put_service(self, values: dict[str, str], *, only_missing: bool = False) -> None: ...
     def users(self) -> dict[str, UserRecord]: ...
     def put_user(self, user: UserRecord, *, create: bool | None = None) -> None: ...
@@ -72,6 +72,6 @@ def open_store(location: str | Path, cache: Path | None = None) -> Store:
             f"TABSERVE_STORE: unsupported store {redact(text)!r}; expected a "
             "postgresql://user:password@host:port/dbname URL, or unset for the state directory"
         )
-    from .statedir import StateDirStore
+    from .state_dir import StateDirStore
 
     return StateDirStore(Path(text))

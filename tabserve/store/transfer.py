@@ -15,18 +15,24 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..store import SERVICE_INFO, ensure_state_dir, read_state
-from . import Store, StoreError, is_store_url, open_store
-from .records import Endpoint, UserRecord
-from .sql import ARCHIVE_FILE
-from .statedir import ARCHIVE_DIR, DATABASE_FILE, STATE_FILE, read_endpoints
+from .archives import ARCHIVE_DIR_NAME, ARCHIVE_FILE
+from .backends import Store, StoreError, is_store_url, open_store
+from .records import EndpointRecord, UserRecord
+from .state_dir import (
+    DATABASE_FILE,
+    SERVICE_INFO,
+    STATE_FILE,
+    ensure_state_dir,
+    read_endpoints,
+    read_state,
+)
 
 
 @dataclass
 class Contents:
     """Everything a copy carries."""
 
-    endpoints: dict[str, Endpoint]
+    endpoints: dict[str, EndpointRecord]
     archives: dict[tuple[str, int], bytes]
     users: dict[str, UserRecord]
     service: dict[str, str] = field(default_factory=dict)
@@ -69,13 +75,13 @@ def _read_state_dir(path: Path) -> Contents:
         if endpoint.type != "model":
             continue
         for version in (endpoint.version - 1, endpoint.version):
-            file = path / ARCHIVE_DIR / endpoint.name / str(version) / ARCHIVE_FILE
+            file = path / ARCHIVE_DIR_NAME / endpoint.name / str(version) / ARCHIVE_FILE
             if file.is_file():
                 archives[(endpoint.name, version)] = file.read_bytes()
         if (endpoint.name, endpoint.version) not in archives:
             raise StoreError(
                 f"{path}: endpoint {endpoint.name} version {endpoint.version} has no archive "
-                f"({ARCHIVE_DIR}/{endpoint.name}/{endpoint.version}/{ARCHIVE_FILE})"
+                f"({ARCHIVE_DIR_NAME}/{endpoint.name}/{endpoint.version}/{ARCHIVE_FILE})"
             )
     return Contents(endpoints, archives, _read_users_read_only(path / DATABASE_FILE), service)
 
@@ -98,7 +104,7 @@ def _read_users_read_only(database: Path) -> dict[str, UserRecord]:
 
 def users_from_password_file(path: Path) -> dict[str, UserRecord]:
     """Users of a TabPy password file, hashes as they are (no password is ever needed)."""
-    from ..passwords import read_password_file
+    from .passwords import read_password_file
 
     return {
         entry.username: UserRecord(entry.username, entry.hash, entry.permissions)

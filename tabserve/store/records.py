@@ -29,7 +29,7 @@ FINGERPRINT = ("python_version", "cloudpickle_version", "signature")
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class EndpointRecord:
     """One deployed endpoint's metadata (not its code)."""
 
     name: str
@@ -55,7 +55,7 @@ class Endpoint:
         return data
 
 
-def endpoint_document(endpoint: Endpoint) -> dict[str, Any]:
+def endpoint_document(endpoint: EndpointRecord) -> dict[str, Any]:
     """The JSON object state.ini holds for ``endpoint`` (without its docstring)."""
     stored = asdict(endpoint)
     line = {key: stored[key] for key in STORED}
@@ -63,7 +63,7 @@ def endpoint_document(endpoint: Endpoint) -> dict[str, Any]:
     return line
 
 
-def endpoint_from_document(name: str, data: dict[str, Any], docstring: str) -> Endpoint:
+def endpoint_from_document(name: str, data: dict[str, Any], docstring: str) -> EndpointRecord:
     """Rebuild an endpoint from its JSON object; raises ValueError or TypeError if it is bad."""
     if not isinstance(data, dict):
         raise TypeError(f"expected a JSON object, got {type(data).__name__}")
@@ -72,17 +72,17 @@ def endpoint_from_document(name: str, data: dict[str, Any], docstring: str) -> E
     known.setdefault("type", "model")
     known["dependencies"] = list(known.get("dependencies") or [])
     known["version"] = int(known.get("version") or 1)
-    return Endpoint(name=name, **known)
+    return EndpointRecord(name=name, **known)
 
 
-def dump_document(endpoint: Endpoint) -> str:
+def dump_document(endpoint: EndpointRecord) -> str:
     """The ``document`` column of the SQL backends: state.ini's line plus the docstring."""
     return json.dumps(
         {**endpoint_document(endpoint), "docstring": endpoint.docstring}, ensure_ascii=False
     )
 
 
-def load_document(name: str, text: str) -> Endpoint:
+def load_document(name: str, text: str) -> EndpointRecord:
     data = json.loads(text)
     docstring = data.pop("docstring", "") if isinstance(data, dict) else ""
     return endpoint_from_document(name, data, docstring if isinstance(docstring, str) else "")
@@ -102,7 +102,7 @@ class Snapshot:
     """Everything a replica serves from, read in one go."""
 
     generation: int
-    endpoints: dict[str, Endpoint]
+    endpoints: dict[str, EndpointRecord]
     service: dict[str, str] = field(default_factory=dict)  # [Service Info] keys and values
 
 
@@ -115,13 +115,13 @@ class EndpointChange:
     it lets the next writer read.
     """
 
-    def __init__(self, endpoints: dict[str, Endpoint]) -> None:
+    def __init__(self, endpoints: dict[str, EndpointRecord]) -> None:
         self.before = dict(endpoints)
         self.endpoints = dict(endpoints)
         self.archives: dict[tuple[str, int], bytes] = {}
         self.deleted: set[str] = set()
 
-    def put(self, endpoint: Endpoint, archive: bytes | None = None) -> None:
+    def put(self, endpoint: EndpointRecord, archive: bytes | None = None) -> None:
         """Record ``endpoint``; ``archive`` is its version's pickle_archive when it is new."""
         self.endpoints[endpoint.name] = endpoint
         self.deleted.discard(endpoint.name)
