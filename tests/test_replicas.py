@@ -32,7 +32,7 @@ import requests
 from pg import PostgresServer
 from tabpy.tabpy_tools.client import Client
 
-from helpers import Server, free_port
+from conftest import Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = ("admin", "replicas-admin-pass")

@@ -225,7 +225,7 @@ def test_the_tabpy_state_directory_loads(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_postgresql_is_unavailable(tmp_path: Path) -> None:
-    from helpers import free_port
+    from conftest import free_port
 
     url = f"postgresql://u:hunter2@127.0.0.1:{free_port()}/db"
     store = open_store(url, cache=tmp_path)

@@ -86,7 +86,7 @@ def test_a_bad_store_url_is_refused_without_showing_its_password(
 def test_an_unreachable_store_is_one_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from helpers import free_port
+    from conftest import free_port
 
     url = f"postgresql://u:hunter2@127.0.0.1:{free_port()}/db"
     assert main(["store", "migrate", "--store", url]) == 1
