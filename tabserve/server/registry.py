@@ -86,7 +86,7 @@ class EndpointRegistry:
         try:
             return self._endpoints[name]
         except KeyError:
-            raise NotFound("Unknown endpoint", f"EndpointRecord {name} is not found") from None
+            raise NotFound("Unknown endpoint", f"Endpoint {name} is not found") from None
 
     def archive_path(self, endpoint: EndpointRecord) -> Path:
         return self.store.archive_path(endpoint)
@@ -99,7 +99,7 @@ class EndpointRegistry:
             seen.add(endpoint.name)
             endpoint = self._endpoints.get(endpoint.target or "")
         if endpoint is None or endpoint.type != "model":
-            raise NotFound("UnknownURI", f"EndpointRecord '{name}' does not exist")
+            raise NotFound("UnknownURI", f"Endpoint '{name}' does not exist")
         return endpoint
 
     # -- changing --------------------------------------------------------------------------
