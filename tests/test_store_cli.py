@@ -92,3 +92,25 @@ def test_an_unreachable_store_is_one_line(
     assert main(["store", "migrate", "--store", url]) == 1
     err = capsys.readouterr().err
     assert "unavailable" in err and "hunter2" not in err and len(err.splitlines()) == 1
+
+
+def test_a_server_whose_store_is_unreachable_does_not_start(tmp_path: Path) -> None:
+    """One line naming the store (without its password), exit 1: nothing to serve."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    url = f"postgresql://u:hunter2@127.0.0.1:{free_port()}/db"
+    result = subprocess.run(
+        [sys.executable, "-m", "tabserve"],
+        env={**os.environ, "TABSERVE_STORE": url, "TABPY_PORT": "0",
+             "TABPY_STATE_PATH": str(tmp_path / "cache"), "TABSERVE_WORKERS": "1",
+             "TABSERVE_WORKER_USER": "root"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tabserve: cannot start: The store is unavailable")
+    assert "127.0.0.1" in last and "hunter2" not in result.stderr
