@@ -5,7 +5,8 @@ FROM python:3.12-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY tabserve ./tabserve
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The postgresql extra: the same image runs alone (state directory) or as a replica.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgresql]"
 
 FROM python:3.12-slim
 RUN useradd --system --uid 10001 --home-dir /var/lib/tabserve --create-home tabserve

@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, tuple[str, str]] = {
     "user": (
         "tabserve.commands.user",
-        "add, update or delete a user in a password file (TABPY_PWD_FILE)",
+        "add, update or delete a user in a password file (TABPY_PWD_FILE) or a store",
+    ),
+    "store": (
+        "tabserve.commands.store",
+        "migrate the store's schema; import a TabPy state directory into a store; export",
     ),
     "doctor": (
         "tabserve.commands.doctor",
@@ -80,8 +84,10 @@ def run_server(config: str | None) -> int:
             file=sys.stderr,
         )
         return 2
+    from .errors import StoreUnavailable
     from .server.flight import FlightStartError
     from .server.tls import TLSConfigError
+    from .store.database import StoreError
     from .store.passwords import PasswordFileError
     from .store.state_dir import StateError
 
@@ -90,8 +96,13 @@ def run_server(config: str | None) -> int:
     except ConfigError as exc:  # found only when resolved, e.g. an unknown worker user
         print(f"tabserve: {exc}", file=sys.stderr)
         return 2
-    except (OSError, PasswordFileError, TLSConfigError, StateError, FlightStartError) as exc:
+    except (
+        OSError, PasswordFileError, TLSConfigError, StateError, FlightStartError, StoreError
+    ) as exc:  # fmt: skip
         print(f"tabserve: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except StoreUnavailable as exc:  # a replica with nothing to serve: the orchestrator retries
+        print(f"tabserve: cannot start: {exc.message}: {exc.info}", file=sys.stderr)
         return 1
     return 0
 

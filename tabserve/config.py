@@ -115,6 +115,23 @@ def _parse_path_list(raw: str) -> tuple[Path, ...]:
     return tuple(_parse_path(item) for item in raw.split(",") if item.strip())
 
 
+def _parse_store(raw: str) -> str:
+    value = raw.strip()
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError(
+            "expected a postgresql://user:password@host:port/dbname URL, or unset for the "
+            "state directory"
+        )
+    return value
+
+
+def _parse_users(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("file", "store"):
+        raise ValueError("expected file or store")
+    return value
+
+
 def _parse_log_format(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("text", "json"):
@@ -131,6 +148,7 @@ class Setting:
     parse: Callable[[str], Any]
     help: str
     default_doc: str
+    secret: bool = False  # its value may hold a password: never shown in messages
 
 
 def setting(
@@ -141,9 +159,10 @@ def setting(
     *,
     factory: Callable[[], Any] | None = None,
     doc: str = "",
+    secret: bool = False,
 ) -> Any:
     """Declare a Settings field together with its config key, parser and help text."""
-    meta = {"key": key, "parse": parse, "help": help, "doc": doc}
+    meta = {"key": key, "parse": parse, "help": help, "doc": doc, "secret": secret}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -435,6 +454,40 @@ class Settings:
         "Whether `/metrics` needs credentials when authentication is on.",
         True,
     )
+    store: str = setting(
+        "TABSERVE_STORE",
+        _parse_store,
+        "Where endpoints, users and (later) jobs are kept. Unset: the state directory "
+        "(`state.ini` and `query_objects/` as TabPy writes them, plus `tabserve.db`). "
+        "`postgresql://user:password@host:port/dbname`: everything in PostgreSQL, shared by "
+        "replicas; `TABPY_STATE_PATH` then only caches archives. See docs/scaling.md.",
+        "",
+        doc="unset (the state directory)",
+        secret=True,
+    )
+    store_migrate: bool = setting(
+        "TABSERVE_STORE_MIGRATE",
+        _parse_bool,
+        "Apply the store's missing schema migrations at start; when false, a store that "
+        "needs them stops the start (run `tabserve store migrate`).",
+        True,
+    )
+    users: str = setting(
+        "TABSERVE_USERS",
+        _parse_users,
+        "Where users come from: `file` (the password file `TABPY_PWD_FILE`; no file, no "
+        "authentication) or `store` (authentication on, users managed with `tabserve user "
+        "--store`).",
+        "file",
+    )
+    upload_path: Path | None = setting(
+        "TABSERVE_UPLOAD_PATH",
+        _parse_optional_path,
+        "Directory TabPy's client writes endpoint files to before deploying (the upload "
+        "destination). Replicas behind one load balancer must all name the same shared "
+        "directory for TabPy-client deploys; tabserve's client needs none.",
+        doc="`<state path>/staging`",
+    )
     shutdown_grace: float = setting(
         "TABSERVE_SHUTDOWN_GRACE",
         _parse_non_negative_float,
@@ -453,7 +506,12 @@ class Settings:
 
     @property
     def auth_enabled(self) -> bool:
-        return self.password_file is not None
+        return self.password_file is not None or self.users == "store"
+
+    @property
+    def staging_path(self) -> Path:
+        """Where TabPy's client writes endpoint files (``TABSERVE_UPLOAD_PATH``)."""
+        return self.upload_path or self.state_path / "staging"
 
     @property
     def loopback_only(self) -> bool:
@@ -470,7 +528,9 @@ def declared_settings() -> tuple[Setting, ...]:
             default_doc = meta["doc"] or f"`{_show(f.default)}`"
         else:
             default_doc = meta["doc"]
-        result.append(Setting(meta["key"], f.name, meta["parse"], meta["help"], default_doc))
+        result.append(
+            Setting(meta["key"], f.name, meta["parse"], meta["help"], default_doc, meta["secret"])
+        )
     return tuple(result)
 
 
@@ -518,8 +578,9 @@ def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str
             value = setting.parse(raw)
         except ValueError as exc:
             detail = str(exc) if not str(exc).startswith("invalid literal") else "wrong type"
+            shown = "<hidden>" if setting.secret else repr(raw)
             raise ConfigError(
-                f"invalid value for {setting.key} in the {source}: {raw!r} ({detail})"
+                f"invalid value for {setting.key} in the {source}: {shown} ({detail})"
             ) from None
         values[setting.attr] = value
     settings = Settings(**values)
@@ -550,6 +611,11 @@ def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
                 "on the Arrow Flight port (gRPC always accepts TLS 1.2); use TLSv1_2 or set "
                 "TABPY_ARROW_ENABLE = false"
             )
+    if settings.users == "store" and settings.password_file is not None:
+        raise ConfigError(
+            "TABSERVE_USERS = store and TABPY_PWD_FILE are both set: users come from one "
+            "place; unset one of them"
+        )
     if "worker_cpu_seconds" not in given:
         settings = replace(settings, worker_cpu_seconds=int(2 * settings.evaluate_timeout) + 10)
     if "worker_memory_mb" not in given:

@@ -22,7 +22,8 @@ responses.
     │   └── WorkerDied
     ├── Overloaded (503)
     ├── SandboxUnavailable (503)
-    └── FlightUnavailable (503)
+    ├── FlightUnavailable (503)
+    └── StoreUnavailable (503)
 
 This module imports nothing from tabserve, so the client and the worker can use it.
 """
@@ -208,6 +209,18 @@ class FlightUnavailable(TabserveError):
 
     status = 503
     default_message = "The Arrow Flight server is not available"
+
+
+class StoreUnavailable(TabserveError):
+    """The store (PostgreSQL) cannot be reached just now: changes are refused, while what is
+    loaded keeps serving. Waiting is the fix, hence Retry-After."""
+
+    status = 503
+    default_message = "The store is unavailable: changes cannot be saved now; retry shortly"
+    retry_after = 5
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 _BY_STATUS: dict[int, type[TabserveError]] = {

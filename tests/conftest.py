@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pg import postgres  # noqa: F401  (a session fixture: a real PostgreSQL server)
 
 from helpers import AppFactory, InProcessServer, Server, ServerFactory
 

@@ -22,7 +22,7 @@ def test_ready_lists_every_check_when_ready(app: InProcessServer) -> None:
     document = response.json()
     assert document["status"] == "ready"
     checks = {check["name"]: check for check in document["checks"]}
-    assert list(checks) == ["state", "workers", "sandbox", "accepting"]
+    assert list(checks) == ["store", "workers", "sandbox", "accepting"]
     assert all(check["ok"] for check in checks.values())
     assert checks["workers"]["detail"] == "2 of 2 workers alive"
 
@@ -39,7 +39,7 @@ def test_ready_is_503_with_the_reason_when_state_is_gone(app_factory: AppFactory
         document = response.json()
         assert document["status"] == "not ready"
         failed = [check for check in document["checks"] if not check["ok"]]
-        assert [check["name"] for check in failed] == ["state"]
+        assert [check["name"] for check in failed] == ["store"]
         assert "state.ini is missing" in failed[0]["detail"]
         # Liveness is unaffected: restarting the process would not bring the file back.
         assert server.get("/health/live").status_code == 200

@@ -1,4 +1,6 @@
-"""The endpoint registry on its own: state.ini format, atomic writes, versions, aliases."""
+"""The endpoint registry on its own: versions, aliases, bad requests, on both stores (the
+state directory and PostgreSQL); then the state directory's own: state.ini's format and
+atomic writes."""
 
 from __future__ import annotations
 
@@ -9,11 +11,15 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from pg import PostgresServer
 
 from tabserve.errors import BadRequest, NotFound
 from tabserve.server.registry import EndpointRegistry
+from tabserve.store.backends import open_store
 from tabserve.store.state_dir import ensure_state_dir
 from tabserve.worker.unpickling import load_archive
+
+_databases = iter(range(10**6))
 
 
 def double(x: list[int]) -> list[int]:
@@ -24,22 +30,53 @@ def archive_of(obj: object) -> str:
     return base64.b64encode(cloudpickle.dumps(obj)).decode()
 
 
+def open_registry(location: str | Path, tmp_path: Path, cache: str = "cache") -> EndpointRegistry:
+    """A registry on the store at ``location``, loaded (as a server does at start)."""
+    store = open_store(location, cache=tmp_path / cache)
+    store.migrate()
+    registry = EndpointRegistry(store, tmp_path / "staging")
+    registry.refresh()
+    return registry
+
+
+@pytest.fixture(params=["statedir", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "statedir":
+        ensure_state_dir(tmp_path / "state")
+        return str(tmp_path / "state")
+    pg: PostgresServer = request.getfixturevalue("postgres")
+    return pg.fresh_database(f"registry{next(_databases)}")
+
+
 @pytest.fixture
-def registry(tmp_path: Path) -> EndpointRegistry:
-    ensure_state_dir(tmp_path)
-    return EndpointRegistry(tmp_path)
+def registry(location: str, tmp_path: Path) -> EndpointRegistry:
+    return open_registry(location, tmp_path)
+
+
+@pytest.fixture
+def state_registry(tmp_path: Path) -> EndpointRegistry:
+    """The state directory's registry, for what only it has (state.ini)."""
+    ensure_state_dir(tmp_path / "state")
+    return open_registry(tmp_path / "state", tmp_path)
+
+
+def reopened(registry: EndpointRegistry, tmp_path: Path) -> EndpointRegistry:
+    """Another registry on the same store, as another process or replica would have."""
+    location = getattr(registry.store, "path", None) or registry.store.db.url  # type: ignore[attr-defined]
+    return open_registry(location, tmp_path, cache="cache-reopened")
 
 
 def model(name: str = "double", **extra: object) -> dict[str, object]:
     return {"name": name, "type": "model", "archive": archive_of(double), **extra}
 
 
-def test_add_writes_tabpy_format_and_the_archive(registry: EndpointRegistry) -> None:
+def test_add_writes_tabpy_format_and_the_archive(state_registry: EndpointRegistry) -> None:
+    registry = state_registry
     endpoint, archive = registry.add(model(description="twice", schema={"x": "list"}))
     assert endpoint.version == 1
-    assert archive == registry.archive_dir / "double" / "1" / "pickle_archive"
+    assert archive == registry.store.archives / "double" / "1" / "pickle_archive"  # type: ignore[attr-defined]
     assert load_archive(archive)([1, 2]) == [2, 4]
-    text = registry.state_file.read_text()
+    text = registry.store.state_file.read_text()  # type: ignore[attr-defined]
     assert "[Query Objects Service Versions]" in text and "[Query Objects Docstrings]" in text
     line = json.loads(text.split("double = ", 1)[1].splitlines()[0])
     assert list(line)[:9] == [
@@ -50,19 +87,19 @@ def test_add_writes_tabpy_format_and_the_archive(registry: EndpointRegistry) -> 
 
 
 def test_docstring_with_percent_unicode_and_newlines_round_trips(
-    registry: EndpointRegistry,
+    registry: EndpointRegistry, tmp_path: Path
 ) -> None:
     docstring = 'Squares – naïve résumé 100%\n    indented line\n\n"quoted" \\n literal %(x)s'
     registry.add(model(docstring=docstring, description="50% off"))
-    reloaded = EndpointRegistry(registry.state_file.parent)
+    reloaded = reopened(registry, tmp_path)
     assert reloaded.get("double").docstring == docstring
     assert reloaded.get("double").description == "50% off"
 
 
-def test_state_survives_reload(registry: EndpointRegistry) -> None:
+def test_state_survives_reload(registry: EndpointRegistry, tmp_path: Path) -> None:
     registry.add(model())
     registry.add({"name": "twice", "type": "alias", "target": "double"})
-    reloaded = EndpointRegistry(registry.state_file.parent)
+    reloaded = reopened(registry, tmp_path)
     assert set(reloaded.all()) == {"double", "twice"}
     assert reloaded.resolve("twice").name == "double"
 
@@ -72,12 +109,13 @@ def test_new_versions_keep_only_current_and_previous(registry: EndpointRegistry)
     for _ in range(3):
         registry.update("double", {"should_update_version": True, "archive": archive_of(double)})
     assert registry.get("double").version == 4
-    assert sorted(p.name for p in (registry.archive_dir / "double").iterdir()) == ["3", "4"]
+    kept = [v for v in (1, 2, 3, 4) if registry.store.archive("double", v) is not None]
+    assert kept == [3, 4]
 
 
 def test_metadata_update_keeps_fields_not_sent(registry: EndpointRegistry) -> None:
     registry.add(model(schema={"in": 1}, is_public=True, description="d"))
-    endpoint, archive = registry.update("double", {"description": "new"})
+    _, endpoint, archive = registry.update("double", {"description": "new"})
     assert archive is None
     assert endpoint.version == 1
     assert (endpoint.description, endpoint.schema, endpoint.is_public) == ("new", {"in": 1}, True)
@@ -105,11 +143,11 @@ def test_metadata_update_keeps_fields_not_sent(registry: EndpointRegistry) -> No
 def test_bad_requests_are_refused_and_change_nothing(
     registry: EndpointRegistry, request_body: dict[str, object], message: str
 ) -> None:
-    before = registry.state_file.read_bytes()
+    before = registry.store.snapshot()
     with pytest.raises(BadRequest) as caught:
         registry.add(request_body)
     assert message in str(caught.value)
-    assert registry.state_file.read_bytes() == before
+    assert registry.store.snapshot() == before
     assert registry.all() == {}
 
 
@@ -131,7 +169,7 @@ def test_delete_refuses_while_an_alias_depends_on_it(registry: EndpointRegistry)
     registry.delete("twice")
     registry.delete("double")
     assert registry.all() == {}
-    assert not (registry.archive_dir / "double").exists()
+    assert registry.store.archive("double", 1) is None
 
 
 def test_alias_cycles_are_refused(registry: EndpointRegistry) -> None:
@@ -153,10 +191,12 @@ def test_staged_src_path_is_copied_then_cleaned(registry: EndpointRegistry) -> N
 
 
 def test_write_is_atomic_when_the_disk_write_fails(
-    registry: EndpointRegistry, monkeypatch: pytest.MonkeyPatch
+    state_registry: EndpointRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    registry = state_registry
+    state_file = registry.store.state_file  # type: ignore[attr-defined]
     registry.add(model())
-    before = registry.state_file.read_bytes()
+    before = state_file.read_bytes()
 
     def fail(fd: int) -> None:
         raise OSError("disk full")
@@ -165,38 +205,43 @@ def test_write_is_atomic_when_the_disk_write_fails(
     with pytest.raises(OSError, match="disk full"):
         registry.add(model("other"))
     monkeypatch.undo()
-    assert registry.state_file.read_bytes() == before
-    assert [p.name for p in registry.state_file.parent.iterdir() if p.name.endswith(".tmp")] == []
-    assert set(EndpointRegistry(registry.state_file.parent).all()) == {"double"}
+    assert state_file.read_bytes() == before
+    assert [p.name for p in state_file.parent.iterdir() if p.name.endswith(".tmp")] == []
+    assert set(reopened(registry, tmp_path).all()) == {"double"}
 
 
-def test_percent_in_service_info_survives_a_rewrite(registry: EndpointRegistry) -> None:
-    text = registry.state_file.read_text().replace("Description =", "Description = 100% up")
-    registry.state_file.write_text(text)
+def test_percent_in_service_info_survives_a_rewrite(state_registry: EndpointRegistry) -> None:
+    state_file = state_registry.store.state_file  # type: ignore[attr-defined]
+    text = state_file.read_text().replace("Description =", "Description = 100% up")
+    state_file.write_text(text)
+    state_registry.add(model())
+    assert "Description = 100% up" in state_file.read_text()
+
+
+def test_a_hand_edited_nonsense_entry_is_skipped(
+    state_registry: EndpointRegistry, tmp_path: Path
+) -> None:
+    registry = state_registry
+    state_file = registry.store.state_file  # type: ignore[attr-defined]
     registry.add(model())
-    assert "Description = 100% up" in registry.state_file.read_text()
-
-
-def test_a_hand_edited_nonsense_entry_is_skipped(registry: EndpointRegistry) -> None:
-    registry.add(model())
-    text = registry.state_file.read_text().replace(
+    text = state_file.read_text().replace(
         "[Query Objects Service Versions]\n",
         '[Query Objects Service Versions]\nbroken = {"version": "two", "type": "model"}\n'
         'odd = {"version": 1, "colour": "red"}\n',
     )
-    registry.state_file.write_text(text)
-    reloaded = EndpointRegistry(registry.state_file.parent)
+    state_file.write_text(text)
+    reloaded = reopened(registry, tmp_path)
     assert set(reloaded.all()) == {"double", "odd"}  # unknown keys are ignored, bad values not
 
 
 def test_src_path_must_be_an_upload_directory_holding_a_real_file(
-    registry: EndpointRegistry,
+    registry: EndpointRegistry, tmp_path: Path
 ) -> None:
     (registry.staging / "endpoints" / "x" / "1").mkdir(parents=True)
     for src in (registry.staging, registry.staging / "endpoints"):
         with pytest.raises(BadRequest, match="Invalid source path"):
             registry.add({"name": "x", "type": "model", "src_path": str(src)})
-    secret = registry.state_file.parent / "secret.bin"
+    secret = tmp_path / "secret.bin"
     secret.write_bytes(cloudpickle.dumps(double))
     (registry.staging / "endpoints" / "x" / "1" / "pickle_archive").symlink_to(secret)
     with pytest.raises(BadRequest, match="Invalid source path"):
@@ -207,3 +252,51 @@ def test_src_path_must_be_an_upload_directory_holding_a_real_file(
                 "src_path": str(registry.staging / "endpoints" / "x" / "1"),
             }
         )
+
+
+def test_two_registries_deploying_one_name_get_consecutive_versions(
+    registry: EndpointRegistry, tmp_path: Path
+) -> None:
+    """Two processes (or replicas) update one endpoint at once: no update is lost."""
+    import threading
+
+    registry.add(model())
+    other = reopened(registry, tmp_path)
+    got: list[int] = []
+
+    def bump(which: EndpointRegistry) -> None:
+        for _ in range(4):
+            _, endpoint, _ = which.update(
+                "double", {"should_update_version": True, "archive": archive_of(double)}
+            )
+            got.append(endpoint.version)
+
+    threads = [threading.Thread(target=bump, args=(r,)) for r in (registry, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(got) == list(range(2, 10))
+    registry.refresh()
+    other.refresh()
+    assert registry.get("double").version == other.get("double").version == 9
+
+
+def test_a_failed_load_is_undone_unless_a_newer_deploy_came_first(
+    registry: EndpointRegistry, tmp_path: Path
+) -> None:
+    registry.add(model())
+    previous, bad, _ = registry.update(
+        "double", {"should_update_version": True, "archive": archive_of(double)}
+    )
+    registry.discard_version(bad, previous)
+    assert registry.get("double").version == 1
+    assert reopened(registry, tmp_path).get("double").version == 1
+    # Another replica deployed version 2 again before this one's undo: it stays.
+    previous, mine, _ = registry.update(
+        "double", {"should_update_version": True, "archive": archive_of(double)}
+    )
+    other = reopened(registry, tmp_path)
+    other.update("double", {"should_update_version": True, "archive": archive_of(double)})
+    registry.discard_version(mine, previous)
+    assert reopened(registry, tmp_path).get("double").version == 3

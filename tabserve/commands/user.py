@@ -20,15 +20,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
+from tabserve.config import ConfigError
+from tabserve.errors import StoreUnavailable
+from tabserve.store.backends import StoreError
 from tabserve.store.passwords import (
     SCHEMES,
     PasswordFileError,
     add_user,
     delete_user,
     generate_password,
+    hash_password,
     parse_permissions,
     update_user,
+    validate_username,
 )
 
 EXIT_OK = 0
@@ -45,8 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``add``/``update``/``delete`` actions and their options to ``parser``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-u", "--username", required=True, help="user name (case-insensitive)")
+    where = common.add_mutually_exclusive_group(required=True)
+    where.add_argument("-f", "--pwd-file", metavar="FILE", help="password file (TABPY_PWD_FILE)")
+    where.add_argument(
+        "--store",
+        nargs="?",
+        const="",
+        metavar="STORE",
+        help="edit the users of a store instead (TABSERVE_USERS = store): a postgresql:// URL "
+        "or a state directory; without a value, the configured store",
+    )
     common.add_argument(
-        "-f", "--pwd-file", required=True, metavar="FILE", help="password file (TABPY_PWD_FILE)"
+        "--config", metavar="FILE", default=argparse.SUPPRESS, help="TabPy-format config file"
     )
 
     secret = argparse.ArgumentParser(add_help=False)
@@ -125,6 +141,8 @@ def _describe(permissions: frozenset[str] | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.store is not None:
+        return _run_store(args)
     name = args.username.lower()
     path = args.pwd_file
     if args.action == "delete":
@@ -165,6 +183,66 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_store(args: argparse.Namespace) -> int:
+    """The same actions against a store's users table (the hashes are the file's)."""
+    import tempfile
+    from pathlib import Path
+
+    from tabserve.commands.store import configured_store
+    from tabserve.store.backends import UserRecord, is_store_url, open_store
+    from tabserve.store.state_dir import ensure_state_dir
+
+    try:
+        name = validate_username(args.username)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    location = args.store or configured_store(getattr(args, "config", None))
+    if not is_store_url(location):
+        ensure_state_dir(Path(location))
+    with tempfile.TemporaryDirectory(prefix="tabserve-user-") as cache:
+        store = open_store(location, cache=Path(cache))
+        try:
+            store.migrate()
+            return _edit_store(args, store, name, UserRecord)
+        finally:
+            store.close()
+
+
+def _edit_store(args: argparse.Namespace, store: Any, name: str, record: Any) -> int:
+    try:
+        if args.action == "delete":
+            store.delete_user(name)
+            print(f"Deleted user '{name}' from {store.shown}.")
+            return EXIT_OK
+        password, generated = _password(args)
+        if args.action == "add":
+            permissions = _permissions(args.permissions)
+            if not password:
+                raise _UsageError("password is empty")
+            store.put_user(
+                record(name, hash_password(name, password, args.scheme), permissions), create=True
+            )
+        else:
+            current = store.users().get(name)
+            if current is None:
+                raise KeyError(f"user {name} does not exist")
+            permissions = (
+                current.permissions if args.permissions is None else _permissions(args.permissions)
+            )
+            hashed = current.password_hash if password is None else hash_password(
+                name, password, args.scheme
+            )  # fmt: skip
+            store.put_user(record(name, hashed, permissions), create=False)
+    except KeyError as exc:
+        print(f"tabserve user: error: {exc.args[0]}", file=sys.stderr)
+        return EXIT_ERROR
+    verb = "Added" if args.action == "add" else "Updated"
+    print(f"{verb} user '{name}' in {store.shown} (permissions: {_describe(permissions)}).")
+    if generated:
+        print(f"Generated password for '{name}': {password}")
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace) -> int:
     """Carry out the parsed command; return the process exit code."""
     try:
@@ -173,6 +251,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"tabserve user: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except PasswordFileError as exc:
+        print(f"tabserve user: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (StoreError, StoreUnavailable, ConfigError) as exc:
         print(f"tabserve user: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:

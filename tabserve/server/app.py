@@ -10,8 +10,9 @@ import signal
 import socket
 import ssl
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
 from tornado.httpserver import HTTPServer
@@ -20,7 +21,10 @@ from tornado.web import Application
 
 from .. import __version__
 from ..config import Settings
-from ..store.state_dir import ServiceInfo, ensure_state_dir, read_state, service_info
+from ..errors import TabserveError
+from ..store.backends import Store, open_store
+from ..store.passwords import PasswordEntry
+from ..store.state_dir import ServiceInfo, ensure_state_dir, service_info_from
 from . import openapi
 from .auth import Authenticator
 from .endpoints import EndpointService
@@ -83,9 +87,9 @@ class Services:
     async def close(self) -> None:
         """Stop what the services run beside the pool (the pool is closed by its owner)."""
         if self.flight is not None:
-            await self.flight.close()
+            await self.flight.close()  # after the drain: requests in flight may still need it
         self.auth.close()
-        await self.endpoints.close()
+        await self.endpoints.close()  # closes the store too
 
 
 # Tornado's own cap on bodies; the real limit is TABPY_MAX_REQUEST_SIZE_MB, applied by the
@@ -130,7 +134,7 @@ def banner(
         f"tabserve {__version__} listening on {scheme}://{shown}:{port}\n"
         f"  bind {host}:{port} | TLS {on(settings.tls_enabled)} | "
         f"auth {on(settings.auth_enabled)} | evaluate {on(settings.evaluate_enabled)} | "
-        f"{settings.workers} workers | state {settings.state_path}"
+        f"{settings.workers} workers | {store_shown(settings)}"
     )
     if sandbox is not None:
         text += f"\n  sandbox {sandbox.mode} | self-check {sandbox.info()['self_check']}"
@@ -141,8 +145,66 @@ def banner(
     return text
 
 
-def load_authenticator(settings: Settings, realm: str) -> Authenticator:
-    """Read the password file (raises ``PasswordFileError``); auth is off without one."""
+def store_shown(settings: Settings) -> str:
+    """The store as the banner and logs show it (never with its password)."""
+    if settings.store:
+        from ..store.database import redact
+
+        return f"store {redact(settings.store)}"
+    return f"state {settings.state_path}"
+
+
+def open_configured_store(settings: Settings) -> Store:
+    """Open the store, and migrate it or check its schema (blocking: run in a thread).
+
+    Raises ``StoreError`` (wrong schema version) or ``StoreUnavailable`` (cannot connect):
+    a replica with nothing to serve does not start.
+    """
+    if settings.store:
+        settings.state_path.mkdir(parents=True, exist_ok=True)  # the archive cache only
+    else:
+        ensure_state_dir(settings.state_path)
+    location = settings.store or settings.state_path
+    store = open_store(location, cache=settings.state_path / "query_objects")
+    try:
+        if settings.store_migrate:
+            store.migrate()
+        else:
+            database = getattr(store, "db", None) or store.sql.db  # type: ignore[attr-defined]
+            database.require_current()
+        if settings.store:
+            # A new database gets the service info a new state.ini would have.
+            store.put_service(
+                {"Name": "tabserve", "Description": "", "Creation Time": str(int(time.time()))},
+                only_missing=True,
+            )
+    except BaseException:
+        store.close()
+        raise
+    log.info("store: %s", store.shown)
+    return store
+
+
+def store_entries(store: Store) -> dict[str, PasswordEntry]:
+    """The store's users as password-file entries (blocking)."""
+    return {
+        name: PasswordEntry(name, user.password_hash, user.permissions)
+        for name, user in store.users().items()
+    }
+
+
+def load_authenticator(settings: Settings, realm: str, store: Store) -> Authenticator:
+    """Users from the store, or the password file (raises ``PasswordFileError``); auth is
+    off with neither."""
+    if settings.users == "store":
+        auth = Authenticator.from_entries(
+            store_entries(store), realm=realm, max_delay=settings.auth_max_delay
+        )
+        log.info(
+            "Authentication on: %d user(s) in the store (followed as it changes)",
+            auth.user_count,
+        )
+        return auth
     auth = Authenticator.from_file(
         settings.password_file, realm=realm, max_delay=settings.auth_max_delay
     )
@@ -187,16 +249,21 @@ def readiness_checks(
     readiness: Readiness,
     executor: Executor,
     requests: RequestTracker,
-    state_file: Path,
+    store: Store,
     sandbox: SandboxReport,
+    shared: bool,
 ) -> None:
-    """The built-in checks; other services may add theirs."""
+    """The built-in checks; other services may add theirs. ``shared``: the store is a
+    database shared by replicas (not the state directory)."""
 
-    def state() -> Verdict:
-        # Loaded before the server listened; this catches the volume going away underneath.
-        if not state_file.is_file():
-            return False, f"{state_file} is missing"
-        return True, "state.ini loaded"
+    def store_check() -> Verdict:
+        ok, detail = store.health()
+        if ok or not shared:
+            # The state directory: gone from underneath (a lost volume) means not ready.
+            return ok, detail
+        # PostgreSQL unreachable: every replica loses it at once, and each can still answer
+        # what it has loaded; failing readiness would turn that into a full outage.
+        return True, f"{detail}: serving what is loaded, changes refused"
 
     def workers() -> Verdict:
         alive, wanted = executor.alive, executor.config.workers
@@ -207,7 +274,7 @@ def readiness_checks(
             return False, "shutting down"
         return True, "accepting requests"
 
-    readiness.add("state", state)
+    readiness.add("store", store_check)
     readiness.add("workers", workers)
     readiness.add("sandbox", sandbox.readiness)  # the start-up self-check's verdict
     readiness.add("accepting", accepting)
@@ -218,37 +285,42 @@ async def build_services(
 ) -> Services:
     """Everything the handlers use, around a started pool and its sandbox report.
 
-    Reads the state directory and the password file (raising ``StateError`` or
-    ``PasswordFileError``), starts checking the deployed endpoints in the background and,
-    with ``TABPY_ARROW_ENABLE``, starts the Arrow Flight service.
+    Opens the configured store (raising ``StoreUnavailable`` or ``StateError``), starts
+    checking the deployed endpoints in the background, loads the users (raising
+    ``PasswordFileError``) and, with ``TABPY_ARROW_ENABLE``, starts the Arrow Flight service.
+    ``Services.close`` stops all of it, the store included.
     """
-    state_file = ensure_state_dir(settings.state_path)
-    service = service_info(read_state(state_file))
-    auth = load_authenticator(settings, service.name)
-    endpoints = EndpointService(
-        EndpointRegistry(settings.state_path),
-        executor,
-        settings.evaluate_timeout,
-        guard=sandbox.require_deployed,
-    )
+    store = await asyncio.to_thread(open_configured_store, settings)
+    try:
+        endpoints = EndpointService(
+            EndpointRegistry(store, settings.staging_path),
+            executor,
+            settings.evaluate_timeout,
+            guard=sandbox.require_deployed,
+        )
+    except BaseException:
+        store.close()
+        raise
+    auth: Authenticator | None = None
+    flight: FlightService | None = None
     try:
         await endpoints.start()
-    except BaseException:
-        auth.close()
-        raise
-    requests = RequestTracker()
-    readiness = Readiness()
-    readiness_checks(readiness, executor, requests, Path(state_file), sandbox)
-    flight: FlightService | None = None
-    if settings.arrow_enabled:
-        flight = FlightService(settings, auth, executor)
-        try:
+        service = service_info_from(endpoints.registry.service)
+        auth = await asyncio.to_thread(load_authenticator, settings, service.name, store)
+        if settings.users == "store":
+            endpoints.on_refresh.append(_follow_users(auth, store))
+        requests = RequestTracker()
+        readiness = Readiness()
+        readiness_checks(readiness, executor, requests, store, sandbox, bool(settings.store))
+        if settings.arrow_enabled:
+            flight = FlightService(settings, auth, executor)
             await flight.start()
-        except BaseException:
+            readiness.add("flight", flight.readiness)
+    except BaseException:
+        if auth is not None:
             auth.close()
-            await endpoints.close()
-            raise
-        readiness.add("flight", flight.readiness)
+        await endpoints.close()  # closes the store too
+        raise
     return Services(
         settings=settings,
         executor=executor,
@@ -312,6 +384,26 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             await services.close()
         await executor.close()
         log.info("stopped")
+
+
+def _follow_users(auth: Authenticator, store: Store) -> Callable[[], None]:
+    """After each reload from the store, reload its users too (in a thread)."""
+    running: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        try:
+            entries = await asyncio.to_thread(store_entries, store)
+        except TabserveError as exc:  # unreachable: the users in memory stay in force
+            log.warning("users not reloaded from the store: %s", exc)
+            return
+        auth.replace_users(entries)
+
+    def schedule() -> None:
+        task = asyncio.create_task(reload())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    return schedule
 
 
 async def _drain(requests: RequestTracker, grace: float, signals: _SignalWatch) -> None:

@@ -39,7 +39,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..errors import Forbidden, NotAcceptable, Unauthorized
-from ..store.passwords import ALL_PERMISSIONS, PERMISSION_ORDER, normalize_username
+from ..store.passwords import (
+    ALL_PERMISSIONS,
+    PERMISSION_ORDER,
+    PasswordEntry,
+    normalize_username,
+)
 from .credentials import AuthResult, CredentialCache, FailureThrottle, User
 
 log = logging.getLogger("tabserve.auth")
@@ -165,6 +170,20 @@ class Authenticator:
         if max_delay > 0:
             throttle = FailureThrottle(base_delay=min(0.5, max_delay), max_delay=max_delay)
         return cls(CredentialCache(path), realm=realm, throttle=throttle)
+
+    @classmethod
+    def from_entries(
+        cls, entries: dict[str, PasswordEntry], *, realm: str, max_delay: float
+    ) -> Authenticator:
+        """Authentication on, with users from a store (``replace_users`` keeps them current)."""
+        throttle = None
+        if max_delay > 0:
+            throttle = FailureThrottle(base_delay=min(0.5, max_delay), max_delay=max_delay)
+        return cls(CredentialCache(None, entries=entries), realm=realm, throttle=throttle)
+
+    def replace_users(self, entries: dict[str, PasswordEntry]) -> None:
+        if self.cache is not None:
+            self.cache.replace(entries)
 
     @property
     def enabled(self) -> bool:

@@ -100,14 +100,17 @@ class CredentialCache:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None,
         *,
+        entries: dict[str, PasswordEntry] | None = None,
         recheck_interval: float = 1.0,
         max_entries: int = 4096,
         clock: Callable[[], float] = time.monotonic,
         verifier: Callable[[PasswordEntry, str], bool] = verify,
     ) -> None:
-        self.path = Path(path)
+        # No path: the users come from a store, handed over with ``entries`` and
+        # :meth:`replace` (the store's follower reloads them in a thread).
+        self.path = Path(path) if path is not None else None
         self._recheck_interval = recheck_interval
         self._max_entries = max_entries
         self._clock = clock
@@ -117,8 +120,12 @@ class CredentialCache:
         self._hits: OrderedDict[bytes, User] = OrderedDict()
         self.last_error: PasswordFileError | None = None
         # Startup must fail loudly on a bad file, so the first read is allowed to raise.
-        self._entries = read_password_file(self.path).users
-        self._signature = _signature(self.path)
+        if self.path is None:
+            self._entries = dict(entries or {})
+            self._signature = None
+        else:
+            self._entries = read_password_file(self.path).users
+            self._signature = _signature(self.path)
         self._next_check = clock() + recheck_interval
 
     @property
@@ -132,8 +139,20 @@ class CredentialCache:
         message = len(name).to_bytes(4, "big") + name + secret
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
+    def replace(self, entries: dict[str, PasswordEntry]) -> bool:
+        """Use ``entries`` from now on (users from a store); True when they differ."""
+        with self._lock:
+            if entries == self._entries:
+                return False
+            self._entries = dict(entries)
+            self._hits.clear()  # removed users and changed passwords stop working at once
+        log.info("Users reloaded from the store: %d user(s)", len(entries))
+        return True
+
     def reload_if_changed(self, *, force: bool = False) -> bool:
         """Re-read the file if it changed; return True when a new version was loaded."""
+        if self.path is None:
+            return False
         now = self._clock()
         with self._lock:
             if not force and now < self._next_check:

@@ -73,6 +73,7 @@ class StatusHandler(BaseHandler):
     async def get(self) -> None:
         """Load status of every deployed endpoint."""
         self.add_cors_headers()
+        await self.services.endpoints.ensure_fresh()
         self.write_json(self.services.endpoints.statuses())
 
 
@@ -80,6 +81,7 @@ class EndpointsHandler(BaseHandler):
     async def get(self) -> None:
         """Every deployed endpoint's description, keyed by name."""
         self.add_cors_headers()
+        await self.services.endpoints.ensure_fresh()
         self.write_json(self.services.endpoints.infos())
 
     async def post(self) -> None:
@@ -92,6 +94,7 @@ class EndpointHandler(BaseHandler):
     async def get(self, name: str) -> None:
         """One endpoint's description, unwrapped (as TabPy answers)."""
         self.add_cors_headers()
+        await self.services.endpoints.ensure_fresh()
         self.write_json(self.services.endpoints.info(name))
 
     async def put(self, name: str) -> None:
@@ -116,7 +119,7 @@ class UploadDestinationHandler(BaseHandler):
 class QueryHandler(BaseHandler):
     async def post(self, name: str) -> None:
         """Call a deployed function in a worker: ``{"data": {...}}`` or ``{"data": [...]}``."""
-        self.services.endpoints.resolve(name)  # an unknown name is a 404 without using a worker
+        await self.services.endpoints.resolve(name)  # unknown: a 404 without using a worker
         self.endpoint = name  # deployed, so a bounded metrics label
         result = await self.services.endpoints.query(name, self.body, self.content_encoding)
         self.meta = result.meta

@@ -1,0 +1,143 @@
+"""The values a store holds, the same for every backend: endpoints, users, a snapshot.
+
+An endpoint's metadata is also written as TabPy's state.ini line (a JSON object per name,
+plus the docstring in its own section); :func:`endpoint_document` and
+:func:`endpoint_from_document` are that mapping, used by the state directory and, as the
+``document`` column, by the SQL backends, so an import or export is a plain copy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Fields stored in the JSON line of [Query Objects Service Versions], in TabPy's order.
+STORED = (
+    "description",
+    "type",
+    "version",
+    "dependencies",
+    "target",
+    "creation_time",
+    "last_modified_time",
+    "schema",
+    "is_public",
+)
+# Recorded by tabserve's client at deploy time (absent for TabPy deploys).
+FINGERPRINT = ("python_version", "cloudpickle_version", "signature")
+
+
+@dataclass(frozen=True)
+class EndpointRecord:
+    """One deployed endpoint's metadata (not its code)."""
+
+    name: str
+    type: str
+    version: int = 1
+    description: str = ""
+    docstring: str = ""
+    dependencies: list[str] = field(default_factory=list)
+    target: str | None = None
+    creation_time: int = 0
+    last_modified_time: int = 0
+    schema: Any = None
+    is_public: Any = False
+    python_version: str | None = None
+    cloudpickle_version: str | None = None
+    signature: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        """TabPy's endpoint description: stored fields in order, then docstring, then extras."""
+        data = {key: getattr(self, key) for key in STORED}
+        data["docstring"] = self.docstring
+        data.update({k: getattr(self, k) for k in FINGERPRINT if getattr(self, k) is not None})
+        return data
+
+
+def endpoint_document(endpoint: EndpointRecord) -> dict[str, Any]:
+    """The JSON object state.ini holds for ``endpoint`` (without its docstring)."""
+    stored = asdict(endpoint)
+    line = {key: stored[key] for key in STORED}
+    line.update({k: stored[k] for k in FINGERPRINT if stored[k] is not None})
+    return line
+
+
+def endpoint_from_document(name: str, data: dict[str, Any], docstring: str) -> EndpointRecord:
+    """Rebuild an endpoint from its JSON object; raises ValueError or TypeError if it is bad."""
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+    known = {k: data[k] for k in (*STORED, *FINGERPRINT) if k in data}
+    known["docstring"] = docstring
+    known.setdefault("type", "model")
+    known["dependencies"] = list(known.get("dependencies") or [])
+    known["version"] = int(known.get("version") or 1)
+    return EndpointRecord(name=name, **known)
+
+
+def dump_document(endpoint: EndpointRecord) -> str:
+    """The ``document`` column of the SQL backends: state.ini's line plus the docstring."""
+    return json.dumps(
+        {**endpoint_document(endpoint), "docstring": endpoint.docstring}, ensure_ascii=False
+    )
+
+
+def load_document(name: str, text: str) -> EndpointRecord:
+    data = json.loads(text)
+    docstring = data.pop("docstring", "") if isinstance(data, dict) else ""
+    return endpoint_from_document(name, data, docstring if isinstance(docstring, str) else "")
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user as a store holds it: the password file's hash token and permissions."""
+
+    name: str
+    password_hash: str
+    permissions: frozenset[str] | None = None  # None: every permission (TabPy's users)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a replica serves from, read in one go."""
+
+    generation: int
+    endpoints: dict[str, EndpointRecord]
+    service: dict[str, str] = field(default_factory=dict)  # [Service Info] keys and values
+
+
+class EndpointChange:
+    """What one write transaction does to the endpoint table.
+
+    A store hands it out holding the table as it is now, read under the store's write lock,
+    so whatever the caller decides from ``endpoints`` (the next version number, whether a
+    name is free) cannot be overtaken by another writer: the store commits the change before
+    it lets the next writer read.
+    """
+
+    def __init__(self, endpoints: dict[str, EndpointRecord]) -> None:
+        self.before = dict(endpoints)
+        self.endpoints = dict(endpoints)
+        self.archives: dict[tuple[str, int], bytes] = {}
+        self.deleted: set[str] = set()
+
+    def put(self, endpoint: EndpointRecord, archive: bytes | None = None) -> None:
+        """Record ``endpoint``; ``archive`` is its version's pickle_archive when it is new."""
+        self.endpoints[endpoint.name] = endpoint
+        self.deleted.discard(endpoint.name)
+        if archive is not None:
+            self.archives[(endpoint.name, endpoint.version)] = archive
+
+    def keep_archive(self, name: str, version: int, data: bytes) -> None:
+        """Also store an older version's archive (a copy keeps the rollback target)."""
+        self.archives[(name, version)] = data
+
+    def delete(self, name: str) -> None:
+        self.endpoints.pop(name, None)
+        self.archives = {key: v for key, v in self.archives.items() if key[0] != name}
+        self.deleted.add(name)
+
+    @property
+    def changed(self) -> list[str]:
+        """Names whose row changes (put with a different value, or new)."""
+        return [n for n, e in self.endpoints.items() if self.before.get(n) != e]

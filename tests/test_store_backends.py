@@ -1,0 +1,281 @@
+"""The store's backends, each against the same tests: the state directory (state.ini, with
+tabserve.db in SQLite), PostgreSQL (a real server from Debian's package), and the SQL store
+on SQLite (the one schema's second dialect)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from pg import PostgresServer
+
+from tabserve.store.backends import (
+    EndpointRecord,
+    StoreError,
+    StoreUnavailable,
+    UserRecord,
+    open_store,
+)
+from tabserve.store.database import Database, redact, sqlite_url
+from tabserve.store.schema import LATEST, MIGRATIONS, check_numbers
+from tabserve.store.sql import SqlStore
+from tabserve.store.state_dir import ensure_state_dir
+
+FIXTURE_STATE = Path(__file__).parent / "fixtures" / "tabpy_state"
+_counter = iter(range(10**6))
+
+
+def _new_store(kind: str, tmp_path: Path, pg: PostgresServer | None) -> object:
+    if kind == "statedir":
+        ensure_state_dir(tmp_path / "state")
+        store = open_store(tmp_path / "state")
+    elif kind == "postgresql":
+        assert pg is not None
+        url = pg.fresh_database(f"t{next(_counter)}")
+        store = open_store(url, cache=tmp_path / "cache")
+    else:
+        store = SqlStore(Database(sqlite_url(tmp_path / "all.db")), tmp_path / "cache")
+    store.migrate()  # type: ignore[attr-defined]
+    return store
+
+
+@pytest.fixture(params=["statedir", "postgresql", "sqlite"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[callable]:  # type: ignore[valid-type]
+    """A factory: the first call makes a store, later calls open the same one again."""
+    pg = request.getfixturevalue("postgres") if kind == "postgresql" else None
+    opened: list[object] = []
+
+    def make() -> object:
+        if not opened:
+            store = _new_store(kind, tmp_path, pg)
+        elif kind == "statedir":
+            store = open_store(tmp_path / "state")
+        elif kind == "postgresql":
+            store = open_store(opened[0].db.url, cache=tmp_path / f"cache{len(opened)}")  # type: ignore[attr-defined]
+        else:
+            store = SqlStore(Database(sqlite_url(tmp_path / "all.db")), tmp_path / "cache")
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def store(make_store):  # type: ignore[no-untyped-def]
+    return make_store()
+
+
+def _model(name: str, version: int = 1, **extra: object) -> EndpointRecord:
+    return EndpointRecord(
+        name=name, type="model", version=version, description=f"{name} v{version}",
+        docstring="Adds.\n  100% ünïcode", **extra,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_migrations_are_numbered_in_order() -> None:
+    check_numbers()
+    assert MIGRATIONS[-1].number == LATEST
+
+
+def test_migrate_is_idempotent_and_recorded(store) -> None:  # type: ignore[no-untyped-def]
+    db = store.sql.db if hasattr(store, "sql") else store.db
+    assert db.schema_version() == LATEST
+    assert db.migrate() == []
+    db.require_current()
+
+
+def test_a_newer_database_stops_the_start(store) -> None:  # type: ignore[no-untyped-def]
+    db = store.sql.db if hasattr(store, "sql") else store.db
+    with db.write() as tx:
+        tx.execute(
+            "INSERT INTO schema_migrations (number, description, applied) VALUES (?, ?, ?)",
+            (LATEST + 1, "from the future", 0.0),
+        )
+    with pytest.raises(StoreError, match="newer than this tabserve"):
+        db.migrate()
+    with pytest.raises(StoreError, match="upgrade tabserve"):
+        db.require_current()
+
+
+def test_endpoints_round_trip_with_their_archives(store) -> None:  # type: ignore[no-untyped-def]
+    add = _model("add", schema={"sample": [1, 2]}, python_version="3.11.7")
+    with store.change() as change:
+        assert change.endpoints == {}
+        change.put(add, archive=b"\x80\x04pickle-bytes")
+        change.put(EndpointRecord(name="plus", type="alias", target="add", dependencies=["add"]))
+    snapshot = store.snapshot()
+    assert snapshot.endpoints == {"add": add, "plus": snapshot.endpoints["plus"]}
+    assert snapshot.endpoints["plus"].target == "add"
+    assert store.archive("add", 1) == b"\x80\x04pickle-bytes"
+    assert store.materialize(snapshot.endpoints) == []
+    assert store.archive_path(add).read_bytes() == b"\x80\x04pickle-bytes"
+
+
+def test_a_failed_change_writes_nothing(store) -> None:  # type: ignore[no-untyped-def]
+    with store.change() as change:
+        change.put(_model("keep"), archive=b"v1")
+    before = store.snapshot().endpoints
+    with pytest.raises(RuntimeError), store.change() as change:
+        change.put(_model("keep", 2), archive=b"v2")
+        change.put(_model("other"), archive=b"x")
+        raise RuntimeError("the load check failed")
+    assert store.snapshot().endpoints == before
+    assert store.archive("other", 1) is None
+
+
+def test_only_the_current_and_previous_versions_are_kept(store) -> None:  # type: ignore[no-untyped-def]
+    for version in (1, 2, 3):
+        with store.change() as change:
+            change.put(_model("m", version), archive=f"v{version}".encode())
+    assert store.archive("m", 1) is None
+    assert store.archive("m", 2) == b"v2"
+    assert store.archive("m", 3) == b"v3"
+    with store.change() as change:
+        change.delete("m")
+    assert store.snapshot().endpoints == {}
+    assert store.archive("m", 3) is None
+
+
+def test_concurrent_writers_never_lose_an_update(make_store) -> None:  # type: ignore[no-untyped-def]
+    """Each writer has its own connection (or file handle) and bumps one endpoint's version:
+    every bump lands, as consecutive versions."""
+    first = make_store()
+    with first.change() as change:
+        change.put(_model("m"), archive=b"v1")
+    stores = [first] + [make_store() for _ in range(3)]
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def bump(store) -> None:  # type: ignore[no-untyped-def]
+        try:
+            for _ in range(5):
+                with store.change() as change:
+                    version = change.endpoints["m"].version + 1
+                    time.sleep(0.002)  # widen the read-modify-write window
+                    change.put(_model("m", version), archive=b"v%d" % version)
+                seen.append(version)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=bump, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert sorted(seen) == list(range(2, 22))
+    assert first.snapshot().endpoints["m"].version == 21
+
+
+def test_users_are_added_changed_and_removed(store) -> None:  # type: ignore[no-untyped-def]
+    alice = UserRecord("alice", "scrypt$abc", frozenset({"query"}))
+    store.put_user(alice, create=True)
+    with pytest.raises(KeyError):
+        store.put_user(alice, create=True)
+    store.put_user(replace(alice, permissions=None), create=False)
+    assert store.users() == {"alice": UserRecord("alice", "scrypt$abc", None)}
+    store.delete_user("alice")
+    assert store.users() == {}
+    with pytest.raises(KeyError):
+        store.delete_user("alice")
+    with pytest.raises(KeyError):
+        store.put_user(alice, create=False)
+
+
+# The bare SQL store on SQLite has no watcher: the state directory's is tested instead.
+@pytest.mark.parametrize("kind", ["statedir", "postgresql"])
+def test_another_writer_is_noticed_within_a_second(kind, make_store) -> None:  # type: ignore[no-untyped-def]
+    watcher, writer = make_store(), make_store()
+    heard = threading.Event()
+    watcher.watch(heard.set)
+    time.sleep(0.5)  # connected (or polling)
+    heard.clear()
+    token = watcher.token()
+    started = time.monotonic()
+    with writer.change() as change:
+        change.put(_model("new"), archive=b"x")
+    assert heard.wait(5), "no change notification"
+    elapsed = time.monotonic() - started
+    assert watcher.token() != token
+    print(f"\nchange seen by another store after {elapsed * 1000:.0f} ms")
+    assert elapsed < 1.0
+
+
+def test_the_tabpy_state_directory_loads(tmp_path: Path) -> None:
+    shutil.copytree(FIXTURE_STATE, tmp_path / "state")
+    store = open_store(tmp_path / "state")
+    store.migrate()
+    endpoints = store.snapshot().endpoints
+    assert set(endpoints) >= {"add", "scale"}
+    assert endpoints["scale"].version == 2
+    assert store.materialize(endpoints) == []
+    store.close()
+
+
+def test_an_unreachable_postgresql_is_unavailable(tmp_path: Path) -> None:
+    from helpers import free_port
+
+    url = f"postgresql://u:hunter2@127.0.0.1:{free_port()}/db"
+    store = open_store(url, cache=tmp_path)
+    with pytest.raises(StoreUnavailable) as caught:
+        store.snapshot()
+    assert caught.value.status == 503
+    assert caught.value.headers()["Retry-After"]
+    assert "hunter2" not in str(caught.value)
+    assert store.health()[0] is False
+    store.close()
+
+
+def test_urls_are_shown_without_passwords() -> None:
+    assert redact("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redact("postgresql://h/db") == "postgresql://h/db"
+    with pytest.raises(StoreError, match="unsupported store"):
+        open_store("mysql://u:pw@h/db")
+
+
+def test_the_job_and_result_tables_hold_a_job_through_its_life(store) -> None:  # type: ignore[no-untyped-def]
+    """The tables the jobs feature builds on: a job is queued, claimed once, finished, and
+    its result found by key."""
+    db = store.sql.db if hasattr(store, "sql") else store.db
+    with db.write() as tx:
+        for number in (1, 2):
+            tx.execute(
+                "INSERT INTO jobs (id, kind, endpoint, owner, status, request, created) "
+                "VALUES (?, 'query', 'add', 'alice', 1, ?, ?)",
+                (f"job{number}", b'{"data": {}}', float(number)),
+            )
+    claimed = []
+    for worker in ("replica-a", "replica-b", "replica-c"):
+        with db.write() as tx:
+            rows = tx.execute(
+                "UPDATE jobs SET status = 2, claimed_by = ?, started = 10 WHERE id = "
+                "(SELECT id FROM jobs WHERE status = 1 ORDER BY created LIMIT 1) RETURNING id",
+                (worker,),
+            )
+            claimed.extend(row[0] for row in rows)
+    assert claimed == ["job1", "job2"]  # the third claimer finds nothing left
+    with db.write() as tx:
+        tx.execute(
+            "INSERT INTO results (key, endpoint, version, body, retrieved_at, size) "
+            "VALUES ('k1', 'add', 1, ?, 11, 3)",
+            (b"[3]",),
+        )
+        tx.execute("UPDATE jobs SET status = 3, finished = 11, result_key = 'k1' WHERE id = 'job1'")
+    with db.read() as tx:
+        rows = tx.execute(
+            "SELECT j.status, r.body FROM jobs j JOIN results r ON r.key = j.result_key "
+            "WHERE j.id = 'job1'"
+        )
+    assert [(int(s), bytes(b)) for s, b in rows] == [(3, b"[3]")]
