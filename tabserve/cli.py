@@ -86,6 +86,7 @@ def run_server(config: str | None) -> int:
         return 2
     from .errors import StoreUnavailable
     from .server.flight import FlightStartError
+    from .server.oauth import OAuthConfigError
     from .server.tls import TLSConfigError
     from .store.database import StoreError
     from .store.passwords import PasswordFileError
@@ -97,8 +98,14 @@ def run_server(config: str | None) -> int:
         print(f"tabserve: {exc}", file=sys.stderr)
         return 2
     except (
-        OSError, PasswordFileError, TLSConfigError, StateError, FlightStartError, StoreError
-    ) as exc:  # fmt: skip
+        OSError,
+        PasswordFileError,
+        TLSConfigError,
+        StateError,
+        FlightStartError,
+        StoreError,
+        OAuthConfigError,
+    ) as exc:
         print(f"tabserve: cannot start: {exc}", file=sys.stderr)
         return 1
     except StoreUnavailable as exc:  # a replica with nothing to serve: the orchestrator retries

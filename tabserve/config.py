@@ -15,10 +15,12 @@ import configparser
 import importlib.util
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import platformdirs
 
@@ -132,6 +134,11 @@ def _parse_users(raw: str) -> str:
     return value
 
 
+def _parse_scope_list(raw: str) -> tuple[str, ...]:
+    # TabPy's form: comma-separated; the token's own `scope` claim is space-separated.
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 def _parse_log_format(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("text", "json"):
@@ -236,6 +243,85 @@ class Settings:
         "TabPy password file; setting it turns on HTTP Basic authentication for every API "
         "route. Re-read when it changes, or at once on SIGHUP.",
         doc="unset (no authentication)",
+    )
+    oauth_enabled: bool = setting(
+        "TABPY_OAUTH_ENABLED",
+        _parse_bool,
+        "Accept OAuth 2.0 JWT bearer tokens (`Authorization: Bearer`), as TabPy 2.15+ does. "
+        "Needs `TABPY_OAUTH_ISSUER`, `TABPY_OAUTH_JWKS_URI` and an audience or required "
+        "scopes; see docs/security.md.",
+        False,
+    )
+    oauth_issuer: str = setting(
+        "TABPY_OAUTH_ISSUER",
+        str.strip,
+        "The `iss` claim every token must carry, exactly; an `https://` URL.",
+        "",
+        doc="unset",
+    )
+    oauth_jwks_uri: str = setting(
+        "TABPY_OAUTH_JWKS_URI",
+        str.strip,
+        "The issuer's JWKS (signing keys), fetched over https, cached and refreshed when a "
+        "token names an unknown key. Its host must resolve to public addresses.",
+        "",
+        doc="unset",
+    )
+    oauth_allow_nonpublic_jwks: bool = setting(
+        "TABPY_OAUTH_ALLOW_NONPUBLIC_JWKS",
+        _parse_bool,
+        "Let the JWKS host resolve to private, loopback or link-local addresses (an IdP "
+        "inside your network). https is still required.",
+        False,
+    )
+    oauth_audience: str = setting(
+        "TABPY_OAUTH_AUDIENCE",
+        str.strip,
+        "The `aud` value tokens must contain. Optional when `TABPY_OAUTH_REQUIRED_SCOPES` is "
+        "set; not checked when unset.",
+        "",
+        doc="unset",
+    )
+    oauth_required_scopes: tuple[str, ...] = setting(
+        "TABPY_OAUTH_REQUIRED_SCOPES",
+        _parse_scope_list,
+        "Comma-separated scopes every token must hold in its `scope` claim, on every route "
+        "(`/info` included); a token without them gets 401.",
+        (),
+        doc="empty",
+    )
+    oauth_enforce_endpoint_scopes: bool = setting(
+        "TABPY_OAUTH_ENFORCE_ENDPOINT_SCOPES",
+        _parse_bool,
+        "Tokens need the query scope for `/query`, the evaluate scope for `/evaluate` and "
+        "the deploy scope for deploys and the upload destination; else 403 with "
+        '`WWW-Authenticate: Bearer error="insufficient_scope"`.',
+        False,
+    )
+    oauth_query_scope: str = setting(
+        "TABPY_OAUTH_QUERY_SCOPE",
+        str.strip,
+        "The scope that allows `/query` (and `tabpy.query()` inside a script).",
+        "tabpy:query",
+    )
+    oauth_evaluate_scope: str = setting(
+        "TABPY_OAUTH_EVALUATE_SCOPE",
+        str.strip,
+        "The scope that allows `/evaluate`.",
+        "tabpy:evaluate",
+    )
+    oauth_deploy_scope: str = setting(
+        "TABPY_OAUTH_DEPLOY_SCOPE",
+        str.strip,
+        "The scope that allows deploying, updating and deleting endpoints.",
+        "tabpy:deploy",
+    )
+    oauth_log_user: bool = setting(
+        "TABPY_OAUTH_LOG_USER",
+        _parse_bool,
+        "Name a token's caller by its `sub` claim in the access log (only with "
+        "`TABPY_LOG_DETAILS`); otherwise token callers are not named.",
+        False,
     )
     transfer_protocol: str = setting(
         "TABPY_TRANSFER_PROTOCOL",
@@ -505,7 +591,14 @@ class Settings:
 
     @property
     def auth_enabled(self) -> bool:
-        return self.password_file is not None or self.users == "store"
+        return self.password_file is not None or self.users == "store" or self.oauth_enabled
+
+    @property
+    def auth_methods(self) -> tuple[str, ...]:
+        """TabPy's names of the methods on, in TabPy's order: ``basic-auth`` (the password
+        file, or users from the store), ``oauth-jwt``."""
+        basic = self.password_file is not None or self.users == "store"
+        return (("basic-auth",) if basic else ()) + (("oauth-jwt",) if self.oauth_enabled else ())
 
     @property
     def staging_path(self) -> Path:
@@ -594,6 +687,61 @@ def pyarrow_installed() -> bool:
         return False
 
 
+# RFC 6749's scope-token: printable ASCII except space, '"' and '\\'.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
+
+
+def _check_oauth(settings: Settings) -> None:
+    """TabPy 2.16's start-up rules for OAuth, each a one-line ConfigError (never auth off)."""
+    missing = [
+        key
+        for key, value in (
+            ("TABPY_OAUTH_ISSUER", settings.oauth_issuer),
+            ("TABPY_OAUTH_JWKS_URI", settings.oauth_jwks_uri),
+        )
+        if not value
+    ]
+    if missing:
+        raise ConfigError(
+            f"TABPY_OAUTH_ENABLED is true but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set"
+        )
+    if not settings.oauth_audience and not settings.oauth_required_scopes:
+        raise ConfigError(
+            "TABPY_OAUTH_ENABLED is true but neither TABPY_OAUTH_AUDIENCE nor "
+            "TABPY_OAUTH_REQUIRED_SCOPES is set: one of them must say which tokens are for "
+            "this server (endpoint scopes only add per-route checks)"
+        )
+    for key, value in (
+        ("TABPY_OAUTH_QUERY_SCOPE", settings.oauth_query_scope),
+        ("TABPY_OAUTH_EVALUATE_SCOPE", settings.oauth_evaluate_scope),
+        ("TABPY_OAUTH_DEPLOY_SCOPE", settings.oauth_deploy_scope),
+        *(("TABPY_OAUTH_REQUIRED_SCOPES", scope) for scope in settings.oauth_required_scopes),
+    ):
+        if not _SCOPE_TOKEN.fullmatch(value):
+            raise ConfigError(
+                f"invalid value for {key}: {value!r} (an OAuth scope is one word of printable "
+                f"characters, without spaces, quotes or backslashes)"
+            )
+    for key, url in (
+        ("TABPY_OAUTH_ISSUER", settings.oauth_issuer),
+        ("TABPY_OAUTH_JWKS_URI", settings.oauth_jwks_uri),
+    ):
+        if not url.lower().startswith("https://"):
+            raise ConfigError(
+                f"invalid value for {key}: {url!r} (must be an https:// URL: the issuer's "
+                f"keys are what every token is checked against)"
+            )
+    try:
+        host = urlsplit(settings.oauth_jwks_uri).hostname
+    except ValueError:
+        host = None
+    if not host:
+        raise ConfigError(
+            f"invalid value for TABPY_OAUTH_JWKS_URI: {settings.oauth_jwks_uri!r} (no host)"
+        )
+
+
 def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
     """Check combinations of settings and fill defaults that depend on other settings."""
     if settings.arrow_enabled:
@@ -615,6 +763,8 @@ def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
             "TABSERVE_USERS = store and TABPY_PWD_FILE are both set: users come from one "
             "place; unset one of them"
         )
+    if settings.oauth_enabled:
+        _check_oauth(settings)
     if "worker_cpu_seconds" not in given:
         settings = replace(settings, worker_cpu_seconds=int(2 * settings.evaluate_timeout) + 10)
     if "worker_memory_mb" not in given:

@@ -173,3 +173,54 @@ def test_operations_settings() -> None:
         load_settings(None, {"TABSERVE_SHUTDOWN_GRACE": "-1"})
     with pytest.raises(ConfigError, match="TABSERVE_METRICS_AUTH"):
         load_settings(None, {"TABSERVE_METRICS_AUTH": "maybe"})
+
+
+OAUTH = {
+    "TABPY_OAUTH_ENABLED": "true",
+    "TABPY_OAUTH_ISSUER": "https://idp.example/",
+    "TABPY_OAUTH_JWKS_URI": "https://idp.example/.well-known/jwks.json",
+    "TABPY_OAUTH_AUDIENCE": "tabpy",
+}
+
+
+def test_oauth_settings_as_tabpy_reads_them() -> None:
+    settings = load_settings(
+        None, {**OAUTH, "TABPY_OAUTH_REQUIRED_SCOPES": " a, b ,", "TABPY_OAUTH_LOG_USER": "1"}
+    )
+    assert settings.auth_enabled and settings.auth_methods == ("oauth-jwt",)
+    assert settings.oauth_required_scopes == ("a", "b")
+    assert settings.oauth_log_user and not settings.oauth_enforce_endpoint_scopes
+    scopes = (settings.oauth_query_scope, settings.oauth_evaluate_scope,
+              settings.oauth_deploy_scope)  # fmt: skip
+    assert scopes == ("tabpy:query", "tabpy:evaluate", "tabpy:deploy")
+    # Scopes alone are a boundary too (TabPy 2.16: the audience became optional).
+    load_settings(None, {**OAUTH, "TABPY_OAUTH_AUDIENCE": "", "TABPY_OAUTH_REQUIRED_SCOPES": "a"})
+    # Off, the other OAuth keys are not checked (as in TabPy).
+    assert not load_settings(None, {**OAUTH, "TABPY_OAUTH_ENABLED": "false",
+                                    "TABPY_OAUTH_ISSUER": "http://x"}).auth_enabled  # fmt: skip
+    # Users from the store are Basic users: both methods, as with a password file.
+    with_store_users = load_settings(None, {**OAUTH, "TABSERVE_USERS": "store"})
+    assert with_store_users.auth_methods == ("basic-auth", "oauth-jwt")
+    assert load_settings(None, {"TABSERVE_USERS": "store"}).auth_methods == ("basic-auth",)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"TABPY_OAUTH_ISSUER": ""}, "is true but TABPY_OAUTH_ISSUER is not set"),
+        ({"TABPY_OAUTH_ISSUER": "", "TABPY_OAUTH_JWKS_URI": ""}, "_JWKS_URI are not set"),
+        ({"TABPY_OAUTH_JWKS_URI": "http://idp/j"}, "'http://idp/j' (must be an https:// URL"),
+        ({"TABPY_OAUTH_ISSUER": "idp.example"}, "invalid value for TABPY_OAUTH_ISSUER"),
+        ({"TABPY_OAUTH_JWKS_URI": "https:///jwks"}, "(no host)"),
+        ({"TABPY_OAUTH_AUDIENCE": ""}, "neither TABPY_OAUTH_AUDIENCE nor TABPY_OAUTH_REQUIRED"),
+        ({"TABPY_OAUTH_DEPLOY_SCOPE": ""}, "invalid value for TABPY_OAUTH_DEPLOY_SCOPE: ''"),
+        ({"TABPY_OAUTH_REQUIRED_SCOPES": 'a,"b"'}, "TABPY_OAUTH_REQUIRED_SCOPES: '\"b\"'"),
+        ({"TABPY_OAUTH_ENABLED": "yes please"}, "TABPY_OAUTH_ENABLED"),
+    ],
+)  # fmt: skip
+def test_oauth_on_without_what_it_needs_stops_the_start(
+    change: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {**OAUTH, **change})
+    assert expected in str(caught.value) and "\n" not in str(caught.value)

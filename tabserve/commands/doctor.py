@@ -25,6 +25,14 @@ from typing import TextIO
 
 from tabserve.config import ConfigError, Settings, load_settings
 from tabserve.server import sandbox
+from tabserve.server.oauth import (
+    JwksUnavailable,
+    OAuthConfig,
+    OAuthConfigError,
+    check_jwks_host,
+    fetch_jwks,
+    parse_key_set,
+)
 from tabserve.server.tls import (
     CertificateReport,
     TLSConfigError,
@@ -250,19 +258,78 @@ def _context_checks(settings: Settings) -> list[Check]:
 
 
 def auth_checks(settings: Settings) -> list[Check]:
-    if settings.password_file is None:
-        if settings.loopback_only:
-            return [Check("info", "auth", "Authentication off: anyone on this machine may call.")]
+    checks = _basic_checks(settings) if settings.password_file is not None else []
+    if settings.users == "store":
+        checks.append(Check("ok", "auth", "Authentication on (HTTP Basic): users from the store."))
+    if settings.oauth_enabled:
+        checks += oauth_checks(settings)
+    if settings.auth_enabled:
+        return checks
+    if settings.loopback_only:
+        return [Check("info", "auth", "Authentication off: anyone on this machine may call.")]
+    return [
+        Check(
+            "warning",
+            "auth",
+            "Authentication OFF on an address other machines can reach: anyone who can "
+            "connect can run code on this machine. Set TABPY_PWD_FILE (create it with "
+            "'tabserve user add') or turn on OAuth (TABPY_OAUTH_ENABLED).",
+        )
+    ]
+
+
+def oauth_checks(settings: Settings) -> list[Check]:
+    """OAuth's settings, the JWKS host, and the key set fetched now, as the server would."""
+    config = OAuthConfig.from_settings(settings)
+    boundary = [f"audience {config.audience!r}"] if config.audience else []
+    if config.required_scopes:
+        boundary.append(f"required scopes {', '.join(config.required_scopes)}")
+    enforced = "enforced" if config.enforce_endpoint_scopes else "not enforced"
+    checks = [
+        Check(
+            "ok",
+            "oauth",
+            f"OAuth bearer tokens on: issuer {config.issuer!r}, {' and '.join(boundary)}; "
+            f"endpoint scopes ({', '.join(config.info()['endpoint_scopes'])}) {enforced}.",
+        )
+    ]
+    checks += [Check("warning", "oauth", warning) for warning in config.warnings()]
+    try:
+        allowed = check_jwks_host(config)
+    except OAuthConfigError as exc:
+        return [*checks, Check("error", "oauth", f"{exc}.")]
+    if allowed:
+        checks.append(Check("warning", "oauth", f"{allowed[0].upper()}{allowed[1:]}."))
+    try:
+        keys, skipped = parse_key_set(
+            fetch_jwks(config.jwks_uri, allow_nonpublic=config.allow_nonpublic)
+        )
+    except (JwksUnavailable, ValueError) as exc:
         return [
+            *checks,
+            Check("error", "oauth", f"{exc}: every bearer token gets 401 until it can be."),
+        ]
+    if not keys:
+        why = "; ".join(skipped) or "it is empty"
+        message = f"The JWKS at {config.jwks_uri} has no usable signing key ({why})."
+        return [*checks, Check("error", "oauth", message)]
+    checks.append(Check("ok", "oauth", f"JWKS fetched: signing keys {', '.join(sorted(keys))}."))
+    if skipped:
+        checks.append(Check("info", "oauth", f"JWKS entries not used: {'; '.join(skipped)}."))
+    if not settings.tls_enabled and not settings.loopback_only:
+        checks.append(
             Check(
                 "warning",
-                "auth",
-                "Authentication OFF on an address other machines can reach: anyone who can "
-                "connect can run code on this machine. Set TABPY_PWD_FILE (create it with "
-                "'tabserve user add').",
+                "oauth",
+                "Bearer tokens are sent in clear text: no TLS on a network address. Turn on https.",
             )
-        ]
+        )
+    return checks
+
+
+def _basic_checks(settings: Settings) -> list[Check]:
     path = settings.password_file
+    assert path is not None
     try:
         parsed = read_password_file(path)
     except PasswordFileError as exc:
