@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__, logs
-from .config import ConfigError, Settings, declared_settings, load_settings
+from .config import ConfigError, Settings, declared_settings, key_findings, load_settings
 
 
 def _add_config_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -84,6 +85,9 @@ def run_server(config: str | None) -> int:
             file=sys.stderr,
         )
         return 2
+    for finding in key_findings(config, os.environ):
+        # Not refused (load_settings stopped on those): named, with the nearest known key.
+        logging.getLogger("tabserve.config").warning("%s", finding.message)
     from .errors import StoreUnavailable
     from .server.flight import FlightStartError
     from .server.oauth import OAuthConfigError

@@ -12,6 +12,7 @@ frozen ``Settings`` object.
 from __future__ import annotations
 
 import configparser
+import difflib
 import importlib.util
 import ipaddress
 import os
@@ -636,7 +637,112 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _read_file(path: Path) -> Mapping[str, str]:
+# Every key TabPy 2.16 reads (its ConfigParameters), for the audit below and the docs test.
+TABPY_216_KEYS: tuple[str, ...] = (
+    "TABPY_PORT", "TABPY_QUERY_OBJECT_PATH", "TABPY_STATE_PATH", "TABPY_STATIC_PATH",
+    "TABPY_PWD_FILE", "TABPY_TRANSFER_PROTOCOL", "TABPY_CERTIFICATE_FILE", "TABPY_KEY_FILE",
+    "TABPY_MINIMUM_TLS_VERSION", "TABPY_LOG_DETAILS", "TABPY_MAX_REQUEST_SIZE_MB",
+    "TABPY_EVALUATE_ENABLE", "TABPY_EVALUATE_TIMEOUT", "TABPY_GZIP_ENABLE",
+    "TABPY_ARROW_ENABLE", "TABPY_ARROWFLIGHT_PORT",
+    "TABPY_OAUTH_ENABLED", "TABPY_OAUTH_ISSUER", "TABPY_OAUTH_JWKS_URI",
+    "TABPY_OAUTH_ALLOW_NONPUBLIC_JWKS", "TABPY_OAUTH_AUDIENCE", "TABPY_OAUTH_REQUIRED_SCOPES",
+    "TABPY_OAUTH_ENFORCE_ENDPOINT_SCOPES", "TABPY_OAUTH_QUERY_SCOPE",
+    "TABPY_OAUTH_EVALUATE_SCOPE", "TABPY_OAUTH_DEPLOY_SCOPE", "TABPY_OAUTH_LOG_USER",
+)  # fmt: skip
+
+# Keys tabserve knows and accepts without declaring them as settings, with the reason
+# (docs/configuration.md lists them too). Everything else is a declared setting, or unknown.
+# None at present: TABPY_ARROWFLIGHT_PORT was one until Arrow Flight was implemented.
+IGNORED_KEYS: dict[str, str] = {}
+
+# An unknown key in these namespaces stops the start instead of a warning: it is a security
+# setting tabserve does not implement (from a newer TabPy, or misspelt), and ignoring it could
+# leave the server less protected than its operator believes. TABPY_OAUTH_ENABLD = true with
+# no password file would otherwise start with authentication off.
+REFUSED_PREFIXES: dict[str, str] = {
+    "TABPY_OAUTH_": "an OAuth setting tabserve does not implement",
+}
+
+# Environment variables in these namespaces are checked; a config file's [TabPy] section is
+# checked whole.
+KEY_PREFIXES = ("TABPY_", "TABSERVE_")
+
+
+@dataclass(frozen=True)
+class KeyFinding:
+    """A key that is not a setting: ``refused`` stops the start, otherwise it is a warning."""
+
+    key: str
+    source: str  # "config file" or "environment"
+    refused: bool
+    message: str
+
+
+def known_keys() -> frozenset[str]:
+    """Every key tabserve reads or knowingly ignores."""
+    return frozenset(s.key for s in declared_settings()) | frozenset(IGNORED_KEYS)
+
+
+def _bare(key: str) -> str:
+    for prefix in ("TABPY_OAUTH_", "TABPY_", "TABSERVE_"):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _nearest(key: str, known: frozenset[str]) -> str | None:
+    """The known key most like ``key``, if any is close. Compared without the namespace, which
+    every key shares and which would make unrelated keys look alike; so TABPY_WORKERS finds
+    TABSERVE_WORKERS too."""
+    bare = _bare(key)
+    scored = [(difflib.SequenceMatcher(None, bare, _bare(k)).ratio(), k) for k in sorted(known)]
+    score, best = max(scored, default=(0.0, ""))
+    return best if score >= 0.6 else None
+
+
+def check_keys(
+    from_file: Mapping[str, str], environ: Mapping[str, str], *, sections: tuple[str, ...] = ()
+) -> list[KeyFinding]:
+    """Findings for every key that is not a declared setting, file keys first.
+
+    ``sections`` are the config file's section names, to catch a ``[tabpy]`` whose keys
+    TabPy (and tabserve) would never read.
+    """
+    known = known_keys()
+    findings: list[KeyFinding] = []
+    if SECTION not in sections:
+        for name in sections:
+            if name.lower() == SECTION.lower():
+                findings.append(
+                    KeyFinding(
+                        f"[{name}]",
+                        "config file",
+                        False,
+                        f"config file section [{name}] is ignored: settings are read from "
+                        f"[{SECTION}] (the name is case-sensitive)",
+                    )
+                )
+    candidates = [(key, "config file") for key in from_file]
+    candidates += [(key, "environment") for key in environ if key.startswith(KEY_PREFIXES)]
+    for key, source in candidates:
+        if key in known:
+            continue
+        nearest = _nearest(key, known)
+        refusal = next((why for p, why in REFUSED_PREFIXES.items() if key.startswith(p)), None)
+        if refusal is not None:
+            hint = f" (did you mean {nearest}?)" if nearest else ""
+            message = (
+                f"{key} in the {source} is {refusal}{hint}; refusing to start rather than "
+                f"ignore a security setting"
+            )
+        else:
+            hint = f"; did you mean {nearest}?" if nearest else ""
+            message = f"unknown setting {key} in the {source} is ignored{hint}"
+        findings.append(KeyFinding(key, source, refusal is not None, message))
+    return findings
+
+
+def _parse_file(path: Path) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys keep their case
     try:
@@ -646,17 +752,44 @@ def _read_file(path: Path) -> Mapping[str, str]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except configparser.Error as exc:
         raise ConfigError(f"config file {path} is not a valid INI file: {exc}") from exc
+    return parser
+
+
+def _file_keys(parser: configparser.ConfigParser) -> dict[str, str]:
     if not parser.has_section(SECTION):
         return {}
     return {key.upper(): value for key, value in parser.items(SECTION)}
 
 
+def _read_file(path: Path) -> Mapping[str, str]:
+    return _file_keys(_parse_file(path))
+
+
+def key_findings(
+    path: str | os.PathLike[str] | None, environ: Mapping[str, str]
+) -> list[KeyFinding]:
+    """``check_keys`` for a config file (or none) and an environment; raises ConfigError."""
+    if path is None:
+        return check_keys({}, environ)
+    parser = _parse_file(Path(path))
+    return check_keys(_file_keys(parser), environ, sections=tuple(parser.sections()))
+
+
 def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Settings:
     """Resolve every setting: environment, then the file's [TabPy] section, then the default.
 
-    Raises ConfigError with a one-line message naming the key and the bad value.
+    Raises ConfigError with a one-line message naming the key and the bad value, or a key
+    tabserve refuses (see ``check_keys``; its warnings are the caller's to log).
     """
-    from_file = _read_file(Path(path)) if path is not None else {}
+    if path is not None:
+        parser = _parse_file(Path(path))
+        from_file = _file_keys(parser)
+        sections = tuple(parser.sections())
+    else:
+        from_file, sections = {}, ()
+    for finding in check_keys(from_file, environ, sections=sections):
+        if finding.refused:
+            raise ConfigError(finding.message)
     values: dict[str, Any] = {}
     for setting in declared_settings():
         raw = environ.get(setting.key)

@@ -197,6 +197,30 @@ def test_config_option_before_the_subcommand(tmp_path: Path) -> None:
     assert result.returncode == 0 and "Evaluate off" in result.stdout
 
 
+def test_unknown_and_refused_keys_are_reported_as_at_start(tmp_path: Path) -> None:
+    path = config(tmp_path, TABPY_PWD_FLIE="/etc/passwords.txt")
+    checks = diagnose(str(path), {"TABSERVE_WORKRS": "2"})
+    warnings = lines(checks, "warning", "config")
+    assert (
+        "unknown setting TABPY_PWD_FLIE in the config file is ignored; did you mean "
+        "TABPY_PWD_FILE?" in warnings
+    )
+    assert "TABSERVE_WORKRS in the environment is ignored; did you mean TABSERVE_WORKERS?" in (
+        warnings
+    )
+    assert failures(checks) == []
+
+    refused = config(tmp_path, TABPY_PWD_FLIE="x", TABPY_OAUTH_CLOCK_SKEW="60")
+    result = doctor("--config", str(refused))
+    assert result.returncode == 1
+    assert "[warn] config      unknown setting TABPY_PWD_FLIE" in result.stdout
+    assert (
+        "[FAIL] config      TABPY_OAUTH_CLOCK_SKEW in the config file is an OAuth setting "
+        "tabserve does not implement" in result.stdout
+    )
+    assert result.stdout.count("TABPY_OAUTH_CLOCK_SKEW") == 1
+
+
 def test_oauth_checks_fetch_the_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     provider = IdP(tmp_path)
     try:

@@ -429,6 +429,7 @@ def _start(tmp_path: Path, settings: dict[str, str]) -> subprocess.CompletedProc
         ({"TABPY_OAUTH_AUDIENCE": ""}, "neither TABPY_OAUTH_AUDIENCE nor"),
         ({"TABPY_OAUTH_QUERY_SCOPE": "two words"}, "TABPY_OAUTH_QUERY_SCOPE"),
         ({"TABPY_OAUTH_ALLOW_NONPUBLIC_JWKS": "false"}, "resolves to non-public addresses"),
+        ({"TABPY_OAUTH_ENABLD": "true"}, "did you mean TABPY_OAUTH_ENABLED?"),
     ],
 )
 def test_unsafe_oauth_configs_stop_the_start_with_one_line(

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
-from tabserve.config import ConfigError, Settings, load_settings
+from tabserve.config import ConfigError, Settings, key_findings, load_settings
 from tabserve.server import sandbox
 from tabserve.server.oauth import (
     JwksUnavailable,
@@ -93,11 +93,23 @@ def diagnose(
 ) -> list[Check]:
     """Every check, in the order an operator would fix them."""
     try:
-        settings = load_settings(config, environ)
+        findings = key_findings(config, environ)
     except ConfigError as exc:
         return [Check("error", "config", str(exc))]
+    # The keys that are not settings, as the server names them at start: unknown ones warn,
+    # refused ones stop it.
+    key_checks = [
+        Check("error" if finding.refused else "warning", "config", finding.message)
+        for finding in findings
+    ]
+    try:
+        settings = load_settings(config, environ)
+    except ConfigError as exc:
+        if str(exc) in {check.message for check in key_checks}:
+            return key_checks
+        return [*key_checks, Check("error", "config", str(exc))]
     source = f"Configuration read from {config}" if config else "No config file: defaults"
-    checks = [Check("ok", "config", f"{source} and the environment.")]
+    checks = [Check("ok", "config", f"{source} and the environment."), *key_checks]
     checks += network_checks(settings)
     checks += tls_checks(settings, host=host, now=now)
     checks += auth_checks(settings)
