@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from . import __version__, logs
-from .config import ConfigError, Settings, declared_settings, load_settings
+from .config import ConfigError, Settings, declared_settings, key_findings, load_settings
 
 
 def _add_config_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -84,8 +85,12 @@ def run_server(config: str | None) -> int:
             file=sys.stderr,
         )
         return 2
+    for finding in key_findings(config, os.environ):
+        # Not refused (load_settings stopped on those): named, with the nearest known key.
+        logging.getLogger("tabserve.config").warning("%s", finding.message)
     from .errors import StoreUnavailable
     from .server.flight import FlightStartError
+    from .server.oauth import OAuthConfigError
     from .server.tls import TLSConfigError
     from .store.database import StoreError
     from .store.passwords import PasswordFileError
@@ -97,8 +102,14 @@ def run_server(config: str | None) -> int:
         print(f"tabserve: {exc}", file=sys.stderr)
         return 2
     except (
-        OSError, PasswordFileError, TLSConfigError, StateError, FlightStartError, StoreError
-    ) as exc:  # fmt: skip
+        OSError,
+        PasswordFileError,
+        TLSConfigError,
+        StateError,
+        FlightStartError,
+        StoreError,
+        OAuthConfigError,
+    ) as exc:
         print(f"tabserve: cannot start: {exc}", file=sys.stderr)
         return 1
     except StoreUnavailable as exc:  # a replica with nothing to serve: the orchestrator retries

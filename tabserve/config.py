@@ -12,13 +12,16 @@ frozen ``Settings`` object.
 from __future__ import annotations
 
 import configparser
+import difflib
 import importlib.util
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import platformdirs
 
@@ -132,6 +135,11 @@ def _parse_users(raw: str) -> str:
     return value
 
 
+def _parse_scope_list(raw: str) -> tuple[str, ...]:
+    # TabPy's form: comma-separated; the token's own `scope` claim is space-separated.
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
 def _parse_log_format(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("text", "json"):
@@ -237,6 +245,85 @@ class Settings:
         "TabPy password file; setting it turns on HTTP Basic authentication for every API "
         "route. Re-read when it changes, or at once on SIGHUP.",
         doc="unset (no authentication)",
+    )
+    oauth_enabled: bool = setting(
+        "TABPY_OAUTH_ENABLED",
+        _parse_bool,
+        "Accept OAuth 2.0 JWT bearer tokens (`Authorization: Bearer`), as TabPy 2.15+ does. "
+        "Needs `TABPY_OAUTH_ISSUER`, `TABPY_OAUTH_JWKS_URI` and an audience or required "
+        "scopes; see docs/security.md.",
+        False,
+    )
+    oauth_issuer: str = setting(
+        "TABPY_OAUTH_ISSUER",
+        str.strip,
+        "The `iss` claim every token must carry, exactly; an `https://` URL.",
+        "",
+        doc="unset",
+    )
+    oauth_jwks_uri: str = setting(
+        "TABPY_OAUTH_JWKS_URI",
+        str.strip,
+        "The issuer's JWKS (signing keys), fetched over https, cached and refreshed when a "
+        "token names an unknown key. Its host must resolve to public addresses.",
+        "",
+        doc="unset",
+    )
+    oauth_allow_nonpublic_jwks: bool = setting(
+        "TABPY_OAUTH_ALLOW_NONPUBLIC_JWKS",
+        _parse_bool,
+        "Let the JWKS host resolve to private, loopback or link-local addresses (an IdP "
+        "inside your network). https is still required.",
+        False,
+    )
+    oauth_audience: str = setting(
+        "TABPY_OAUTH_AUDIENCE",
+        str.strip,
+        "The `aud` value tokens must contain. Optional when `TABPY_OAUTH_REQUIRED_SCOPES` is "
+        "set; not checked when unset.",
+        "",
+        doc="unset",
+    )
+    oauth_required_scopes: tuple[str, ...] = setting(
+        "TABPY_OAUTH_REQUIRED_SCOPES",
+        _parse_scope_list,
+        "Comma-separated scopes every token must hold in its `scope` claim, on every route "
+        "(`/info` included); a token without them gets 401.",
+        (),
+        doc="empty",
+    )
+    oauth_enforce_endpoint_scopes: bool = setting(
+        "TABPY_OAUTH_ENFORCE_ENDPOINT_SCOPES",
+        _parse_bool,
+        "Tokens need the query scope for `/query`, the evaluate scope for `/evaluate` and "
+        "the deploy scope for deploys and the upload destination; else 403 with "
+        '`WWW-Authenticate: Bearer error="insufficient_scope"`.',
+        False,
+    )
+    oauth_query_scope: str = setting(
+        "TABPY_OAUTH_QUERY_SCOPE",
+        str.strip,
+        "The scope that allows `/query` (and `tabpy.query()` inside a script).",
+        "tabpy:query",
+    )
+    oauth_evaluate_scope: str = setting(
+        "TABPY_OAUTH_EVALUATE_SCOPE",
+        str.strip,
+        "The scope that allows `/evaluate`.",
+        "tabpy:evaluate",
+    )
+    oauth_deploy_scope: str = setting(
+        "TABPY_OAUTH_DEPLOY_SCOPE",
+        str.strip,
+        "The scope that allows deploying, updating and deleting endpoints.",
+        "tabpy:deploy",
+    )
+    oauth_log_user: bool = setting(
+        "TABPY_OAUTH_LOG_USER",
+        _parse_bool,
+        "Name a token's caller by its `sub` claim in the access log (only with "
+        "`TABPY_LOG_DETAILS`); otherwise token callers are not named.",
+        False,
     )
     transfer_protocol: str = setting(
         "TABPY_TRANSFER_PROTOCOL",
@@ -506,7 +593,14 @@ class Settings:
 
     @property
     def auth_enabled(self) -> bool:
-        return self.password_file is not None or self.users == "store"
+        return self.password_file is not None or self.users == "store" or self.oauth_enabled
+
+    @property
+    def auth_methods(self) -> tuple[str, ...]:
+        """TabPy's names of the methods on, in TabPy's order: ``basic-auth`` (the password
+        file, or users from the store), ``oauth-jwt``."""
+        basic = self.password_file is not None or self.users == "store"
+        return (("basic-auth",) if basic else ()) + (("oauth-jwt",) if self.oauth_enabled else ())
 
     @property
     def staging_path(self) -> Path:
@@ -544,7 +638,112 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _read_file(path: Path) -> Mapping[str, str]:
+# Every key TabPy 2.16 reads (its ConfigParameters), for the audit below and the docs test.
+TABPY_216_KEYS: tuple[str, ...] = (
+    "TABPY_PORT", "TABPY_QUERY_OBJECT_PATH", "TABPY_STATE_PATH", "TABPY_STATIC_PATH",
+    "TABPY_PWD_FILE", "TABPY_TRANSFER_PROTOCOL", "TABPY_CERTIFICATE_FILE", "TABPY_KEY_FILE",
+    "TABPY_MINIMUM_TLS_VERSION", "TABPY_LOG_DETAILS", "TABPY_MAX_REQUEST_SIZE_MB",
+    "TABPY_EVALUATE_ENABLE", "TABPY_EVALUATE_TIMEOUT", "TABPY_GZIP_ENABLE",
+    "TABPY_ARROW_ENABLE", "TABPY_ARROWFLIGHT_PORT",
+    "TABPY_OAUTH_ENABLED", "TABPY_OAUTH_ISSUER", "TABPY_OAUTH_JWKS_URI",
+    "TABPY_OAUTH_ALLOW_NONPUBLIC_JWKS", "TABPY_OAUTH_AUDIENCE", "TABPY_OAUTH_REQUIRED_SCOPES",
+    "TABPY_OAUTH_ENFORCE_ENDPOINT_SCOPES", "TABPY_OAUTH_QUERY_SCOPE",
+    "TABPY_OAUTH_EVALUATE_SCOPE", "TABPY_OAUTH_DEPLOY_SCOPE", "TABPY_OAUTH_LOG_USER",
+)  # fmt: skip
+
+# Keys tabserve knows and accepts without declaring them as settings, with the reason
+# (docs/configuration.md lists them too). Everything else is a declared setting, or unknown.
+# None at present: TABPY_ARROWFLIGHT_PORT was one until Arrow Flight was implemented.
+IGNORED_KEYS: dict[str, str] = {}
+
+# An unknown key in these namespaces stops the start instead of a warning: it is a security
+# setting tabserve does not implement (from a newer TabPy, or misspelt), and ignoring it could
+# leave the server less protected than its operator believes. TABPY_OAUTH_ENABLD = true with
+# no password file would otherwise start with authentication off.
+REFUSED_PREFIXES: dict[str, str] = {
+    "TABPY_OAUTH_": "an OAuth setting tabserve does not implement",
+}
+
+# Environment variables in these namespaces are checked; a config file's [TabPy] section is
+# checked whole.
+KEY_PREFIXES = ("TABPY_", "TABSERVE_")
+
+
+@dataclass(frozen=True)
+class KeyFinding:
+    """A key that is not a setting: ``refused`` stops the start, otherwise it is a warning."""
+
+    key: str
+    source: str  # "config file" or "environment"
+    refused: bool
+    message: str
+
+
+def known_keys() -> frozenset[str]:
+    """Every key tabserve reads or knowingly ignores."""
+    return frozenset(s.key for s in declared_settings()) | frozenset(IGNORED_KEYS)
+
+
+def _bare(key: str) -> str:
+    for prefix in ("TABPY_OAUTH_", "TABPY_", "TABSERVE_"):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def _nearest(key: str, known: frozenset[str]) -> str | None:
+    """The known key most like ``key``, if any is close. Compared without the namespace, which
+    every key shares and which would make unrelated keys look alike; so TABPY_WORKERS finds
+    TABSERVE_WORKERS too."""
+    bare = _bare(key)
+    scored = [(difflib.SequenceMatcher(None, bare, _bare(k)).ratio(), k) for k in sorted(known)]
+    score, best = max(scored, default=(0.0, ""))
+    return best if score >= 0.6 else None
+
+
+def check_keys(
+    from_file: Mapping[str, str], environ: Mapping[str, str], *, sections: tuple[str, ...] = ()
+) -> list[KeyFinding]:
+    """Findings for every key that is not a declared setting, file keys first.
+
+    ``sections`` are the config file's section names, to catch a ``[tabpy]`` whose keys
+    TabPy (and tabserve) would never read.
+    """
+    known = known_keys()
+    findings: list[KeyFinding] = []
+    if SECTION not in sections:
+        for name in sections:
+            if name.lower() == SECTION.lower():
+                findings.append(
+                    KeyFinding(
+                        f"[{name}]",
+                        "config file",
+                        False,
+                        f"config file section [{name}] is ignored: settings are read from "
+                        f"[{SECTION}] (the name is case-sensitive)",
+                    )
+                )
+    candidates = [(key, "config file") for key in from_file]
+    candidates += [(key, "environment") for key in environ if key.startswith(KEY_PREFIXES)]
+    for key, source in candidates:
+        if key in known:
+            continue
+        nearest = _nearest(key, known)
+        refusal = next((why for p, why in REFUSED_PREFIXES.items() if key.startswith(p)), None)
+        if refusal is not None:
+            hint = f" (did you mean {nearest}?)" if nearest else ""
+            message = (
+                f"{key} in the {source} is {refusal}{hint}; refusing to start rather than "
+                f"ignore a security setting"
+            )
+        else:
+            hint = f"; did you mean {nearest}?" if nearest else ""
+            message = f"unknown setting {key} in the {source} is ignored{hint}"
+        findings.append(KeyFinding(key, source, refusal is not None, message))
+    return findings
+
+
+def _parse_file(path: Path) -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys keep their case
     try:
@@ -554,17 +753,44 @@ def _read_file(path: Path) -> Mapping[str, str]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except configparser.Error as exc:
         raise ConfigError(f"config file {path} is not a valid INI file: {exc}") from exc
+    return parser
+
+
+def _file_keys(parser: configparser.ConfigParser) -> dict[str, str]:
     if not parser.has_section(SECTION):
         return {}
     return {key.upper(): value for key, value in parser.items(SECTION)}
 
 
+def _read_file(path: Path) -> Mapping[str, str]:
+    return _file_keys(_parse_file(path))
+
+
+def key_findings(
+    path: str | os.PathLike[str] | None, environ: Mapping[str, str]
+) -> list[KeyFinding]:
+    """``check_keys`` for a config file (or none) and an environment; raises ConfigError."""
+    if path is None:
+        return check_keys({}, environ)
+    parser = _parse_file(Path(path))
+    return check_keys(_file_keys(parser), environ, sections=tuple(parser.sections()))
+
+
 def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Settings:
     """Resolve every setting: environment, then the file's [TabPy] section, then the default.
 
-    Raises ConfigError with a one-line message naming the key and the bad value.
+    Raises ConfigError with a one-line message naming the key and the bad value, or a key
+    tabserve refuses (see ``check_keys``; its warnings are the caller's to log).
     """
-    from_file = _read_file(Path(path)) if path is not None else {}
+    if path is not None:
+        parser = _parse_file(Path(path))
+        from_file = _file_keys(parser)
+        sections = tuple(parser.sections())
+    else:
+        from_file, sections = {}, ()
+    for finding in check_keys(from_file, environ, sections=sections):
+        if finding.refused:
+            raise ConfigError(finding.message)
     values: dict[str, Any] = {}
     for setting in declared_settings():
         raw = environ.get(setting.key)
@@ -595,6 +821,61 @@ def pyarrow_installed() -> bool:
         return False
 
 
+# RFC 6749's scope-token: printable ASCII except space, '"' and '\\'.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
+
+
+def _check_oauth(settings: Settings) -> None:
+    """TabPy 2.16's start-up rules for OAuth, each a one-line ConfigError (never auth off)."""
+    missing = [
+        key
+        for key, value in (
+            ("TABPY_OAUTH_ISSUER", settings.oauth_issuer),
+            ("TABPY_OAUTH_JWKS_URI", settings.oauth_jwks_uri),
+        )
+        if not value
+    ]
+    if missing:
+        raise ConfigError(
+            f"TABPY_OAUTH_ENABLED is true but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set"
+        )
+    if not settings.oauth_audience and not settings.oauth_required_scopes:
+        raise ConfigError(
+            "TABPY_OAUTH_ENABLED is true but neither TABPY_OAUTH_AUDIENCE nor "
+            "TABPY_OAUTH_REQUIRED_SCOPES is set: one of them must say which tokens are for "
+            "this server (endpoint scopes only add per-route checks)"
+        )
+    for key, value in (
+        ("TABPY_OAUTH_QUERY_SCOPE", settings.oauth_query_scope),
+        ("TABPY_OAUTH_EVALUATE_SCOPE", settings.oauth_evaluate_scope),
+        ("TABPY_OAUTH_DEPLOY_SCOPE", settings.oauth_deploy_scope),
+        *(("TABPY_OAUTH_REQUIRED_SCOPES", scope) for scope in settings.oauth_required_scopes),
+    ):
+        if not _SCOPE_TOKEN.fullmatch(value):
+            raise ConfigError(
+                f"invalid value for {key}: {value!r} (an OAuth scope is one word of printable "
+                f"characters, without spaces, quotes or backslashes)"
+            )
+    for key, url in (
+        ("TABPY_OAUTH_ISSUER", settings.oauth_issuer),
+        ("TABPY_OAUTH_JWKS_URI", settings.oauth_jwks_uri),
+    ):
+        if not url.lower().startswith("https://"):
+            raise ConfigError(
+                f"invalid value for {key}: {url!r} (must be an https:// URL: the issuer's "
+                f"keys are what every token is checked against)"
+            )
+    try:
+        host = urlsplit(settings.oauth_jwks_uri).hostname
+    except ValueError:
+        host = None
+    if not host:
+        raise ConfigError(
+            f"invalid value for TABPY_OAUTH_JWKS_URI: {settings.oauth_jwks_uri!r} (no host)"
+        )
+
+
 def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
     """Check combinations of settings and fill defaults that depend on other settings."""
     if settings.arrow_enabled:
@@ -616,6 +897,8 @@ def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
             "TABSERVE_USERS = store and TABPY_PWD_FILE are both set: users come from one "
             "place; unset one of them"
         )
+    if settings.oauth_enabled:
+        _check_oauth(settings)
     if "worker_cpu_seconds" not in given:
         settings = replace(settings, worker_cpu_seconds=int(2 * settings.evaluate_timeout) + 10)
     if "worker_memory_mb" not in given:

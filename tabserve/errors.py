@@ -10,6 +10,7 @@ responses.
     ├── BadRequest (400)
     ├── Unauthorized (401)
     ├── Forbidden (403)
+    │   └── InsufficientScope
     ├── NotFound (404)
     │   ├── EvaluateDisabled
     │   └── EndpointNotFound
@@ -75,33 +76,65 @@ class BadRequest(TabserveError):
     default_message = "Bad request"
 
 
-def _challenge(realm: str) -> dict[str, str]:
-    # realm is a quoted-string (RFC 7235): quotes and backslashes in the service name are
-    # escaped, and a control character would make the header invalid.
-    printable = "".join(ch if ch.isprintable() else " " for ch in realm)
-    quoted = printable.replace("\\", "\\\\").replace('"', '\\"')
-    return {"WWW-Authenticate": f'Basic realm="{quoted}"'}
+def _quoted(text: str) -> str:
+    # A quoted-string (RFC 7235): quotes and backslashes are escaped, and a control character
+    # would make the header invalid.
+    printable = "".join(ch if ch.isprintable() else " " for ch in text)
+    return '"' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _challenge(realm: str, scheme: str = "Basic", **params: str) -> dict[str, str]:
+    fields = [f"realm={_quoted(realm)}"] + [f"{k}={_quoted(v)}" for k, v in params.items()]
+    return {"WWW-Authenticate": f"{scheme} {', '.join(fields)}"}
 
 
 class Unauthorized(TabserveError):
-    """Credentials are missing or wrong; ``realm`` is the service name from state.ini."""
+    """Credentials are missing or wrong; ``realm`` is the service name from state.ini.
+
+    ``scheme`` is the challenge's: ``Bearer`` when a token was expected (RFC 6750), with
+    ``error="invalid_token"`` when one was sent.
+    """
 
     status = 401
     default_message = "Invalid credentials provided."
 
     def __init__(
-        self, message: str | None = None, info: Info | None = None, *, realm: str = "TabPy Server"
+        self,
+        message: str | None = None,
+        info: Info | None = None,
+        *,
+        realm: str = "TabPy Server",
+        scheme: str = "Basic",
+        token_sent: bool = False,
     ) -> None:
         super().__init__(message, info if info is not None else "Unauthorized request.")
         self.realm = realm
+        self.scheme = scheme
+        self.token_sent = token_sent
 
     def headers(self) -> dict[str, str]:
-        return _challenge(self.realm)
+        if self.scheme == "Bearer" and self.token_sent:
+            return _challenge(self.realm, "Bearer", error="invalid_token")
+        return _challenge(self.realm, self.scheme)
 
 
 class Forbidden(TabserveError):
     status = 403
     default_message = "Forbidden"
+
+
+class InsufficientScope(Forbidden):
+    """A valid bearer token without the route's endpoint scope (TabPy's 403 and header)."""
+
+    default_message = "Token is missing a required endpoint scope."
+
+    def __init__(self, scope: str, *, realm: str = "TabPy Server") -> None:
+        super().__init__(info=f"Forbidden request. This needs the '{scope}' scope.")
+        self.scope = scope
+        self.realm = realm
+
+    def headers(self) -> dict[str, str]:
+        return _challenge(self.realm, "Bearer", error="insufficient_scope", scope=self.scope)
 
 
 class NotFound(TabserveError):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from helpers import free_port
+from helpers import ServerFactory, free_port
 
 
 def tabserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -121,3 +121,17 @@ def test_broken_state_ini_stops_startup_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "cannot start" in result.stderr and "[Service Info]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unknown_keys_warn_at_start_naming_the_nearest_key(server_factory: ServerFactory) -> None:
+    server = server_factory(env={"TABSERVE_WORKRS": "2"}, TABPY_PWD_FLIE="/etc/passwords.txt")
+    log = server.log()
+    assert (
+        "WARNING tabserve.config unknown setting TABPY_PWD_FLIE in the config file is ignored; "
+        "did you mean TABPY_PWD_FILE?" in log
+    )
+    assert (
+        "unknown setting TABSERVE_WORKRS in the environment is ignored; did you mean "
+        "TABSERVE_WORKERS?" in log
+    )
+    assert "auth off" in log  # the misspelt key really is not used

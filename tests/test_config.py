@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from tabserve.config import ConfigError, Settings, declared_settings, load_settings
+from tabserve.config import (
+    IGNORED_KEYS,
+    TABPY_216_KEYS,
+    ConfigError,
+    Settings,
+    declared_settings,
+    key_findings,
+    known_keys,
+    load_settings,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -173,3 +182,110 @@ def test_operations_settings() -> None:
         load_settings(None, {"TABSERVE_SHUTDOWN_GRACE": "-1"})
     with pytest.raises(ConfigError, match="TABSERVE_METRICS_AUTH"):
         load_settings(None, {"TABSERVE_METRICS_AUTH": "maybe"})
+
+
+# --- no silent settings -----------------------------------------------------------------------
+
+
+def test_every_tabpy_216_key_is_known_and_documented() -> None:
+    declared = {s.key for s in declared_settings()}
+    assert len(TABPY_216_KEYS) == 27 == len(set(TABPY_216_KEYS))
+    assert set(TABPY_216_KEYS) <= known_keys()
+    assert not declared & set(IGNORED_KEYS)  # a key is read or ignored, never both
+    docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    section = docs[docs.index("## TabPy 2.16's keys") :]
+    assert [key for key in TABPY_216_KEYS if f"`{key}`" not in section] == []
+    assert [key for key in IGNORED_KEYS if f"`{key}`" not in section] == []
+
+
+def test_unknown_keys_are_named_with_the_nearest_known_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "[TabPy]\nTABPY_PWD_FLIE = /etc/pwd\nPORT = 9010\nTABPY_PORT = 1\n")
+    environ = {"TABSERVE_WORKRS": "2", "TABPY_WORKERS": "2", "TABSERVE_ZZZ": "1", "HOME": "/"}
+    findings = {f.key: f for f in key_findings(path, environ)}
+    assert set(findings) == {"TABPY_PWD_FLIE", "PORT", "TABSERVE_WORKRS", "TABPY_WORKERS",
+                             "TABSERVE_ZZZ"}  # fmt: skip
+    assert not any(f.refused for f in findings.values())
+    assert findings["TABPY_PWD_FLIE"].message == (
+        "unknown setting TABPY_PWD_FLIE in the config file is ignored; did you mean TABPY_PWD_FILE?"
+    )
+    assert findings["PORT"].message.endswith("did you mean TABPY_PORT?")
+    assert findings["TABSERVE_WORKRS"].message == (
+        "unknown setting TABSERVE_WORKRS in the environment is ignored; "
+        "did you mean TABSERVE_WORKERS?"
+    )
+    assert findings["TABPY_WORKERS"].message.endswith("did you mean TABSERVE_WORKERS?")
+    assert findings["TABSERVE_ZZZ"].message.endswith("is ignored")  # nothing close
+    # Warnings do not stop anything: the settings load, without the misspelt one.
+    settings = load_settings(path, environ)
+    assert settings.port == 1 and settings.password_file is None
+    assert key_findings(None, {"TABPY_PORT": "1", "TABPY_ARROWFLIGHT_PORT": "1"}) == []
+
+
+def test_an_unknown_oauth_key_stops_the_start(tmp_path: Path) -> None:
+    path = write(tmp_path, "[TabPy]\nTABPY_OAUTH_ENABLD = true\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert str(caught.value) == (
+        "TABPY_OAUTH_ENABLD in the config file is an OAuth setting tabserve does not "
+        "implement (did you mean TABPY_OAUTH_ENABLED?); refusing to start rather than ignore "
+        "a security setting"
+    )
+    with pytest.raises(ConfigError, match="TABPY_OAUTH_CLOCK_SKEW in the environment"):
+        load_settings(None, {"TABPY_OAUTH_CLOCK_SKEW": "60"})
+
+
+def test_a_section_tabpy_would_not_read_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "[tabpy]\nTABPY_PORT = 9010\n")
+    (finding,) = key_findings(path, {})
+    assert "[tabpy] is ignored" in finding.message and not finding.refused
+
+
+OAUTH = {
+    "TABPY_OAUTH_ENABLED": "true",
+    "TABPY_OAUTH_ISSUER": "https://idp.example/",
+    "TABPY_OAUTH_JWKS_URI": "https://idp.example/.well-known/jwks.json",
+    "TABPY_OAUTH_AUDIENCE": "tabpy",
+}
+
+
+def test_oauth_settings_as_tabpy_reads_them() -> None:
+    settings = load_settings(
+        None, {**OAUTH, "TABPY_OAUTH_REQUIRED_SCOPES": " a, b ,", "TABPY_OAUTH_LOG_USER": "1"}
+    )
+    assert settings.auth_enabled and settings.auth_methods == ("oauth-jwt",)
+    assert settings.oauth_required_scopes == ("a", "b")
+    assert settings.oauth_log_user and not settings.oauth_enforce_endpoint_scopes
+    scopes = (settings.oauth_query_scope, settings.oauth_evaluate_scope,
+              settings.oauth_deploy_scope)  # fmt: skip
+    assert scopes == ("tabpy:query", "tabpy:evaluate", "tabpy:deploy")
+    # Scopes alone are a boundary too (TabPy 2.16: the audience became optional).
+    load_settings(None, {**OAUTH, "TABPY_OAUTH_AUDIENCE": "", "TABPY_OAUTH_REQUIRED_SCOPES": "a"})
+    # Off, the other OAuth keys are not checked (as in TabPy).
+    assert not load_settings(None, {**OAUTH, "TABPY_OAUTH_ENABLED": "false",
+                                    "TABPY_OAUTH_ISSUER": "http://x"}).auth_enabled  # fmt: skip
+    # Users from the store are Basic users: both methods, as with a password file.
+    with_store_users = load_settings(None, {**OAUTH, "TABSERVE_USERS": "store"})
+    assert with_store_users.auth_methods == ("basic-auth", "oauth-jwt")
+    assert load_settings(None, {"TABSERVE_USERS": "store"}).auth_methods == ("basic-auth",)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"TABPY_OAUTH_ISSUER": ""}, "is true but TABPY_OAUTH_ISSUER is not set"),
+        ({"TABPY_OAUTH_ISSUER": "", "TABPY_OAUTH_JWKS_URI": ""}, "_JWKS_URI are not set"),
+        ({"TABPY_OAUTH_JWKS_URI": "http://idp/j"}, "'http://idp/j' (must be an https:// URL"),
+        ({"TABPY_OAUTH_ISSUER": "idp.example"}, "invalid value for TABPY_OAUTH_ISSUER"),
+        ({"TABPY_OAUTH_JWKS_URI": "https:///jwks"}, "(no host)"),
+        ({"TABPY_OAUTH_AUDIENCE": ""}, "neither TABPY_OAUTH_AUDIENCE nor TABPY_OAUTH_REQUIRED"),
+        ({"TABPY_OAUTH_DEPLOY_SCOPE": ""}, "invalid value for TABPY_OAUTH_DEPLOY_SCOPE: ''"),
+        ({"TABPY_OAUTH_REQUIRED_SCOPES": 'a,"b"'}, "TABPY_OAUTH_REQUIRED_SCOPES: '\"b\"'"),
+        ({"TABPY_OAUTH_ENABLED": "yes please"}, "TABPY_OAUTH_ENABLED"),
+    ],
+)  # fmt: skip
+def test_oauth_on_without_what_it_needs_stops_the_start(
+    change: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {**OAUTH, **change})
+    assert expected in str(caught.value) and "\n" not in str(caught.value)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from idp import IdP
 from pki import DAY, NOW, Pki, issue, make_pki
 
 from tabserve.commands.doctor import Check, diagnose
@@ -194,3 +195,55 @@ def test_config_option_before_the_subcommand(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert result.returncode == 0 and "Evaluate off" in result.stdout
+
+
+def test_unknown_and_refused_keys_are_reported_as_at_start(tmp_path: Path) -> None:
+    path = config(tmp_path, TABPY_PWD_FLIE="/etc/passwords.txt")
+    checks = diagnose(str(path), {"TABSERVE_WORKRS": "2"})
+    warnings = lines(checks, "warning", "config")
+    assert (
+        "unknown setting TABPY_PWD_FLIE in the config file is ignored; did you mean "
+        "TABPY_PWD_FILE?" in warnings
+    )
+    assert "TABSERVE_WORKRS in the environment is ignored; did you mean TABSERVE_WORKERS?" in (
+        warnings
+    )
+    assert failures(checks) == []
+
+    refused = config(tmp_path, TABPY_PWD_FLIE="x", TABPY_OAUTH_CLOCK_SKEW="60")
+    result = doctor("--config", str(refused))
+    assert result.returncode == 1
+    assert "[warn] config      unknown setting TABPY_PWD_FLIE" in result.stdout
+    assert (
+        "[FAIL] config      TABPY_OAUTH_CLOCK_SKEW in the config file is an OAuth setting "
+        "tabserve does not implement" in result.stdout
+    )
+    assert result.stdout.count("TABPY_OAUTH_CLOCK_SKEW") == 1
+
+
+def test_oauth_checks_fetch_the_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    provider = IdP(tmp_path)
+    try:
+        provider.new_key("ec-1")
+        settings = {
+            "TABPY_OAUTH_ENABLED": "true",
+            "TABPY_OAUTH_ISSUER": "https://idp.example/",
+            "TABPY_OAUTH_JWKS_URI": provider.jwks_uri,
+            "TABPY_OAUTH_REQUIRED_SCOPES": "tabpy",
+        }
+        monkeypatch.setenv("SSL_CERT_FILE", str(provider.ca_file))
+        blocked = diagnose(str(config(tmp_path, **settings)), {})
+        assert "non-public addresses (127.0.0.1)" in "\n".join(failures(blocked))
+        allowed = {**settings, "TABPY_OAUTH_ALLOW_NONPUBLIC_JWKS": "true"}
+        checks = diagnose(str(config(tmp_path, **allowed)), {})
+        assert failures(checks) == []
+        ok = lines(checks, "ok", "oauth")
+        assert "OAuth bearer tokens on: issuer 'https://idp.example/'" in ok
+        assert "JWKS fetched: signing keys ec-1." in ok
+        assert "allowed by TABPY_OAUTH_ALLOW_NONPUBLIC_JWKS" in lines(checks, "warning", "oauth")
+        assert "Authentication OFF" not in "\n".join(c.message for c in checks)
+        monkeypatch.delenv("SSL_CERT_FILE")
+        untrusted = diagnose(str(config(tmp_path, **allowed)), {})
+        assert "every bearer token gets 401" in "\n".join(failures(untrusted))
+    finally:
+        provider.close()

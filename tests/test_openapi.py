@@ -55,6 +55,27 @@ def test_a_route_without_a_description_stops_the_document() -> None:
         openapi.document((*ROUTES, undocumented))
 
 
+def test_a_guarded_verb_without_a_403_stops_the_document() -> None:
+    """A permission in the route table, a token's included, can be refused: the operation
+    must list 403 (the upload destination's is only for a token without the deploy scope)."""
+    paths = openapi.document(ROUTES)["paths"]
+    assert "403" in paths["/configurations/endpoint_upload_destination"]["get"]["responses"]
+    guarded = Route("/info", route_for("/info").handler, token_permissions={"GET": "manage"})
+    routes = tuple(guarded if route.path == "/info" else route for route in ROUTES)
+    with pytest.raises(ValueError, match="lists no 403"):
+        openapi.document(routes)
+
+
+def test_bearer_tokens_are_a_security_scheme() -> None:
+    components = openapi.document(ROUTES)["components"]
+    assert components["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+    }
+    assert {"bearer": []} in openapi.document(ROUTES)["security"]
+
+
 def api_md_headings(text: str) -> set[tuple[str, str]]:
     """(METHOD, path) from headings such as '## GET /a, GET /b/<name>' or '## GET|POST /q'."""
     found = set()

@@ -23,9 +23,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TextIO
 
-from tabserve.config import ConfigError, Settings, load_settings
+from tabserve.config import ConfigError, Settings, key_findings, load_settings
 from tabserve.server import sandbox
 from tabserve.server.findings import ERROR, INFO, OK, WARNING, Finding, Level
+from tabserve.server.oauth import (
+    JwksUnavailable,
+    OAuthConfig,
+    OAuthConfigError,
+    check_jwks_host,
+    fetch_jwks,
+    parse_key_set,
+)
 from tabserve.server.tls import (
     CertificateReport,
     TLSConfigError,
@@ -90,11 +98,23 @@ def diagnose(
 ) -> list[Check]:
     """Every check, in the order an operator would fix them."""
     try:
-        settings = load_settings(config, environ)
+        findings = key_findings(config, environ)
     except ConfigError as exc:
         return [Check(ERROR, "config", str(exc))]
+    # The keys that are not settings, as the server names them at start: unknown ones warn,
+    # refused ones stop it.
+    key_checks = [
+        Check(ERROR if finding.refused else WARNING, "config", finding.message)
+        for finding in findings
+    ]
+    try:
+        settings = load_settings(config, environ)
+    except ConfigError as exc:
+        if str(exc) in {check.message for check in key_checks}:
+            return key_checks
+        return [*key_checks, Check(ERROR, "config", str(exc))]
     source = f"Configuration read from {config}" if config else "No config file: defaults"
-    checks = [Check(OK, "config", f"{source} and the environment.")]
+    checks = [Check(OK, "config", f"{source} and the environment."), *key_checks]
     checks += network_checks(settings)
     checks += tls_checks(settings, host=host, now=now)
     checks += auth_checks(settings)
@@ -253,19 +273,78 @@ def _context_checks(settings: Settings) -> list[Check]:
 
 
 def auth_checks(settings: Settings) -> list[Check]:
-    if settings.password_file is None:
-        if settings.loopback_only:
-            return [Check(INFO, "auth", "Authentication off: anyone on this machine may call.")]
+    checks = _basic_checks(settings) if settings.password_file is not None else []
+    if settings.users == "store":
+        checks.append(Check(OK, "auth", "Authentication on (HTTP Basic): users from the store."))
+    if settings.oauth_enabled:
+        checks += oauth_checks(settings)
+    if settings.auth_enabled:
+        return checks
+    if settings.loopback_only:
+        return [Check(INFO, "auth", "Authentication off: anyone on this machine may call.")]
+    return [
+        Check(
+            WARNING,
+            "auth",
+            "Authentication OFF on an address other machines can reach: anyone who can "
+            "connect can run code on this machine. Set TABPY_PWD_FILE (create it with "
+            "'tabserve user add') or turn on OAuth (TABPY_OAUTH_ENABLED).",
+        )
+    ]
+
+
+def oauth_checks(settings: Settings) -> list[Check]:
+    """OAuth's settings, the JWKS host, and the key set fetched now, as the server would."""
+    config = OAuthConfig.from_settings(settings)
+    boundary = [f"audience {config.audience!r}"] if config.audience else []
+    if config.required_scopes:
+        boundary.append(f"required scopes {', '.join(config.required_scopes)}")
+    enforced = "enforced" if config.enforce_endpoint_scopes else "not enforced"
+    checks = [
+        Check(
+            OK,
+            "oauth",
+            f"OAuth bearer tokens on: issuer {config.issuer!r}, {' and '.join(boundary)}; "
+            f"endpoint scopes ({', '.join(config.info()['endpoint_scopes'])}) {enforced}.",
+        )
+    ]
+    checks += [Check(WARNING, "oauth", warning) for warning in config.warnings()]
+    try:
+        allowed = check_jwks_host(config)
+    except OAuthConfigError as exc:
+        return [*checks, Check(ERROR, "oauth", f"{exc}.")]
+    if allowed:
+        checks.append(Check(WARNING, "oauth", f"{allowed[0].upper()}{allowed[1:]}."))
+    try:
+        keys, skipped = parse_key_set(
+            fetch_jwks(config.jwks_uri, allow_nonpublic=config.allow_nonpublic)
+        )
+    except (JwksUnavailable, ValueError) as exc:
         return [
+            *checks,
+            Check(ERROR, "oauth", f"{exc}: every bearer token gets 401 until it can be."),
+        ]
+    if not keys:
+        why = "; ".join(skipped) or "it is empty"
+        message = f"The JWKS at {config.jwks_uri} has no usable signing key ({why})."
+        return [*checks, Check(ERROR, "oauth", message)]
+    checks.append(Check(OK, "oauth", f"JWKS fetched: signing keys {', '.join(sorted(keys))}."))
+    if skipped:
+        checks.append(Check(INFO, "oauth", f"JWKS entries not used: {'; '.join(skipped)}."))
+    if not settings.tls_enabled and not settings.loopback_only:
+        checks.append(
             Check(
                 WARNING,
-                "auth",
-                "Authentication OFF on an address other machines can reach: anyone who can "
-                "connect can run code on this machine. Set TABPY_PWD_FILE (create it with "
-                "'tabserve user add').",
+                "oauth",
+                "Bearer tokens are sent in clear text: no TLS on a network address. Turn on https.",
             )
-        ]
+        )
+    return checks
+
+
+def _basic_checks(settings: Settings) -> list[Check]:
     path = settings.password_file
+    assert path is not None
     try:
         parsed = read_password_file(path)
     except PasswordFileError as exc:

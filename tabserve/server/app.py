@@ -33,6 +33,7 @@ from .flight import FlightService
 from .handlers import log_request
 from .health import Readiness, Verdict
 from .metrics import Metrics
+from .oauth import BearerVerifier, check_jwks_host
 from .registry import EndpointRegistry
 from .routes import ROUTES, UNMATCHED
 from .sandbox import SandboxReport, start_pool
@@ -133,7 +134,8 @@ def banner(
     text = (
         f"tabserve {__version__} listening on {scheme}://{shown}:{port}\n"
         f"  bind {host}:{port} | TLS {on(settings.tls_enabled)} | "
-        f"auth {on(settings.auth_enabled)} | evaluate {on(settings.evaluate_enabled)} | "
+        f"auth {on(settings.auth_enabled)}{_methods(settings)} | "
+        f"evaluate {on(settings.evaluate_enabled)} | "
         f"{settings.workers} workers | {store_shown(settings)}"
     )
     if sandbox is not None:
@@ -193,9 +195,33 @@ def store_entries(store: Store) -> dict[str, PasswordEntry]:
     }
 
 
-def load_authenticator(settings: Settings, realm: str, store: Store) -> Authenticator:
-    """Users from the store, or the password file (raises ``PasswordFileError``); auth is
-    off with neither."""
+def _methods(settings: Settings) -> str:
+    names = {"basic-auth": "basic", "oauth-jwt": "oauth"}
+    methods = [names[method] for method in settings.auth_methods]
+    return f" ({', '.join(methods)})" if methods else ""
+
+
+def load_bearer(settings: Settings) -> BearerVerifier | None:
+    """OAuth's token checker, when on; raises ``OAuthConfigError`` for a JWKS host that is
+    not public (unless allowed) or does not resolve. Nothing is fetched yet."""
+    if not settings.oauth_enabled:
+        return None
+    bearer = BearerVerifier.from_settings(settings)
+    for warning in [check_jwks_host(bearer.config), *bearer.config.warnings()]:
+        if warning:
+            log.warning("OAuth: %s", warning)
+    log.info(
+        "OAuth bearer tokens on: issuer %s, keys from %s", settings.oauth_issuer,
+        settings.oauth_jwks_uri,
+    )  # fmt: skip
+    return bearer
+
+
+def load_authenticator(
+    settings: Settings, realm: str, store: Store, bearer: BearerVerifier | None = None
+) -> Authenticator:
+    """Users from the store, or the password file (raises ``PasswordFileError``), and
+    ``bearer`` for tokens; auth is off with none of them."""
     if settings.users == "store":
         auth = Authenticator.from_entries(
             store_entries(store), realm=realm, max_delay=settings.auth_max_delay
@@ -204,16 +230,18 @@ def load_authenticator(settings: Settings, realm: str, store: Store) -> Authenti
             "Authentication on: %d user(s) in the store (followed as it changes)",
             auth.user_count,
         )
+        auth.bearer = bearer
         return auth
     auth = Authenticator.from_file(
         settings.password_file, realm=realm, max_delay=settings.auth_max_delay
     )
-    if auth.enabled:
+    if auth.cache is not None:
         log.info(
             "Authentication on: %d user(s) in %s (re-read when it changes, or on SIGHUP)",
             auth.user_count,
             settings.password_file,
         )
+    auth.bearer = bearer
     return auth
 
 
@@ -281,13 +309,17 @@ def readiness_checks(
 
 
 async def build_services(
-    settings: Settings, executor: Executor, sandbox: SandboxReport
+    settings: Settings,
+    executor: Executor,
+    sandbox: SandboxReport,
+    bearer: BearerVerifier | None = None,
 ) -> Services:
     """Everything the handlers use, around a started pool and its sandbox report.
 
     Opens the configured store (raising ``StoreUnavailable`` or ``StateError``), starts
     checking the deployed endpoints in the background, loads the users (raising
-    ``PasswordFileError``) and, with ``TABPY_ARROW_ENABLE``, starts the Arrow Flight service.
+    ``PasswordFileError``; ``bearer`` checks tokens) and, with ``TABPY_ARROW_ENABLE``,
+    starts the Arrow Flight service.
     ``Services.close`` stops all of it, the store included.
     """
     store = await asyncio.to_thread(open_configured_store, settings)
@@ -306,7 +338,7 @@ async def build_services(
     try:
         await endpoints.start()
         service = service_info_from(endpoints.registry.service)
-        auth = await asyncio.to_thread(load_authenticator, settings, service.name, store)
+        auth = await asyncio.to_thread(load_authenticator, settings, service.name, store, bearer)
         if settings.users == "store":
             endpoints.on_refresh.append(_follow_users(auth, store))
         requests = RequestTracker()
@@ -356,15 +388,22 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
     workers, killing any still running.
     """
     signals = _SignalWatch()
+    # A JWKS host that must not be used stops the start before anything else starts.
+    bearer = load_bearer(settings)
     # Workers start first, before anything secret (passwords, the TLS key) is loaded into
     # this process; the sandbox self-check runs before any deployed code is loaded.
     executor, sandbox = await start_pool(settings)
     services: Services | None = None
+    warm_keys: asyncio.Task[None] | None = None
     try:
-        services = await build_services(settings, executor, sandbox)
+        services = await build_services(settings, executor, sandbox, bearer)
         # SIGHUP re-reads the password file (and no longer kills the server, its default).
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, services.auth.reload)
         server = make_http_server(services, tls_context(settings))
+        if services.auth.bearer is not None:
+            # Fetched now, in the background, so the first token need not wait for it; a
+            # failure is logged and retried when a token comes.
+            warm_keys = asyncio.create_task(services.auth.bearer.keys.refresh())
         sockets = bind_sockets(settings.port, settings.bind_address or None)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
@@ -380,6 +419,8 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.close_all_connections(), 1.0)
     finally:
+        if warm_keys is not None:
+            warm_keys.cancel()
         if services is not None:
             await services.close()
         await executor.close()

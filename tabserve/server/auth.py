@@ -1,8 +1,10 @@
 """Request authentication: an ``Authorization`` header and a client address in, a user out.
 
 With a password file (``TABPY_PWD_FILE``) every API request must carry HTTP Basic
-credentials (RFC 7617) of a user in the file; without one, credentials are refused with
-TabPy's 406, because a client that sends them believes they protect something.
+credentials (RFC 7617) of a user in the file; with ``TABPY_OAUTH_ENABLED``, a JWT bearer
+token (``oauth.BearerVerifier``). With both, the header's scheme picks the method, as in
+TabPy: ``Bearer`` goes to OAuth, anything else to Basic. With neither, credentials are
+refused with TabPy's 406, because a client that sends them believes they protect something.
 
 * The header is split at the **first** ``:``, so passwords may contain ``:`` (TabPy splits at
   every ``:`` and such passwords never work there). The scheme name is case-insensitive.
@@ -17,6 +19,11 @@ TabPy's 406, because a client that sends them believes they protect something.
   from one address, the 401 is delayed
   (:class:`~tabserve.server.credentials.FailureThrottle`); valid credentials are never
   delayed, since Tableau Server sends every user's requests from the same few addresses.
+
+A bearer token's user holds the permissions its scopes grant: all of them, unless
+``TABPY_OAUTH_ENFORCE_ENDPOINT_SCOPES``; then ``evaluate``, ``query`` and ``manage`` come from
+the evaluate, query and deploy scopes, and a missing one is TabPy's 403 with
+``WWW-Authenticate: Bearer error="insufficient_scope"``.
 
 Nothing here knows HTTP framing: handlers pass the header value and the address, and get a
 :class:`~tabserve.server.credentials.User` or a :class:`~tabserve.errors.TabserveError`.
@@ -38,7 +45,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..errors import Forbidden, NotAcceptable, Unauthorized
+from ..errors import Forbidden, InsufficientScope, NotAcceptable, Unauthorized
 from ..store.passwords import (
     ALL_PERMISSIONS,
     PERMISSION_ORDER,
@@ -46,11 +53,15 @@ from ..store.passwords import (
     normalize_username,
 )
 from .credentials import AuthResult, CredentialCache, FailureThrottle, User
+from .oauth import BearerVerifier, TokenRejected, granted_scopes
 
 log = logging.getLogger("tabserve.auth")
 
 # Who a request runs as when authentication is off: allowed everything, as in TabPy.
 ANONYMOUS = User("", ALL_PERMISSIONS)
+
+# The endpoint scope (TabPy's name; the configured scope for it) each permission needs.
+_SCOPE_FOR = {"evaluate": "evaluate", "query": "query", "manage": "deploy"}
 
 # What each permission allows, for 403 messages.
 _ALLOWS = {
@@ -135,11 +146,22 @@ def is_connection_test(body: bytes, encoding: str = "") -> bool:
     return isinstance(script, str) and script.strip() == _CONNECTION_TEST_SCRIPT
 
 
-class Authenticator:
-    """Checks requests against the password file, or refuses credentials when there is none.
+def _token_identity(issuer: str, subject: object, token: str) -> str:
+    """Who a token's user is, for owning things (Flight tables): its subject at the issuer,
+    hashed so that the sub is never shown where TABPY_OAUTH_LOG_USER is off. The ':' keeps
+    it apart from every password-file name (which cannot hold one); a token without a sub
+    is only itself, so it shares with no other token."""
+    who = f"{issuer}\0{subject}" if isinstance(subject, str) else f"\0{token}"
+    return "bearer:" + hashlib.sha256(who.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
-    ``cache`` None means authentication is off. ``sleep`` is how the 401 delay is waited
-    for (a parameter so that tests need not wait).
+
+class Authenticator:
+    """Checks requests against the password file and bearer tokens, or refuses credentials
+    when there is neither.
+
+    ``cache`` None means no Basic authentication, ``bearer`` None no OAuth; both None means
+    authentication is off. ``sleep`` is how the 401 delay is waited for (a parameter so that
+    tests need not wait).
     """
 
     def __init__(
@@ -149,8 +171,10 @@ class Authenticator:
         realm: str,
         throttle: FailureThrottle | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        bearer: BearerVerifier | None = None,
     ) -> None:
         self.cache = cache
+        self.bearer = bearer
         self.realm = realm
         self.throttle = throttle
         self._sleep = sleep
@@ -187,7 +211,7 @@ class Authenticator:
 
     @property
     def enabled(self) -> bool:
-        return self.cache is not None
+        return self.cache is not None or self.bearer is not None
 
     @property
     def user_count(self) -> int:
@@ -195,8 +219,13 @@ class Authenticator:
 
     async def authenticate(self, header: str | None, client: str) -> User:
         """The user a request runs as; raises Unauthorized (401) or NotAcceptable (406)."""
-        if self.cache is None:
+        if not self.enabled:
             return self._without_auth(header, client)
+        if self.bearer is not None:
+            scheme = header.strip().partition(" ")[0].lower() if header else ""
+            if scheme == "bearer" or self.cache is None:
+                return await self._authenticate_bearer(self.bearer, header, client)
+        assert self.cache is not None
         if header is None:
             raise self._refuse(client, "no Authorization header")
         try:
@@ -215,9 +244,14 @@ class Authenticator:
         raise self._refuse(client, f"{reason} {name}")
 
     def authorize(self, user: User, permission: str | None) -> None:
-        """Raise Forbidden (403) unless ``user`` holds ``permission`` (None: any user may)."""
+        """Raise Forbidden (403) unless ``user`` holds ``permission`` (None: any user may);
+        for a token, InsufficientScope naming the scope."""
         if permission is None or user.can(permission):
             return
+        if user.scopes is not None and self.bearer is not None:
+            scope = self.bearer.config.scopes[_SCOPE_FOR.get(permission, permission)]
+            log.warning("Permission denied: the bearer token lacks the scope %r", scope)
+            raise InsufficientScope(scope, realm=self.realm)
         granted = ",".join(p for p in PERMISSION_ORDER if p in user.permissions) or "nothing"
         log.warning(
             "Permission denied: user %s lacks %r (has %s)", _shown(user.name), permission, granted
@@ -229,22 +263,68 @@ class Authenticator:
         )
 
     def authorize_evaluate(self, user: User, body: bytes, encoding: str) -> None:
-        """Like ``authorize(user, "evaluate")``, but Tableau's connection test is allowed."""
-        if user.can("evaluate") or is_connection_test(body, encoding):
+        """Like ``authorize(user, "evaluate")``, but Tableau's connection test is allowed to
+        password-file users (a token needs the evaluate scope even for that, as in TabPy)."""
+        if user.can("evaluate") or (user.scopes is None and is_connection_test(body, encoding)):
             return
         self.authorize(user, "evaluate")
+
+    def script_query_refusal(self, user: User) -> str | None:
+        """Why ``tabpy.query()`` inside this user's script is refused, or None if allowed.
+
+        A token needs the query scope for it, as TabPy's nested /query call forwards the
+        token; a password-file user's ``evaluate`` permission is enough (docs/security.md).
+        """
+        if user.scopes is None or user.can("query") or self.bearer is None:
+            return None
+        scope = self.bearer.config.scopes["query"]
+        return f"tabpy.query() needs the '{scope}' scope, which the caller's token lacks"
 
     def reload(self) -> bool:
         """Re-read the password file now (SIGHUP); True when a new version was loaded."""
         if self.cache is None:
-            log.info("No password file to reload: authentication is off")
+            log.info("No password file to reload (TABPY_PWD_FILE is not set)")
             return False
         return self.cache.reload_if_changed(force=True)
 
     def close(self) -> None:
+        if self.bearer is not None:
+            self.bearer.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+    async def _authenticate_bearer(
+        self, bearer: BearerVerifier, header: str | None, client: str
+    ) -> User:
+        if header is None:
+            raise self._refuse(client, "no Authorization header", scheme="Bearer")
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer":
+            reason = f"unsupported scheme {_shown(scheme, 20)} (only Bearer is accepted)"
+            raise self._refuse(client, reason, scheme="Bearer")
+        if not token:
+            raise self._refuse(client, "Bearer scheme without a token", scheme="Bearer")
+        try:
+            claims = await bearer.verify(token)
+        except TokenRejected as exc:
+            log.warning("Authentication failed from %s: bearer token rejected: %s", client, exc)
+            raise Unauthorized(realm=self.realm, scheme="Bearer", token_sent=True) from None
+        config = bearer.config
+        scopes = granted_scopes(claims)
+        if config.enforce_endpoint_scopes:
+            permissions = frozenset(
+                permission
+                for permission, name in _SCOPE_FOR.items()
+                if config.scopes[name] in scopes
+            )
+        else:
+            permissions = ALL_PERMISSIONS
+        subject = claims.get("sub")
+        # Named only when TABPY_OAUTH_LOG_USER says so: a sub is often an e-mail address.
+        name = subject if config.log_user and isinstance(subject, str) else ""
+        return User(name, permissions, scopes, _token_identity(config.issuer, subject, token))
 
     def _without_auth(self, header: str | None, client: str) -> User:
         if header is None:
@@ -301,6 +381,6 @@ class Authenticator:
             )
             await self._sleep(delay)
 
-    def _refuse(self, client: str, reason: str) -> Unauthorized:
+    def _refuse(self, client: str, reason: str, scheme: str = "Basic") -> Unauthorized:
         log.warning("Authentication failed from %s: %s", client, reason)
-        return Unauthorized(realm=self.realm)
+        return Unauthorized(realm=self.realm, scheme=scheme)

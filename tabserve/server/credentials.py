@@ -35,13 +35,26 @@ log = logging.getLogger("tabserve.passwords")  # the name these lines always had
 
 @dataclass(frozen=True)
 class User:
-    """An authenticated user: what the server needs after a successful check."""
+    """An authenticated user: what the server needs after a successful check.
+
+    ``scopes`` is None for a password-file user; for a bearer token, its granted scopes
+    (its permissions are then derived from them, see ``auth.Authenticator``). ``identity``
+    is set for a token: whose it is, even when ``name`` is empty (TABPY_OAUTH_LOG_USER off).
+    """
 
     name: str
     permissions: frozenset[str] = ALL_PERMISSIONS
+    scopes: frozenset[str] | None = None
+    identity: str | None = None
 
     def can(self, permission: str) -> bool:
         return permission in self.permissions
+
+    @property
+    def owner(self) -> str:
+        """Whose per-user things (Flight tables) a request touches: the user's name, or a
+        token's identity, so that tokens of different subjects never share."""
+        return self.name if self.identity is None else self.identity
 
 
 def _user(entry: PasswordEntry) -> User:

@@ -348,7 +348,9 @@ class FlightService:
             # the peer's address, so repeated failures slow down Flight logins as a whole.
             user = await self.auth.authenticate(message.get("header"), "Arrow Flight client")
             self.auth.authorize(user, message.get("permission"))
-            answer = {"user": user.name, "permissions": sorted(user.permissions)}
+            # The owner, not the name: a token's user may have no name, and must still have
+            # tables of its own (auth._token_identity).
+            answer = {"user": user.owner, "permissions": sorted(user.permissions)}
         except TabserveError as exc:
             # A 403's info says which permission was missing; its message speaks of HTTP.
             detail = exc.info if exc.status == 403 and isinstance(exc.info, str) else ""
@@ -442,13 +444,17 @@ class FlightService:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        table = await self.take(user.name, path)
+        table = await self.take(user.owner, path)
+        options: dict[str, Any] = {"encoding": encoding}
+        refusal = self.auth.script_query_refusal(user)
+        if refusal is not None:
+            options["query_refusal"] = refusal  # the worker raises it from tabpy.query()
         try:
             result = await self.executor.run(
                 JobKind.EVALUATE_ARROW,
                 body,
                 max(deadline - loop.time(), 0.001),
-                {"encoding": encoding},
+                options,
                 fds=[table],
             )
         finally:
@@ -460,7 +466,7 @@ class FlightService:
                 raise TabserveError(
                     "Internal server error", "The worker handed back a malformed result table."
                 )
-            output = await self.store(user.name, result.fds[0])
+            output = await self.store(user.owner, result.fds[0])
         finally:
             fdpass.close_all(result.fds)
         answer = json.dumps({"outputDataPath": output}).encode()

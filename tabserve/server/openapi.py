@@ -29,7 +29,7 @@ _ENVELOPE = {
 _ERRORS = {
     "400": "The request is malformed; the message says what is wrong.",
     "401": "Authentication is on and the credentials are missing or wrong.",
-    "403": "The user may not use this route.",
+    "403": "The user may not use this route (a bearer token: it lacks the route's scope).",
     "404": "Unknown path, endpoint, or /evaluate disabled.",
     "405": "The method is not supported on this path.",
     "406": "Credentials were sent to a server without authentication.",
@@ -226,6 +226,12 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
         described = {verb for verb in path if verb in VERBS}
         if described != set(route.methods):
             raise ValueError(f"{route.path}: {sorted(described)} described, {route.methods} served")
+        for verb in described:
+            # A verb the route table guards with a permission (a token's scope included)
+            # can be refused with 403; its description must say so.
+            guarded = verb.upper() in route.permissions or verb.upper() in route.token_permissions
+            if guarded and "403" not in path[verb]["responses"]:
+                raise ValueError(f"{route.path}: {verb} needs a permission but lists no 403")
         if route.public is True:
             for verb in described:
                 operation = path[verb]
@@ -241,9 +247,12 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
         },
         "components": {
             "schemas": {"Error": _ENVELOPE, "Endpoint": _ENDPOINT, "Info": _INFO},
-            "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
+            "securitySchemes": {
+                "basic": {"type": "http", "scheme": "basic"},
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            },
         },
-        "security": [{}, {"basic": []}],
+        "security": [{}, {"basic": []}, {"bearer": []}],
         "paths": paths,
     }
 
@@ -394,7 +403,7 @@ def _operations() -> dict[str, dict[str, Any]]:
             "get": _operation(
                 "Where TabPy's client stages pickles",
                 {"200": _json({"type": "object", "required": ["path"]}, "The directory")},
-                (),
+                (403,),  # a bearer token without the deploy scope
             )
         },
     }

@@ -45,6 +45,9 @@ class Route:
     handler: type[BaseHandler]
     # The permission each verb needs beyond a valid login (see store.passwords.PERMISSION_ORDER).
     permissions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Further permissions only a bearer token needs, where TabPy binds an endpoint scope to a
+    # route that password-file users may call freely.
+    token_permissions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Answered without credentials when authentication is on; a function of the settings
     # where a setting decides.
     public: bool | Callable[[Settings], bool] = False
@@ -96,7 +99,12 @@ ROUTES: tuple[Route, ...] = (
     Route("/endpoints", EndpointsHandler, {"POST": "manage"}, trailing_slash=True),
     Route("/endpoints/{name}", EndpointHandler, {"PUT": "manage", "DELETE": "manage"}),
     Route("/query/{name}", QueryHandler, {"GET": "query", "POST": "query"}),
-    Route("/configurations/endpoint_upload_destination", UploadDestinationHandler),
+    # TabPy binds the deploy scope to this route; password-file users need no permission.
+    Route(
+        "/configurations/endpoint_upload_destination",
+        UploadDestinationHandler,
+        token_permissions={"GET": "manage"},
+    ),
 )
 
 # Every path no route matches: public, as in TabPy (a 401 would claim the path exists).

@@ -55,7 +55,7 @@ def evaluate(
         raise TabserveError("Internal server error", "the input table did not reach the worker")
     frame = read_frame(fds[0])
     rows_in = len(frame)
-    result, script_hash = worker.run_script(script, {"_arg1": frame})
+    result, script_hash = worker.run_script(script, {"_arg1": frame}, header.get("query_refusal"))
     del frame  # its memory (possibly the mapped table itself) can go once the script is done
     meta: Telemetry = {"rows_in": rows_in, "script_hash": script_hash}
     if result is None:

@@ -147,6 +147,8 @@ class Worker:
         self.archive_dir_fd: int | None = None
         # Sealed tables a job hands back (an Arrow result); the main loop sends and closes them.
         self.outgoing_fds: list[int] = []
+        # Set for one script whose caller may not query (a token without the scope).
+        self.query_refusal: str | None = None
 
     def set_context(self, context: Context) -> None:
         """The endpoint table (a ``context`` frame) for the jobs that follow."""
@@ -217,7 +219,9 @@ class Worker:
     def evaluate(self, header: JobHeader, payload: bytes) -> tuple[bytes, Telemetry]:
         body = decode_body(payload, header.get("encoding"), self.request_limit, self.gzip_enabled)
         request = EvaluateRequest.parse(parse_json(body))
-        result, script_hash = self.run_script(request.script, request.data)
+        result, script_hash = self.run_script(
+            request.script, request.data, header.get("query_refusal")
+        )
         check_result_length(request.data, result)
         meta: Telemetry = {"rows_in": _rows_in(request.data.values()), "script_hash": script_hash}
         rows_out = count_rows(result)
@@ -225,10 +229,14 @@ class Worker:
             meta["rows_out"] = rows_out
         return encode_result(result), meta
 
-    def run_script(self, script: str, data: dict[str, Any]) -> tuple[Any, str]:
+    def run_script(
+        self, script: str, data: dict[str, Any], query_refusal: str | None = None
+    ) -> tuple[Any, str]:
         """Run ``script`` with ``data`` (``_arg1`` … ``_argN``) as arguments: (result, hash).
 
         A failure of the script (or its syntax) raises ScriptError in TabPy's shape.
+        ``query_refusal``, when given, is what ``tabpy.query()`` raises in this script (its
+        caller's token lacks the query scope).
         """
         # The text itself only at DEBUG: scripts can embed data or credentials.
         script_hash = hashlib.sha256(script.encode("utf-8", "surrogatepass")).hexdigest()[:12]
@@ -238,6 +246,7 @@ class Worker:
         except ScriptSyntaxError as exc:
             raise ScriptError(info=str(exc)) from None
         function = load_function(code, fresh_namespace())
+        self.query_refusal = query_refusal
         try:
             result = function(self.tabpy, **data)
         except MemoryError:
@@ -245,6 +254,8 @@ class Worker:
         except (Exception, SystemExit) as exc:
             log.error("script %s failed", script_hash, exc_info=exc)
             raise ScriptError(info=describe_exception(exc)) from None
+        finally:
+            self.query_refusal = None
         return result, script_hash
 
     def query(self, header: JobHeader, payload: bytes) -> tuple[bytes, Telemetry]:
@@ -281,6 +292,8 @@ class Worker:
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> dict[str, Any]:
         """``tabpy.query`` inside a script: the deployed function, called in this process."""
+        if self.query_refusal is not None:
+            raise EndpointError(self.query_refusal)
         try:
             return self.call_endpoint(name, args, kwargs)
         except EndpointUnavailable as failure:

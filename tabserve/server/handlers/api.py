@@ -19,7 +19,13 @@ class InfoHandler(BaseHandler):
         settings = self.services.settings
         features: dict[str, Any] = {}
         if settings.auth_enabled:
-            features["authentication"] = {"required": True, "methods": {"basic-auth": {}}}
+            methods: dict[str, Any] = {}
+            if "basic-auth" in settings.auth_methods:  # the password file, or store users
+                methods["basic-auth"] = {}
+            bearer = self.services.auth.bearer
+            if bearer is not None:
+                methods["oauth-jwt"] = bearer.config.info()
+            features["authentication"] = {"required": True, "methods": methods}
         # A failed sandbox self-check refuses ad-hoc scripts: Tableau should know up front.
         features["evaluate_enabled"] = settings.evaluate_enabled and self.services.sandbox.ok
         features["gzip_enabled"] = settings.gzip_enabled
@@ -55,14 +61,16 @@ class EvaluateHandler(BaseHandler):
                 self.user, path, self.body, self.content_encoding, settings.evaluate_timeout
             )
         else:
-            # The 'evaluate' permission, checked here: Tableau's connection test is exempt.
+            # The 'evaluate' permission, checked here: Tableau's connection test is exempt
+            # (for password-file users; a token needs the evaluate scope even for that).
             self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
             self.services.sandbox.require_evaluate()
+            options: dict[str, Any] = {"encoding": self.content_encoding}
+            refusal = self.services.auth.script_query_refusal(self.user)
+            if refusal is not None:
+                options["query_refusal"] = refusal  # the worker raises it from tabpy.query()
             result = await self.services.executor.run(
-                JobKind.EVALUATE,
-                self.body,
-                settings.evaluate_timeout,
-                {"encoding": self.content_encoding},
+                JobKind.EVALUATE, self.body, settings.evaluate_timeout, options
             )
         self.meta = result.meta
         self.add_cors_headers()

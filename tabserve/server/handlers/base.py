@@ -149,8 +149,11 @@ class BaseHandler(RequestHandler):
             self.user = await auth.authenticate(
                 self.request.headers.get("Authorization"), self.request.remote_ip or "?"
             )
-            permission = self.route.permissions.get(self.request.method or "GET")
-            auth.authorize(self.user, permission)
+            method = self.request.method or "GET"
+            needed = self.route.permissions.get(method)
+            if needed is None and self.user.scopes is not None:
+                needed = self.route.token_permissions.get(method)
+            auth.authorize(self.user, needed)
         except TabserveError as refusal:
             if self._expects_continue:
                 raise  # the client waits for our answer before sending the body
@@ -342,5 +345,8 @@ def log_request(handler: RequestHandler) -> None:
         fields["caller"] = request.remote_ip
         fields["client"] = headers.get("TabPy-Client")
         fields["user"] = headers.get("TabPy-User")
+        # Who authenticated, as TabPy logs it: the password-file user, or a token's sub with
+        # TABPY_OAUTH_LOG_USER (otherwise a token's caller stays unnamed).
+        fields["auth_user"] = handler.user.name or None
     summary = f"{request.method} {request.path} {status} {fields['duration_ms']}ms"
     access_log.log(level, logs.AccessRecord(summary, fields))
