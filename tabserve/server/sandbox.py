@@ -587,6 +587,16 @@ def _assess_limits(
         findings.append((INFO, confined.nproc_note))
 
 
+def _start_ticks() -> str | None:
+    """This process's start time as the self-check job reads it (worker.self_check's
+    start_ticks, not imported: the server does not import worker modules)."""
+    try:
+        with open(f"/proc/{os.getpid()}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
 async def run_self_check(
     settings: Settings, confined: Confinement, executor: Executor
 ) -> SandboxReport:
@@ -602,6 +612,7 @@ async def run_self_check(
             "outside": "/var/tmp" if os.path.isdir("/var/tmp") else "",
             "port": listener.getsockname()[1],
             "server_pid": os.getpid(),
+            "server_start": _start_ticks(),
         }
         try:
             result = await executor.run("self_check", b"", _SELF_CHECK_TIMEOUT, {"params": params})
