@@ -23,7 +23,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import TabserveError
 from ..store.backends import Store, open_store
-from ..store.passwords import PasswordEntry
+from ..store.passwords import PasswordEntry, remove_stale_temps_for
 from ..store.state_dir import ServiceInfo, ensure_state_dir, service_info_from
 from . import openapi
 from .auth import Authenticator
@@ -225,6 +225,8 @@ def load_authenticator(
         )
         auth.bearer = bearer
         return auth
+    if settings.password_file:
+        remove_stale_temps_for(settings.password_file)
     auth = Authenticator.from_file(
         settings.password_file, realm=realm, max_delay=settings.auth_max_delay
     )
