@@ -268,10 +268,19 @@ class StateDirStore:
             parser = read_state(self.state_file)
             change = EndpointChange(read_endpoints(parser))
             yield change
-            for (name, version), data in change.archives.items():
-                _install(self.archives / name / str(version), data)
-            write_endpoints(parser, change.endpoints)
-            atomic_write(self.state_file, _render(parser))
+            installed = []
+            try:
+                for (name, version), data in change.archives.items():
+                    destination = self.archives / name / str(version)
+                    _install(destination, data)
+                    installed.append(destination)
+                write_endpoints(parser, change.endpoints)
+                atomic_write(self.state_file, _render(parser))
+            except BaseException:
+                # A full disk, say: state.ini is as it was, and never names these.
+                for destination in installed:
+                    shutil.rmtree(destination, ignore_errors=True)
+                raise
             for name in change.deleted:
                 shutil.rmtree(self.archives / name, ignore_errors=True)
             for name in change.changed:
