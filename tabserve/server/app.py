@@ -275,6 +275,7 @@ def readiness_checks(
     store: Store,
     sandbox: SandboxReport,
     shared: bool,
+    auth: Authenticator | None = None,
 ) -> None:
     """The built-in checks; other services may add theirs. ``shared``: the store is a
     database shared by replicas (not the state directory)."""
@@ -300,6 +301,8 @@ def readiness_checks(
     readiness.add("store", store_check)
     readiness.add("workers", workers)
     readiness.add("sandbox", sandbox.readiness)  # the start-up self-check's verdict
+    if auth is not None and auth.uses_password_file:
+        readiness.add("passwords", auth.readiness)
     readiness.add("accepting", accepting)
 
 
@@ -343,7 +346,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             warm_keys = asyncio.create_task(auth.bearer.keys.refresh())
         requests = RequestTracker()
         readiness = Readiness()
-        readiness_checks(readiness, executor, requests, store, sandbox, bool(settings.store))
+        readiness_checks(readiness, executor, requests, store, sandbox, bool(settings.store), auth)
         if settings.arrow_enabled:
             flight = FlightService(settings, auth, executor)
             await flight.start()
