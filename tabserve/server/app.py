@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -316,6 +317,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
     signals = _SignalWatch()
     # A JWKS host that must not be used stops the start before anything else starts.
     bearer = load_bearer(settings)
+    _raise_open_files_limit()
     # Workers start first, before anything secret (passwords, the TLS key) is loaded into
     # this process; the sandbox self-check runs before any deployed code is loaded.
     executor, sandbox = await start_pool(settings)
@@ -366,6 +368,9 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
         )
         server = HTTPServer(
             make_app(services),
+            # Tornado's defaults: an hour idle or for the headers, and no limit on the body.
+            idle_connection_timeout=settings.idle_timeout,
+            body_timeout=settings.body_timeout,
             max_body_size=_TRANSPORT_BODY_CAP,
             max_buffer_size=_TRANSPORT_BODY_CAP,
             decompress_request=False,  # workers inflate gzip bodies, with the size cap
@@ -419,6 +424,20 @@ def _follow_users(auth: Authenticator, store: Store) -> Callable[[], None]:
         task.add_done_callback(running.discard)
 
     return schedule
+
+
+def _raise_open_files_limit() -> None:
+    """Every connection is a file descriptor: take the hard limit, where the soft one is
+    lower (often 1024), so thousands of idle keep-alive connections do not refuse the next.
+    Workers get their own limit (TABSERVE_WORKER_OPEN_FILES)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open files limit from %d: %s", soft, exc)
 
 
 async def _drain(requests: RequestTracker, grace: float, signals: _SignalWatch) -> None:
