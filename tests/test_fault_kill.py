@@ -34,6 +34,7 @@ import pytest
 import requests
 
 from conftest import Server
+from tabserve.store.passwords import read_password_file, verify
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -267,22 +268,19 @@ class Lane:
 
     def _check_users(self) -> None:
         assert self.server is not None
-        text = self.password_file.read_text(encoding="utf-8")
-        present = {line.split(" ", 1)[0] for line in text.splitlines() if line.strip()}
-        assert {ADMIN[0], *KEEPERS} <= present, text  # no user is ever lost
+        # The file parses (tabserve's own reader, which the server uses) ...
+        entries = read_password_file(self.password_file).users
+        assert {ADMIN[0], *KEEPERS} <= set(entries)  # no user is ever lost
+        # ... the server still lets the users it always had in ...
         for user, password in KEEPERS.items():
             assert self.server.get("/endpoints", auth=(user, password)).status_code == 200
+        # ... and each edited user is absent or has exactly one of the passwords it was given.
         for user in EDITED:
-            if user not in present:
+            if user not in entries:
                 assert ABSENT in self.users[user], (user, self.users[user])
                 self.users[user] = {ABSENT}
                 continue
-            works = [
-                p
-                for p in self.users[user]
-                if p is not None
-                and self.server.get("/endpoints", auth=(user, p)).status_code == 200
-            ]
+            works = [p for p in self.users[user] if p is not None and verify(entries[user], p)]
             assert len(works) == 1, (user, self.users[user])
             self.users[user] = {works[0]}
 
