@@ -50,14 +50,19 @@ def writable(directory: str) -> bool:
     """Whether a new file can be created in ``directory``; it is removed at once."""
     name = os.path.join(directory, f".tabserve-self-check-{uuid.uuid4().hex}")
     try:
-        with open(name, "xb") as handle:
-            handle.write(b"x")
+        handle = open(name, "xb")  # closed just below, whatever happens
     except OSError:
         return False
     try:
-        os.unlink(name)
+        with handle:
+            handle.write(b"x")
     except OSError:
-        pass
+        pass  # created is what counts: a full disk does not make the directory safe
+    finally:
+        try:
+            os.unlink(name)  # on a full disk too: the probe leaves nothing behind
+        except OSError:
+            pass
     return True
 
 
