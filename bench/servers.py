@@ -106,6 +106,7 @@ class ServerOptions:
     workers: int | None = None
     max_request_mb: int = 200
     arrow: bool = False  # TABPY_ARROW_ENABLE, on a free TABPY_ARROWFLIGHT_PORT
+    settings: dict[str, str] = field(default_factory=dict)  # more tabserve settings
 
 
 @dataclass
@@ -259,6 +260,7 @@ def start_tabserve(python: str, opts: ServerOptions, root: Path) -> Server:
     workdir = Path(tempfile.mkdtemp(prefix="tabserve-", dir=root))
     port = free_port()
     lines = [f"TABSERVE_WORKERS = {opts.workers}"] if opts.workers else []
+    lines += [f"{key} = {value}" for key, value in opts.settings.items()]
     extra: dict[str, str] = {}
     conf = _write_config(workdir, port, opts, lines + _arrow_lines(opts, extra))
     cmd = [python, "-m", "tabserve", "--config", str(conf)]

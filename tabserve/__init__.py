@@ -30,7 +30,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .client import Client, Endpoint, EndpointExists, EndpointStatus, QueryResponse
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BadRequest",

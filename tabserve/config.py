@@ -582,6 +582,19 @@ class Settings:
         "workers are stopped.",
         20.0,
     )
+    idle_timeout: float = setting(
+        "TABSERVE_IDLE_TIMEOUT",
+        _parse_timeout,
+        "Seconds a connection may stay open between requests, and the longest the headers "
+        "of one request may take to arrive; slower clients are disconnected.",
+        75.0,
+    )
+    body_timeout: float = setting(
+        "TABSERVE_BODY_TIMEOUT",
+        _parse_timeout,
+        "Seconds the body of one request may take to arrive in full; a slower upload is cut off.",
+        300.0,
+    )
 
     @property
     def max_request_bytes(self) -> int:

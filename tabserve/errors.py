@@ -24,7 +24,8 @@ responses.
     ├── Overloaded (503)
     ├── SandboxUnavailable (503)
     ├── FlightUnavailable (503)
-    └── StoreUnavailable (503)
+    ├── StoreUnavailable (503)
+    └── InsufficientStorage (507)
 
 This module imports nothing from tabserve, so the client and the worker can use it.
 """
@@ -256,6 +257,14 @@ class StoreUnavailable(TabserveError):
         return {"Retry-After": str(self.retry_after)}
 
 
+class InsufficientStorage(TabserveError):
+    """The state directory is full (ENOSPC, EDQUOT): the change was not made, nothing that
+    was stored before is touched, and the server keeps serving. Retry once space is freed."""
+
+    status = 507
+    default_message = "Not enough space to store the change"
+
+
 _BY_STATUS: dict[int, type[TabserveError]] = {
     cls.status: cls
     for cls in (
@@ -270,6 +279,7 @@ _BY_STATUS: dict[int, type[TabserveError]] = {
         UnsupportedEncoding,
         ScriptError,
         Overloaded,
+        InsufficientStorage,
     )
 }
 

@@ -13,7 +13,7 @@ import cloudpickle
 import pytest
 from pg import PostgresServer
 
-from tabserve.errors import BadRequest, NotFound
+from tabserve.errors import BadRequest, NotFound, StoreUnavailable
 from tabserve.server.registry import EndpointRegistry
 from tabserve.store.backends import open_store
 from tabserve.store.state_dir import ensure_state_dir
@@ -202,7 +202,7 @@ def test_write_is_atomic_when_the_disk_write_fails(
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(StoreUnavailable, match="disk full"):
         registry.add(model("other"))
     monkeypatch.undo()
     assert state_file.read_bytes() == before

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -23,7 +24,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import TabserveError
 from ..store.backends import Store, open_store
-from ..store.passwords import PasswordEntry
+from ..store.passwords import PasswordEntry, remove_stale_temps_for
 from ..store.state_dir import ServiceInfo, ensure_state_dir, service_info_from
 from . import openapi
 from .auth import Authenticator
@@ -232,6 +233,8 @@ def load_authenticator(
         )
         auth.bearer = bearer
         return auth
+    if settings.password_file:
+        remove_stale_temps_for(settings.password_file)
     auth = Authenticator.from_file(
         settings.password_file, realm=realm, max_delay=settings.auth_max_delay
     )
@@ -280,6 +283,7 @@ def readiness_checks(
     store: Store,
     sandbox: SandboxReport,
     shared: bool,
+    auth: Authenticator | None = None,
 ) -> None:
     """The built-in checks; other services may add theirs. ``shared``: the store is a
     database shared by replicas (not the state directory)."""
@@ -305,6 +309,8 @@ def readiness_checks(
     readiness.add("store", store_check)
     readiness.add("workers", workers)
     readiness.add("sandbox", sandbox.readiness)  # the start-up self-check's verdict
+    if auth is not None and auth.uses_password_file:
+        readiness.add("passwords", auth.readiness)
     readiness.add("accepting", accepting)
 
 
@@ -343,7 +349,7 @@ async def build_services(
             endpoints.on_refresh.append(_follow_users(auth, store))
         requests = RequestTracker()
         readiness = Readiness()
-        readiness_checks(readiness, executor, requests, store, sandbox, bool(settings.store))
+        readiness_checks(readiness, executor, requests, store, sandbox, bool(settings.store), auth)
         if settings.arrow_enabled:
             flight = FlightService(settings, auth, executor)
             await flight.start()
@@ -370,8 +376,12 @@ async def build_services(
 
 def make_http_server(services: Services, ssl_options: ssl.SSLContext | None = None) -> HTTPServer:
     """The HTTP server for ``make_app(services)``, with the body handling handlers rely on."""
+    settings = services.settings
     return HTTPServer(
         make_app(services),
+        # Tornado's defaults: an hour idle or for the headers, and no limit on the body.
+        idle_connection_timeout=settings.idle_timeout,
+        body_timeout=settings.body_timeout,
         max_body_size=_TRANSPORT_BODY_CAP,
         max_buffer_size=_TRANSPORT_BODY_CAP,
         decompress_request=False,  # workers inflate gzip bodies, with the size cap
@@ -390,6 +400,7 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
     signals = _SignalWatch()
     # A JWKS host that must not be used stops the start before anything else starts.
     bearer = load_bearer(settings)
+    _raise_open_files_limit()
     # Workers start first, before anything secret (passwords, the TLS key) is loaded into
     # this process; the sandbox self-check runs before any deployed code is loaded.
     executor, sandbox = await start_pool(settings)
@@ -445,6 +456,20 @@ def _follow_users(auth: Authenticator, store: Store) -> Callable[[], None]:
         task.add_done_callback(running.discard)
 
     return schedule
+
+
+def _raise_open_files_limit() -> None:
+    """Every connection is a file descriptor: take the hard limit, where the soft one is
+    lower (often 1024), so thousands of idle keep-alive connections do not refuse the next.
+    Workers get their own limit (TABSERVE_WORKER_OPEN_FILES)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open files limit from %d: %s", soft, exc)
 
 
 async def _drain(requests: RequestTracker, grace: float, signals: _SignalWatch) -> None:

@@ -214,6 +214,10 @@ class Authenticator:
         return self.cache is not None or self.bearer is not None
 
     @property
+    def uses_password_file(self) -> bool:
+        return self.cache is not None and self.cache.path is not None
+
+    @property
     def user_count(self) -> int:
         return len(self.cache.users) if self.cache is not None else 0
 
@@ -286,6 +290,25 @@ class Authenticator:
             log.info("No password file to reload (TABPY_PWD_FILE is not set)")
             return False
         return self.cache.reload_if_changed(force=True)
+
+    def readiness(self) -> tuple[bool, str]:
+        """The ``passwords`` readiness check: False while the file on disk cannot be used.
+
+        The last good copy stays in force meanwhile (a broken edit must not lock everyone
+        out), but an operator must hear of it: a revocation in that edit is not applied.
+        The detail names neither the file nor the parse error (the route is public; the
+        log has both).
+        """
+        if self.cache is None:
+            return True, "authentication off"
+        self.cache.reload_if_changed()  # notices a change even when nobody logs in
+        users = len(self.cache.users)
+        if self.cache.last_error is not None:
+            return False, (
+                f"the password file cannot be read or parsed; the last good copy ({users} "
+                "users) stays in force until it is fixed (the log says why)"
+            )
+        return True, f"{users} users loaded"
 
     def close(self) -> None:
         if self.bearer is not None:

@@ -37,7 +37,9 @@ _ERRORS = {
     "413": "The body (or the inflated gzip body) is over TABPY_MAX_REQUEST_SIZE_MB.",
     "415": "A Content-Encoding this server does not accept.",
     "500": "Error processing script, or the worker running it failed.",
-    "503": "Every worker is busy and the queue is full (Retry-After: 1).",
+    "503": "Every worker is busy and the queue is full (Retry-After: 1); or, for a change "
+    "to endpoints, the store cannot be written.",
+    "507": "The state directory is full: the change was not stored (nothing else changed).",
 }
 
 _ANY_JSON = {"description": "Any JSON value: the script's or function's result."}
@@ -378,7 +380,7 @@ def _operations() -> dict[str, dict[str, Any]]:
             "post": _operation(
                 "Deploy an endpoint (version 1)",
                 {"201": _json(endpoints_map, "The new endpoint, by name")},
-                (400, 403, 500, 503, 408),
+                (400, 403, 500, 503, 408, 507),
                 requestBody=_body(_DEPLOY_BODY, "The endpoint"),
             ),
         },
@@ -388,11 +390,13 @@ def _operations() -> dict[str, dict[str, Any]]:
             "put": _operation(
                 "Update an endpoint (a new version with should_update_version)",
                 {"200": _json(endpoints_map, "The endpoint, by name")},
-                (400, 403, 404, 408, 500, 503),
+                (400, 403, 404, 408, 500, 503, 507),
                 requestBody=_body(_DEPLOY_BODY, "The changes"),
             ),
             "delete": _operation(
-                "Remove an endpoint", {"204": {"description": "Removed"}}, (400, 403, 404)
+                "Remove an endpoint",
+                {"204": {"description": "Removed"}},
+                (400, 403, 404, 503, 507),
             ),
         },
         "/query/{name}": {

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import errno
 import logging
 import re
 import shutil
 import threading
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, InsufficientStorage, NotFound, StoreUnavailable
 from ..store.archives import ARCHIVE_FILE, python_mismatch
 from ..store.backends import Store
 from ..store.records import FINGERPRINT as _FINGERPRINT
@@ -106,7 +108,7 @@ class EndpointRegistry:
         now = int(time.time())
         endpoint = _endpoint_from_request(name, request, version=1, now=now)
         archive = None if endpoint.type == "alias" else self._archive_bytes(endpoint, request)
-        with self._lock, self.store.change() as change:
+        with self._lock, self._writing(f"deploy {name}"), self.store.change() as change:
             if name in change.endpoints:
                 raise BadRequest(f"endpoint {name} already exists.")
             if endpoint.type == "alias":
@@ -123,7 +125,7 @@ class EndpointRegistry:
         Returns the endpoint as it was, as it is now, and the new archive's path, if any.
         """
         new_version = bool(request.get("should_update_version"))
-        with self._lock, self.store.change() as change:
+        with self._lock, self._writing(f"update {name}"), self.store.change() as change:
             old = change.endpoints.get(name)
             if old is None:
                 raise NotFound(f"endpoint {name} does not exist.")
@@ -145,7 +147,7 @@ class EndpointRegistry:
         return old, endpoint, self._committed(change.endpoints, endpoint, archive)
 
     def delete(self, name: str) -> EndpointRecord:
-        with self._lock, self.store.change() as change:
+        with self._lock, self._writing(f"delete {name}"), self.store.change() as change:
             endpoint = change.endpoints.get(name)
             if endpoint is None:
                 raise NotFound(f"endpoint {name} does not exist.")
@@ -175,6 +177,20 @@ class EndpointRegistry:
             else:
                 change.put(previous)
         self._endpoints = dict(change.endpoints)
+
+    @contextlib.contextmanager
+    def _writing(self, change: str) -> Iterator[None]:
+        """A write the file system refuses is a clear error, never a 500: 507 when it is
+        full, 503 otherwise. The store has written nothing that state.ini names."""
+        try:
+            yield
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            log.error("cannot %s: writing %s failed: %s", change, self.store.shown, reason)
+            info = f"{change}: the {self.store.shown} said: {reason}"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorage(info=info) from None
+            raise StoreUnavailable(info=info) from None
 
     def _committed(
         self, endpoints: dict[str, EndpointRecord], endpoint: EndpointRecord, archive: bytes | None

@@ -36,6 +36,9 @@ _WRITE_LOCK_KEY = 0x74616273
 CHANGES_CHANNEL = "tabserve_changes"
 
 
+_DISK_HINT = " (is its disk full or read-only?)"
+
+
 class StoreError(Exception):
     """The store is unusable as configured (wrong schema version, bad URL): stop the start."""
 
@@ -89,15 +92,20 @@ class Database:
             except psycopg.OperationalError as exc:
                 raise StoreUnavailable(info=f"{self.shown}: {_first_line(exc)}") from exc
         path = _sqlite_path(self.url)
-        conn = sqlite3.connect(
-            path, timeout=self._connect_timeout, isolation_level=None, check_same_thread=False
-        )
-        # WAL: readers never wait for the writer, and a killed writer leaves the last committed
-        # state. NORMAL sync is durable against a process kill (the WAL is in the OS cache);
-        # only a power loss may drop the last transactions, never corrupt the file.
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
+        try:
+            conn = sqlite3.connect(
+                path, timeout=self._connect_timeout, isolation_level=None, check_same_thread=False
+            )
+            # WAL: readers never wait for the writer, and a killed writer leaves the last
+            # committed state. NORMAL sync is durable against a process kill (the WAL is in the
+            # OS cache); only a power loss may drop the last transactions, never corrupt it.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.OperationalError as exc:
+            # WAL needs room for its -shm and -wal files even to read: on a full (or
+            # read-only) disk this is where it fails. One line, not a traceback.
+            raise StoreUnavailable(info=f"{self.shown}: {exc}{_DISK_HINT}") from exc
         return conn
 
     def _connection(self) -> Any:
@@ -171,6 +179,8 @@ class Database:
         except sqlite3.OperationalError as exc:
             # "database is locked" after the busy timeout: another process holds it too long.
             # Anything else (a missing table, bad SQL) is a bug and stays what it is.
+            if any(word in str(exc) for word in ("disk", "readonly")):
+                raise StoreUnavailable(info=f"{self.shown}: {exc}{_DISK_HINT}") from exc
             if "locked" not in str(exc) and "busy" not in str(exc):
                 raise
             raise StoreUnavailable(info=f"{self.shown}: {exc}") from exc

@@ -44,7 +44,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import atomic_write
+from .files import atomic_write, remove_stale_temps
 
 __all__ = [
     "ALL_PERMISSIONS",
@@ -401,7 +401,14 @@ def read_password_file(path: str | os.PathLike[str], *, allow_empty: bool = Fals
 
 def _write_atomic(path: Path, text: str) -> None:
     # A new password file is readable by its owner only: it holds (hashed) secrets.
+    remove_stale_temps_for(path)  # left by an edit that was killed
     atomic_write(path, text.encode("utf-8"), new_mode=0o600)
+
+
+def remove_stale_temps_for(path: Path) -> None:
+    """Remove what an interrupted rewrite of the password file ``path`` left beside it."""
+    target = Path(os.path.realpath(path))
+    remove_stale_temps(target.parent, f".{target.name}.*.tmp")
 
 
 def _load_for_edit(path: Path, *, create: bool) -> PasswordFile:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .archives import ARCHIVE_FILE, archive_dir
 from .database import Database, sqlite_url
-from .files import atomic_write
+from .files import atomic_write, locked_directory, remove_stale_temps
 from .records import (
     EndpointChange,
     EndpointRecord,
@@ -83,9 +83,12 @@ def new_parser() -> configparser.ConfigParser:
 
 
 def ensure_state_dir(state_path: Path) -> Path:
-    """Create the state directory and, when absent, state.ini from the template."""
+    """Create the state directory and, when absent, state.ini from the template.
+
+    Temporaries of a write that was killed (state.ini itself is intact) are removed."""
     state_path.mkdir(parents=True, exist_ok=True)
     state_file = state_path / STATE_FILE
+    remove_stale_temps(state_path, f".{STATE_FILE}.*.tmp")
     if not state_file.exists():
         template = resources.files("tabserve.store").joinpath("data", STATE_FILE)
         with resources.as_file(template) as source:
@@ -145,6 +148,12 @@ class StateDirStore:
         self.path = state_path
         self.state_file = state_path / STATE_FILE
         self.archives = archive_dir(state_path)
+        # Version directories being built when a process was killed never made it into
+        # state.ini; one another process is building holds its lock and is left alone.
+        if self.archives.is_dir():
+            for directory in self.archives.iterdir():
+                if directory.is_dir() and not directory.is_symlink():
+                    remove_stale_temps(directory, ".*.incoming")
         self.sql = SqlStore(Database(sqlite_url(state_path / DATABASE_FILE)), self.archives)
         self._thread_lock = threading.Lock()
         self._stop = threading.Event()
@@ -259,10 +268,19 @@ class StateDirStore:
             parser = read_state(self.state_file)
             change = EndpointChange(read_endpoints(parser))
             yield change
-            for (name, version), data in change.archives.items():
-                _install(self.archives / name / str(version), data)
-            write_endpoints(parser, change.endpoints)
-            atomic_write(self.state_file, _render(parser))
+            installed = []
+            try:
+                for (name, version), data in change.archives.items():
+                    destination = self.archives / name / str(version)
+                    _install(destination, data)
+                    installed.append(destination)
+                write_endpoints(parser, change.endpoints)
+                atomic_write(self.state_file, _render(parser))
+            except BaseException:
+                # A full disk, say: state.ini is as it was, and never names these.
+                for destination in installed:
+                    shutil.rmtree(destination, ignore_errors=True)
+                raise
             for name in change.deleted:
                 shutil.rmtree(self.archives / name, ignore_errors=True)
             for name in change.changed:
@@ -354,11 +372,11 @@ def _install(destination: Path, data: bytes) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = destination.parent / f".{destination.name}.incoming"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        atomic_write(tmp / ARCHIVE_FILE, data)
-        shutil.rmtree(destination, ignore_errors=True)
-        tmp.rename(destination)
+        with locked_directory(tmp):  # until renamed: see files.remove_stale_temps
+            atomic_write(tmp / ARCHIVE_FILE, data)  # fsynced before state.ini names it
+            shutil.rmtree(destination, ignore_errors=True)
+            tmp.rename(destination)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -50,14 +50,19 @@ def writable(directory: str) -> bool:
     """Whether a new file can be created in ``directory``; it is removed at once."""
     name = os.path.join(directory, f".tabserve-self-check-{uuid.uuid4().hex}")
     try:
-        with open(name, "xb") as handle:
-            handle.write(b"x")
+        handle = open(name, "xb")  # closed just below, whatever happens
     except OSError:
         return False
     try:
-        os.unlink(name)
+        with handle:
+            handle.write(b"x")
     except OSError:
-        pass
+        pass  # created is what counts: a full disk does not make the directory safe
+    finally:
+        try:
+            os.unlink(name)  # on a full disk too: the probe leaves nothing behind
+        except OSError:
+            pass
     return True
 
 
@@ -71,6 +76,20 @@ def connects(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def start_ticks(pid: int) -> str | None:
+    """When process ``pid`` started (field 22 of /proc/<pid>/stat), or None if not visible.
+
+    A pid alone does not name the server inside a PID namespace: in a container the server
+    is often pid 1, and so is bubblewrap's own init in the sandbox.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[19].decode() if len(fields) > 19 else None
 
 
 def effective_capabilities() -> int:
@@ -119,5 +138,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         result["connects"] = connects(int(port))
     pid = params.get("server_pid")
     if pid:
-        result["server_environ"] = readable(f"/proc/{int(pid)}/environ")
+        # Only the server's own process counts: the same pid may be another process here.
+        same = start_ticks(int(pid)) == params.get("server_start")
+        result["server_environ"] = same and readable(f"/proc/{int(pid)}/environ")
     return result

@@ -61,6 +61,16 @@ def preflight(confined: Confinement) -> str | None:
     return None
 
 
+def _start_ticks() -> str | None:
+    """This process's start time as the self-check job reads it (worker.self_check's
+    start_ticks, not imported: the server does not import worker modules)."""
+    try:
+        with open(f"/proc/{os.getpid()}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
 async def run_self_check(
     settings: Settings, confined: Confinement, executor: Executor
 ) -> SandboxReport:
@@ -76,6 +86,7 @@ async def run_self_check(
             "outside": "/var/tmp" if os.path.isdir("/var/tmp") else "",
             "port": listener.getsockname()[1],
             "server_pid": os.getpid(),
+            "server_start": _start_ticks(),
         }
         try:
             result = await executor.run(
