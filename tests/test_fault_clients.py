@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 import requests
+
 from helpers import Server, ServerFactory
 
 pytestmark = [pytest.mark.fault]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+
 from helpers import Server, ServerFactory
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

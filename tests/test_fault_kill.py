@@ -32,8 +32,8 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import requests
-from helpers import Server
 
+from helpers import Server
 from tabserve.store.passwords import read_password_file, verify
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from helpers import Server, ServerFactory
 
 pytestmark = [pytest.mark.fault]

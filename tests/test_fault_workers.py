@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from helpers import Server, ServerFactory
 
 pytestmark = [pytest.mark.fault]

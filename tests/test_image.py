@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import free_port
 
 import tabserve
+from helpers import free_port
 
 pytestmark = [pytest.mark.image]
 
