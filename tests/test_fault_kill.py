@@ -38,7 +38,8 @@ from tabserve.store.passwords import read_password_file, verify
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-pytestmark = [pytest.mark.fault]
+# 200 kills, each followed by a restart: minutes on a loaded machine, hence its own limit.
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(900)]
 
 KILL_POINTS = 200
 LANES = 2

@@ -22,7 +22,8 @@ import requests
 import tabserve
 from helpers import free_port
 
-pytestmark = [pytest.mark.image]
+# Building the image and running it several times takes minutes: its own, wider time limit.
+pytestmark = [pytest.mark.image, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "localhost/tabserve:ci"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.soak]
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def test_soak_for_a_minute() -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=540,
     )
     print(run.stderr[-3000:] + run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
