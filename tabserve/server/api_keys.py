@@ -8,7 +8,7 @@ without a notification: a replica re-reads at most one row per active key that o
 
 ``last_used`` is written when a key is read and the stored time is older than
 :data:`TOUCH_SECONDS` (or unset), so busy keys cost one small write a minute, not one a
-request.
+request; in the background, since a write may wait for the store's write lock.
 
 Every store call blocks and runs in a thread; nothing here knows HTTP.
 """
