@@ -247,9 +247,10 @@ def test_query_only_user(auth_server: InProcessServer) -> None:
     assert answer.status_code == 200 and answer.json()["response"] == [3]
     refused = auth_server.post("/evaluate", json=EVALUATE_BODY, auth=user)
     assert refused.status_code == 403
+    source = "the store" if auth_server.settings.users == "store" else "the password file"
     assert refused.json() == {
         "message": "User 'queryuser' is not allowed to run ad-hoc scripts (/evaluate).",
-        "info": "This needs the 'evaluate' permission; the password file grants this user: query.",
+        "info": f"This needs the 'evaluate' permission; {source} grants this user: query.",
     }
     # Tableau's Test Connection runs no user code and is allowed to every user.
     tested = auth_server.post("/evaluate", json=CONNECTION_TEST_BODY, auth=user)
