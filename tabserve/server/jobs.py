@@ -73,10 +73,9 @@ def can_see(user: User, owner: str | None, endpoint: str | None) -> bool:
     """Whether ``user`` may see (and cancel) a job, or read a result, of ``owner`` made by
     calling ``endpoint`` (None for /evaluate). The one visibility rule of jobs and results.
 
-    A caller restricted to one endpoint (an endpoint key) sees only that endpoint's.
+    An endpoint key sees only that endpoint's (and, as anyone, only what it created).
     """
-    restricted = getattr(user, "endpoint", None)
-    if restricted is not None and endpoint != restricted:
+    if user.endpoint is not None and endpoint != user.endpoint:
         return False
     return user.can("manage") or owner == user.owner
 

@@ -23,6 +23,8 @@ from .handlers import (
     InfoHandler,
     JobHandler,
     JobsHandler,
+    KeyHandler,
+    KeysHandler,
     LiveHandler,
     MetricsHandler,
     NotFoundHandler,
@@ -52,6 +54,11 @@ class Route:
     # Further permissions only a bearer token needs, where TabPy binds an endpoint scope to a
     # route that password-file users may call freely.
     token_permissions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # The verbs an endpoint key may call here, and how its endpoint is checked: "name" (the
+    # path's {name} must be the key's endpoint), or "resource" (the handler checks what it
+    # serves with Authenticator.authorize_endpoint). Any other verb or route refuses such
+    # a key with 403 (BaseHandler._authenticate).
+    endpoint_keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Answered without credentials when authentication is on; a function of the settings
     # where a setting decides.
     public: bool | Callable[[Settings], bool] = False
@@ -102,21 +109,30 @@ ROUTES: tuple[Route, ...] = (
     Route("/status", StatusHandler),
     Route("/endpoints", EndpointsHandler, {"POST": "manage"}, trailing_slash=True),
     Route("/endpoints/{name}", EndpointHandler, {"PUT": "manage", "DELETE": "manage"}),
-    Route("/query/{name}", QueryHandler, {"GET": "query", "POST": "query"}),
+    Route(
+        "/query/{name}",
+        QueryHandler,
+        {"GET": "query", "POST": "query"},
+        endpoint_keys={"GET": "name", "POST": "name"},
+    ),
     # Asynchronous jobs and their results (Prefer: respond-async): any authenticated user,
-    # who sees only their own unless they may manage (jobs.can_see).
-    Route("/jobs", JobsHandler),
-    Route("/jobs/{id}", JobHandler),
+    # who sees only their own unless they may manage, and an endpoint key only its
+    # endpoint's (jobs.can_see: a 404 otherwise, so ids do not leak). Endpoint keys read.
+    Route("/jobs", JobsHandler, endpoint_keys={"GET": "resource"}),
+    Route("/jobs/{id}", JobHandler, endpoint_keys={"GET": "resource"}),
     # The downloads first: the plain route's {id} would match "x.csv" too.
-    Route("/query_results/{id}.json", QueryResultFileHandler),
-    Route("/query_results/{id}.csv", QueryResultFileHandler),
-    Route("/query_results/{id}", QueryResultHandler),
+    Route("/query_results/{id}.json", QueryResultFileHandler, endpoint_keys={"GET": "resource"}),
+    Route("/query_results/{id}.csv", QueryResultFileHandler, endpoint_keys={"GET": "resource"}),
+    Route("/query_results/{id}", QueryResultHandler, endpoint_keys={"GET": "resource"}),
     # TabPy binds the deploy scope to this route; password-file users need no permission.
     Route(
         "/configurations/endpoint_upload_destination",
         UploadDestinationHandler,
         token_permissions={"GET": "manage"},
     ),
+    # API keys: 404 while authentication is off (keys would be refused anyway).
+    Route("/keys", KeysHandler, {"GET": "manage", "POST": "manage"}),
+    Route("/keys/{key_id}", KeyHandler, {"GET": "manage", "DELETE": "manage"}),
 )
 
 # Every path no route matches: public, as in TabPy (a 401 would claim the path exists).
