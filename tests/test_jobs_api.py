@@ -209,6 +209,18 @@ def test_results_expire(result_app: InProcessServer) -> None:
     assert expired.json()["message"] == "Unknown query result"
 
 
+def test_results_are_capped_in_total_size(app_factory: Any) -> None:
+    app = app_factory(TABSERVE_RESULT_MAX_MB="1")
+    ids = []
+    for n in range(3):  # three results of 400 kB in 1 MiB: the oldest goes
+        job = wait_status(app, submit(app, f"return 'x' * 400000 + '{n}'"), {3, 4, 5})
+        assert job["status"] == 3
+        ids.append(job["query_result_id"])
+    assert app.get(f"/query_results/{ids[0]}").status_code == 404
+    for result_id in ids[1:]:
+        assert app.get(f"/query_results/{result_id}").status_code == 200
+
+
 def test_csv_of_records_and_scalars(app: InProcessServer) -> None:
     records = wait_status(app, submit(app, "return [{'a': 1, 'b': 2}, {'a': 3, 'c': [4]}]"),
                           {3})  # fmt: skip
