@@ -31,7 +31,7 @@ from .executor import JobResult
 # Bodies larger than this are parsed in a thread, off the event loop; larger than
 # HASH_INLINE, even their raw hash is computed there.
 INLINE_BODY = 64 * 1024
-HASH_INLINE = 4 * 1024 * 1024
+HASH_INLINE = 1024 * 1024
 FACTS_KEPT = 4096  # raw body hashes remembered with what inspecting them found
 SCAN_WINDOW = 64 * 1024  # where a body's own max_age is looked for, at each end
 _MARKER = b'"max_age"'
