@@ -10,6 +10,7 @@ TabPy's 413 on every route), errors are rendered in one place as TabPy's
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import json
@@ -237,19 +238,17 @@ class BaseHandler(RequestHandler):
             self._chunks = [b"".join(self._chunks)]
         return self._chunks[0]
 
-    def json_body(self) -> dict[str, Any]:
-        """A small JSON object body (management routes); TabPy's 400 messages when it is not."""
-        if not self.body.strip():
-            raise BadRequest("Input body cannot be empty")
-        try:
-            value = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise BadRequest(
-                "Failed to decode input body", str(exc) or "nested too deeply"
-            ) from None
-        if not isinstance(value, dict):
-            raise BadRequest("Input body must be a JSON object")
-        return value
+    async def json_body(self) -> dict[str, Any]:
+        """A JSON object body (management routes); TabPy's 400 messages when it is not.
+
+        A small body is parsed here; a larger one in a thread, in a way that lets the event
+        loop run meanwhile (see ``_parse_object``), so that a 40 MB deploy does not hold up
+        ``/info`` or the small calls beside it.
+        """
+        if self._received <= PARSE_INLINE_MAX:
+            return _parse_object(self.body)
+        chunks, self._chunks = self._chunks, []  # the thread joins them: no 40 MB copy here
+        return await asyncio.to_thread(_parse_object, chunks)
 
     @property
     def content_encoding(self) -> str:
@@ -333,6 +332,50 @@ class BaseHandler(RequestHandler):
             "unexpected error in %s %s", self.request.method, self.route.name,
             exc_info=(typ, value, tb),
         )  # fmt: skip
+
+
+# Management bodies up to this size are parsed on the event loop (well under a millisecond);
+# larger ones in a thread.
+PARSE_INLINE_MAX = 64 * 1024
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return dict(pairs)
+
+
+def _float(text: str) -> float:
+    return float(text)
+
+
+def _int(text: str) -> int:
+    return int(text)
+
+
+def _parse_object(body: bytes | list[bytes]) -> dict[str, Any]:
+    """Parse a management body; ``chunks`` (a list) are joined first, and parsed with hooks.
+
+    The stdlib parser is one C call that holds the GIL until the whole document is built, so
+    a thread alone would not free the event loop. With a Python hook per object and number,
+    the parser runs Python code at every value, where the interpreter hands the GIL to the
+    event loop when it asks (every 5 ms): slower in the thread, but the loop keeps serving.
+    What still holds the GIL in one piece is one long string value (about 2 ms per MB) and,
+    on the loop, freeing the document. The result is what ``json.loads`` gives.
+    """
+    threaded = isinstance(body, list)
+    if threaded:
+        body = b"".join(body)
+    if not body.strip():
+        raise BadRequest("Input body cannot be empty")
+    try:
+        if threaded:
+            value = json.loads(body, object_pairs_hook=_object, parse_float=_float, parse_int=_int)
+        else:
+            value = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest("Failed to decode input body", str(exc) or "nested too deeply") from None
+    if not isinstance(value, dict):
+        raise BadRequest("Input body must be a JSON object")
+    return value
 
 
 def _as_tabserve_error(status_code: int, exc_info: Any, call_id: str) -> TabserveError:
