@@ -88,12 +88,6 @@ EXPECTED_FAILURES: dict[str, Expected] = {
         "Result bodies are compact JSON",
         "'[42, 3.1415926]' != '[42,3.1415926]'",
     ),
-    "test_url.py::TestURL::test_static_page": Expected(
-        "the suite wants inline <style> and <script> on the landing page; tabserve's status "
-        "page loads them from /assets/ under its Content-Security-Policy",
-        "The status page loads its CSS and script from `/assets/`",
-        "b'<style>' not found",
-    ),
 }
 
 
