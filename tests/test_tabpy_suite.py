@@ -295,3 +295,15 @@ def test_tabpy_integration_suite_passes_against_tabserve(suite_lock: None) -> No
     for key, expected in EXPECTED_FAILURES.items():
         outcome, message, _ = results[key]
         assert outcome == "failed" and expected.shows in message, f"{key}: {outcome}: {message}"
+
+
+def test_the_launcher_patch_needs_its_line_exactly_once(tmp_path: Path) -> None:
+    base = tmp_path / LAUNCHER_FILE
+    base.parent.mkdir(parents=True)
+    base.write_text(f"a\n            {LAUNCHER_OLD}\nb\n")
+    apply_launcher_patch(tmp_path)
+    assert base.read_text() == f"a\n            {LAUNCHER_NEW}\nb\n"
+    for text in ("no launcher here\n", f"{LAUNCHER_OLD}\n{LAUNCHER_OLD}\n"):
+        base.write_text(text)
+        with pytest.raises(pytest.fail.Exception, match="expected exactly once"):
+            apply_launcher_patch(tmp_path)
