@@ -35,6 +35,7 @@ from .endpoints import EndpointService
 from .executor import Executor
 from .flight import FlightService
 from .handlers import log_request
+from .handlers.pages import status_page
 from .health import Readiness, Verdict
 from .metrics import Metrics
 from .oauth import BearerVerifier, check_jwks_host
@@ -117,6 +118,7 @@ def make_app(services: Services) -> Application:
         log_function=log_request,
         compress_response=False,
         openapi=openapi.document(ROUTES),  # served by OpenApiHandler; built once
+        status_page=status_page(),  # RootHandler's page and its CSP hashes, built once
     )
 
 
