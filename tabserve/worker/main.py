@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy
 import orjson
@@ -293,9 +294,19 @@ class Worker:
     def query_from_script(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> dict[str, Any]:
-        """``tabpy.query`` inside a script: the deployed function, called in this process."""
+        """``tabpy.query`` inside a script: the deployed function, called in this process.
+
+        TabPy sends the name through a ``/query/<name>`` URL, which the server path-decodes,
+        so workbooks written for it say ``tabpy.query('Sentiment%20Analysis', ...)``. The
+        name is decoded once here, as tabserve's own ``/query/<name>`` route decodes it
+        (docs/api.md: TabPy decodes that path twice; tabserve once, everywhere).
+        """
         if self.query_refusal is not None:
             raise EndpointError(self.query_refusal)
+        if isinstance(name, str):
+            # plus=False semantics, as in a URL path: '+' stays '+'; bad UTF-8 cannot match a
+            # deployable (ASCII) name, so replacing it only shapes the "not deployed" message.
+            name = unquote(name, errors="replace")
         try:
             return self.call_endpoint(name, args, kwargs)
         except EndpointUnavailable as failure:
