@@ -33,9 +33,11 @@ def busy_processes(server: Server, interval: float = 0.5) -> list[tuple[int, flo
     return busy
 
 
-@pytest.fixture(scope="module")
-def runaway_server(server_factory: ServerFactory) -> Server:
-    return server_factory(TABPY_EVALUATE_TIMEOUT="1", TABSERVE_WORKERS="2")
+@pytest.fixture(scope="module", params=["fresh", "zygote"])
+def runaway_server(server_factory: ServerFactory, request: pytest.FixtureRequest) -> Server:
+    return server_factory(
+        TABPY_EVALUATE_TIMEOUT="1", TABSERVE_WORKERS="2", TABSERVE_WORKER_LAUNCH=request.param
+    )
 
 
 def wait_for_workers(server: Server) -> None:

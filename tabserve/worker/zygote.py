@@ -99,16 +99,21 @@ def _kill(pid: int) -> None:
 def kill_tree(root: int, include_root: bool = True) -> None:
     """SIGKILL ``root`` and every process below it, setsid children included.
 
-    Descendants first, until none is left: a killed process cannot fork again, and what it
-    forked before is found in the next round (or, orphaned, is adopted by the zygote, which
-    sweeps its adopted children whenever a worker ends).
+    Descendants first, until no new one turns up: a killed process cannot fork again (the
+    kernel abandons a fork when a fatal signal is pending), and what it forked before is
+    found in the next round (or, orphaned, is adopted by the zygote, which sweeps its
+    adopted children whenever a worker ends).
     """
+    killed: set[int] = set()
     for _ in range(_KILL_ROUNDS):
-        tree = _live_descendants(root)
+        # Each once: a killed process may take a while to die on a busy machine, and
+        # scanning until it has would delay the replacement worker's fork.
+        tree = [pid for pid in _live_descendants(root) if pid not in killed]
         if not tree:
             break
         for pid in tree:
             _kill(pid)
+        killed.update(tree)
     if include_root:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(root, signal.SIGKILL)
