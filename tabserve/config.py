@@ -469,7 +469,7 @@ class Settings:
         "pandas and `TABSERVE_WORKER_PRELOAD` once: milliseconds per worker, shared memory) "
         "or `fresh` (a new interpreter each: about half a second). With "
         "`TABSERVE_SANDBOX = bubblewrap` workers always start fresh, each in its own sandbox.",
-        "fresh",
+        "zygote",
     )
     worker_preload: tuple[str, ...] = setting(
         "TABSERVE_WORKER_PRELOAD",

@@ -1,10 +1,12 @@
 """The executor: a pool of long-lived worker processes that run user code.
 
 Jobs are bytes in, bytes out: the server hands a worker the raw request body and writes the
-worker's answer to the client without parsing either. A job that outlives its deadline gets
-its worker's whole process group killed (a child that left the group with setsid survives
-that, except in bubblewrap mode, whose PID namespace ends with the worker), and a fresh
-worker takes its place; so does a worker that crashes. The queue in front of the pool is
+worker's answer to the client without parsing either. Workers come from a launcher
+(``launcher.py``: fresh interpreters, forks of the zygote, bubblewrap sandboxes), which the
+pool does not tell apart. A job that outlives its deadline gets its worker killed with what
+its script started (a fresh worker's process group; a zygote's worker's whole process tree;
+a bubblewrap worker's PID namespace), and a new worker takes its place; so does a worker
+that crashes. The queue in front of the pool is
 bounded: when it is full, callers get ``Overloaded`` at once instead of waiting behind a
 backlog.
 

@@ -168,7 +168,7 @@ class FreshLauncher:
             process = subprocess.Popen(
                 [*self.prefix, *interpreter_argv("main", config)],
                 stdin=subprocess.DEVNULL,
-                stdout=sys.stderr.fileno(),  # a script's print() goes to the server's stderr
+                stdout=2,  # a script's print() goes to the server's stderr (fd 2, as inherited)
                 env=self.env,
                 # Its own process group: a kill also takes the children that stay in it.
                 start_new_session=True,
@@ -256,13 +256,15 @@ class ZygoteLauncher:
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._process is not None:
+            self._process.poll()  # reap a zygote that died, before starting the next
         ours, theirs = fdpass.socket_pair()
         config = {**self.worker_config, "control": theirs.fileno()}
         try:
             self._process = subprocess.Popen(
                 interpreter_argv("zygote", config),
                 stdin=subprocess.DEVNULL,
-                stdout=sys.stderr.fileno(),
+                stdout=2,
                 env=self.env,
                 start_new_session=True,
                 pass_fds=(theirs.fileno(),),
