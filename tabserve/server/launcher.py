@@ -256,8 +256,6 @@ class ZygoteLauncher:
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._process is not None:
-            self._process.poll()  # reap a zygote that died, before starting the next
         ours, theirs = fdpass.socket_pair()
         config = {**self.worker_config, "control": theirs.fileno()}
         try:
@@ -278,6 +276,16 @@ class ZygoteLauncher:
         self._control = ours
         self._ready = loop.create_future()
         loop.add_reader(ours, self._on_message)
+        # Reaped as soon as it exits, whenever that is: a dead zygote must not linger as a
+        # zombie child of the server.
+        process, pidfd = self._process, os.pidfd_open(self._process.pid)
+
+        def reap() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            process.wait()
+
+        loop.add_reader(pidfd, reap)
         try:
             pid = await asyncio.wait_for(asyncio.shield(self._ready), self.start_timeout)
         except (asyncio.TimeoutError, RuntimeError) as exc:

@@ -74,8 +74,56 @@ def _processes() -> Iterator[tuple[int, int, str]]:
         yield int(entry), int(fields[1]), fields[0].decode()
 
 
+def _children(pid: int) -> list[int] | None:
+    """The children of ``pid`` (of any of its threads); None when the kernel cannot say."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []  # gone
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as handle:
+                found.extend(int(child) for child in handle.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{task}"):
+                continue  # the thread ended meanwhile
+            return None  # no CONFIG_PROC_CHILDREN: scan everything instead
+        except OSError:
+            return None
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return "X"
+
+
 def _live_descendants(root: int) -> list[int]:
-    """Every process below ``root`` in the process tree that has not exited yet."""
+    """Every process below ``root`` in the process tree that has not exited yet.
+
+    Walked down from ``root`` through the kernel's children lists (a few files), rather than
+    by reading every process's stat: the replacement worker's fork waits for this.
+    """
+    found: list[int] = []
+    stack = [root]
+    while stack:
+        children = _children(stack.pop())
+        if children is None:
+            return _scan_descendants(root)
+        for pid in children:
+            if _state(pid) not in ("Z", "X"):
+                found.append(pid)
+            stack.append(pid)
+    return found
+
+
+def _scan_descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     state: dict[int, str] = {}
     for pid, ppid, status in _processes():
@@ -138,13 +186,14 @@ class Zygote:
         try:
             while True:
                 readable, _, _ = select.select([self.control, self._wake_read], [], [])
+                # Orders first: a replacement's fork should not wait for a reap and sweep.
+                if self.control in readable and not self.order():
+                    return 0
                 if self._wake_read in readable:
                     with contextlib.suppress(BlockingIOError):
                         while os.read(self._wake_read, 512):
                             pass
                     self.reap()
-                if self.control in readable and not self.order():
-                    return 0
         finally:
             for pid in list(self.workers):
                 kill_tree(pid)
@@ -225,8 +274,11 @@ class Zygote:
 
     def sweep(self) -> None:
         """Kill what scripts left behind: adopted children of ours that are not workers."""
-        for pid, ppid, state in _processes():
-            if ppid == self.pid and pid not in self.workers and state not in ("Z", "X"):
+        children = _children(self.pid)
+        if children is None:
+            children = [pid for pid, ppid, _ in _processes() if ppid == self.pid]
+        for pid in children:
+            if pid not in self.workers and _state(pid) not in ("Z", "X"):
                 kill_tree(pid)
 
 
