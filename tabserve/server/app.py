@@ -14,9 +14,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
@@ -27,7 +28,9 @@ from ..store.backends import Store, open_store
 from ..store.passwords import PasswordEntry, remove_stale_temps_for
 from ..store.state_dir import ServiceInfo, ensure_state_dir, service_info_from
 from . import openapi
+from .api_keys import ApiKeys
 from .auth import Authenticator
+from .credentials import User
 from .endpoints import EndpointService
 from .executor import Executor
 from .flight import FlightService
@@ -347,6 +350,8 @@ async def build_services(
         auth = await asyncio.to_thread(load_authenticator, settings, service.name, store, bearer)
         if settings.users == "store":
             endpoints.on_refresh.append(_follow_users(auth, store))
+        if auth.enabled:
+            auth.keys = _api_keys(auth, store, endpoints)
         requests = RequestTracker()
         readiness = Readiness()
         readiness_checks(readiness, executor, requests, store, sandbox, bool(settings.store), auth)
@@ -374,10 +379,28 @@ async def build_services(
     )
 
 
+def _nodelay_for_good(value: bool) -> None:
+    """Stands in for ``IOStream.set_nodelay`` on our connections (see ``_HTTPServer``)."""
+
+
+class _HTTPServer(HTTPServer):
+    """Tornado's server, with Nagle's algorithm off once per connection.
+
+    Tornado turns it off to send the end of each response and back on after it: two
+    ``setsockopt`` calls per request. Our answers are written whole (one write for headers and
+    body), so there is nothing for Nagle to merge; it stays off and those calls are skipped.
+    """
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        stream.set_nodelay(True)
+        stream.set_nodelay = _nodelay_for_good  # type: ignore[method-assign]
+        super().handle_stream(stream, address)
+
+
 def make_http_server(services: Services, ssl_options: ssl.SSLContext | None = None) -> HTTPServer:
     """The HTTP server for ``make_app(services)``, with the body handling handlers rely on."""
     settings = services.settings
-    return HTTPServer(
+    return _HTTPServer(
         make_app(services),
         # Tornado's defaults: an hour idle or for the headers, and no limit on the body.
         idle_connection_timeout=settings.idle_timeout,
@@ -436,6 +459,21 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             await services.close()
         await executor.close()
         log.info("stopped")
+
+
+def _api_keys(auth: Authenticator, store: Store, endpoints: EndpointService) -> ApiKeys:
+    """API keys over ``store``: a user key's user is looked up in ``auth``'s users (the
+    password file's or the store's) each time, so their current permissions apply."""
+    cache = auth.cache
+
+    def user_for(name: str) -> User | None:
+        return None if cache is None else cache.user(name)
+
+    async def endpoint_exists(name: str) -> bool:
+        await endpoints.ensure_fresh()
+        return name in endpoints.registry.all()
+
+    return ApiKeys(store, user_for, endpoint_exists)
 
 
 def _follow_users(auth: Authenticator, store: Store) -> Callable[[], None]:

@@ -241,6 +241,7 @@ class ZygoteLauncher:
         self._children: dict[int, _ZygoteChild] = {}
         self._next_id = 0
         self._starting: asyncio.Lock | None = None
+        self._reap: Callable[[], None] | None = None  # the current zygote's reaper
 
     @property
     def pid(self) -> int | None:
@@ -281,11 +282,12 @@ class ZygoteLauncher:
         process, pidfd = self._process, os.pidfd_open(self._process.pid)
 
         def reap() -> None:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
+            if loop.remove_reader(pidfd):
+                os.close(pidfd)
             process.wait()
 
         loop.add_reader(pidfd, reap)
+        self._reap = reap
         try:
             pid = await asyncio.wait_for(asyncio.shield(self._ready), self.start_timeout)
         except (asyncio.TimeoutError, RuntimeError) as exc:
@@ -410,7 +412,8 @@ class ZygoteLauncher:
         while process.poll() is None and loop.time() < deadline:
             await asyncio.sleep(0.01)
         self._stop_process()
-        process.wait()
+        if self._reap is not None:
+            self._reap()  # waits for it, and releases its pidfd
 
 
 Handler = Callable[[dict[str, Any], bytes], tuple[dict[str, Any], bytes]]

@@ -21,6 +21,8 @@ from .handlers import (
     EndpointsHandler,
     EvaluateHandler,
     InfoHandler,
+    KeyHandler,
+    KeysHandler,
     LiveHandler,
     MetricsHandler,
     NotFoundHandler,
@@ -48,6 +50,11 @@ class Route:
     # Further permissions only a bearer token needs, where TabPy binds an endpoint scope to a
     # route that password-file users may call freely.
     token_permissions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # The verbs an endpoint key may call here, and how its endpoint is checked: "name" (the
+    # path's {name} must be the key's endpoint), or "resource" (the handler checks what it
+    # serves with Authenticator.authorize_endpoint). Any other verb or route refuses such
+    # a key with 403 (BaseHandler._authenticate).
+    endpoint_keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Answered without credentials when authentication is on; a function of the settings
     # where a setting decides.
     public: bool | Callable[[Settings], bool] = False
@@ -98,13 +105,21 @@ ROUTES: tuple[Route, ...] = (
     Route("/status", StatusHandler),
     Route("/endpoints", EndpointsHandler, {"POST": "manage"}, trailing_slash=True),
     Route("/endpoints/{name}", EndpointHandler, {"PUT": "manage", "DELETE": "manage"}),
-    Route("/query/{name}", QueryHandler, {"GET": "query", "POST": "query"}),
+    Route(
+        "/query/{name}",
+        QueryHandler,
+        {"GET": "query", "POST": "query"},
+        endpoint_keys={"GET": "name", "POST": "name"},
+    ),
     # TabPy binds the deploy scope to this route; password-file users need no permission.
     Route(
         "/configurations/endpoint_upload_destination",
         UploadDestinationHandler,
         token_permissions={"GET": "manage"},
     ),
+    # API keys: 404 while authentication is off (keys would be refused anyway).
+    Route("/keys", KeysHandler, {"GET": "manage", "POST": "manage"}),
+    Route("/keys/{key_id}", KeyHandler, {"GET": "manage", "DELETE": "manage"}),
 )
 
 # Every path no route matches: public, as in TabPy (a 401 would claim the path exists).

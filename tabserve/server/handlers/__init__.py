@@ -3,7 +3,8 @@
 ``base`` holds ``BaseHandler``, which every handler derives from and which owns the
 cross-cutting rules (authentication, streamed size-checked bodies, the one error renderer,
 call ids, the access log); ``api`` the Analytics Extensions and TabPy routes; ``pages`` the
-status page and the OpenAPI document; ``operations`` the health probes and metrics.
+status page and the OpenAPI document; ``keys`` the API keys; ``operations`` the health
+probes and metrics.
 """
 
 from .api import (
@@ -21,6 +22,7 @@ from .base import (
     NotFoundHandler,
     log_request,
 )
+from .keys import KeyHandler, KeysHandler
 from .operations import LiveHandler, MetricsHandler, ReadyHandler
 from .pages import AssetHandler, OpenApiHandler, RootHandler
 
@@ -31,6 +33,8 @@ __all__ = [
     "EndpointsHandler",
     "EvaluateHandler",
     "InfoHandler",
+    "KeyHandler",
+    "KeysHandler",
     "BaseHandler",
     "LiveHandler",
     "MetricsHandler",

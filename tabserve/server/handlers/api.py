@@ -94,7 +94,7 @@ class EndpointsHandler(BaseHandler):
 
     async def post(self) -> None:
         """Deploy a new endpoint (version 1)."""
-        endpoint = await self.services.endpoints.add(self.json_body())
+        endpoint = await self.services.endpoints.add(await self.json_body())
         self.write_json({endpoint.name: endpoint.info()}, status=201)
 
 
@@ -107,7 +107,7 @@ class EndpointHandler(BaseHandler):
 
     async def put(self, name: str) -> None:
         """Update an endpoint; a new version when ``should_update_version`` is true."""
-        endpoint = await self.services.endpoints.update(name, self.json_body())
+        endpoint = await self.services.endpoints.update(name, await self.json_body())
         self.write_json({endpoint.name: endpoint.info()})
 
     async def delete(self, name: str) -> None:
