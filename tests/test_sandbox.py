@@ -330,6 +330,15 @@ def test_a_secret_beside_what_workers_need_is_hidden_alone_with_a_warning(
     assert confined.notes[0] in findings
 
 
+def test_a_segfault_leaves_the_sandboxed_server_answering(isolated: Case) -> None:
+    """bwrap reports its child's death by a signal as an exit code: the 500 still names it."""
+    response = isolated.server.evaluate("import ctypes\nctypes.string_at(0)")
+    assert response.status_code == 500
+    assert "SIGSEGV" in response.json()["info"], response.text
+    for _ in range(3):
+        assert isolated.server.evaluate("return [_arg1 + 1]", _arg1=1).json() == [2]
+
+
 def test_sandboxed_workers_write_the_log_file(isolated: Case) -> None:
     marker = f"logged-{uuid.uuid4().hex}"
     response = isolated.server.evaluate(f"logging.getLogger('script').warning('{marker}')")
