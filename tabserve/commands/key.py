@@ -21,11 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tabserve.config import ConfigError, load_settings
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+from tabserve.commands import EXIT_OK, run_against_store
+from tabserve.config import load_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,24 +142,4 @@ def _when(stamp: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tabserve.store.backends import StoreError, StoreUnavailable
-    from tabserve.store.passwords import PasswordFileError
-
-    try:
-        return _run(args)
-    except ConfigError as exc:
-        print(f"tabserve key: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except _Refused as exc:
-        print(f"tabserve key: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except StoreUnavailable as exc:
-        print(f"tabserve key: error: {exc.message}: {exc.info}", file=sys.stderr)
-        return EXIT_ERROR
-    except (StoreError, PasswordFileError) as exc:
-        print(f"tabserve key: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"tabserve key: error:{where} {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR
+    return run_against_store("key", lambda: _run(args), refused=(_Refused,))

@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-from tabserve.config import ConfigError, load_settings
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+from tabserve.commands import EXIT_OK, run_against_store
+from tabserve.config import load_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,21 +83,4 @@ def _shown(location: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tabserve.store.backends import StoreError, StoreUnavailable
-    from tabserve.store.passwords import PasswordFileError
-
-    try:
-        return _run(args)
-    except ConfigError as exc:
-        print(f"tabserve store: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except StoreUnavailable as exc:
-        print(f"tabserve store: error: {exc.message}: {exc.info}", file=sys.stderr)
-        return EXIT_ERROR
-    except (StoreError, PasswordFileError) as exc:
-        print(f"tabserve store: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"tabserve store: error:{where} {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR
+    return run_against_store("store", lambda: _run(args))
