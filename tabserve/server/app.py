@@ -472,6 +472,10 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             # Fetched now, in the background, so the first token need not wait for it; a
             # failure is logged and retried when a token comes.
             warm_keys = asyncio.create_task(services.auth.bearer.keys.refresh())
+        # What the start logged is written before the port opens: whoever connects (an
+        # operator's script, TabPy's own tests) can read it in the log at once.
+        for handler in logging.getLogger().handlers:
+            handler.flush()
         sockets = bind_sockets(settings.port, settings.bind_address or None)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
