@@ -25,22 +25,21 @@ pandas. See ``docs/client.md``.
 
 from __future__ import annotations
 
-import base64
-import inspect
-import json
-import math
-import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, TypedDict, cast
-from urllib.parse import quote, urlsplit
-
-import cloudpickle
-import requests
 
 from ..errors import BadRequest, TabserveError
+from .transport import (
+    Transport,
+    archive_fields,
+    as_bool,
+    as_datetime,
+    check_name,
+    quote_name,
+)
 
 __all__ = [
     "Client",
@@ -50,10 +49,6 @@ __all__ = [
     "QueryObject",
     "QueryResponse",
 ]
-
-# Longest non-JSON error body kept in an exception message: a proxy's HTML error page can be
-# large, and the start of it is what says what went wrong.
-_MAX_ERROR_TEXT = 2000
 
 
 class EndpointExists(BadRequest, RuntimeError):
@@ -138,9 +133,9 @@ class Endpoint:
             target=info.get("target"),
             dependencies=list(info.get("dependencies") or []),
             schema=info.get("schema"),
-            is_public=_as_bool(info.get("is_public", False)),
-            creation_time=_as_datetime(info.get("creation_time")),
-            last_modified_time=_as_datetime(info.get("last_modified_time")),
+            is_public=as_bool(info.get("is_public", False)),
+            creation_time=as_datetime(info.get("creation_time")),
+            last_modified_time=as_datetime(info.get("last_modified_time")),
             python_version=info.get("python_version"),
             cloudpickle_version=info.get("cloudpickle_version"),
             signature=info.get("signature"),
@@ -171,31 +166,31 @@ class Client:
         *,
         verify: bool | str = True,
     ) -> None:
-        self._endpoint = _base_url(endpoint)
-        self._query_timeout = _check_timeout(query_timeout)
-        self._session = requests.Session()
-        self._session.verify = verify
-        # Also given with each request: requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE in
-        # the environment override a session's verify, but not a request's.
-        self._verify = verify
-        self._closed = False
+        # The same transport as tabserve.Server's: one session, one error mapping.
+        self._transport = Transport(
+            endpoint,
+            timeout=query_timeout,
+            verify=verify,
+            owner="Client",
+            timeout_name="query_timeout",
+        )
 
     # -- TabPy's API -----------------------------------------------------------------------
 
     @property
     def endpoint(self) -> str:
         """The server's base URL, always ending with ``/``."""
-        return self._endpoint
+        return self._transport.base_url
 
     @property
     def query_timeout(self) -> float:
         """Seconds each request may take before ``requests.Timeout`` is raised."""
-        return self._query_timeout
+        return self._transport.timeout
 
     @query_timeout.setter
     def query_timeout(self, value: float) -> None:
         # TabPy's setter silently ignores bad values; failing loudly is kinder.
-        self._query_timeout = _check_timeout(value)
+        self._transport.timeout = value
 
     def get_status(self) -> dict[str, EndpointStatus]:
         """Every endpoint's version, type and load status (``GET /status``)."""
@@ -214,7 +209,9 @@ class Client:
                 "endpoint is not supported."
             )
         data: list[Any] | dict[str, Any] = dict(kwargs) if kwargs else list(args)
-        return cast("QueryResponse", self._request("POST", f"query/{_quote(name)}", {"data": data}))
+        return cast(
+            "QueryResponse", self._request("POST", f"query/{quote_name(name)}", {"data": data})
+        )
 
     def get_endpoints(self, type: str | None = None) -> dict[str, Endpoint]:
         """Deployed endpoints by name; ``type`` ("model" or "alias") keeps only that kind.
@@ -245,7 +242,7 @@ class Client:
         Raises ``EndpointExists`` when the name is taken and ``override`` is false, and a
         ``TabserveError`` with the server's reason when the server cannot load ``obj``.
         """
-        _check_name(name)
+        check_name(name)
         if not (callable(obj) or callable(getattr(obj, "query", None))):
             raise TypeError(f"cannot deploy a {type(obj).__name__}: it is not callable")
         exists = name in self._endpoint_infos()
@@ -260,13 +257,13 @@ class Client:
             "is_public": is_public,
             "dependencies": [],
             "methods": [{"method": "query"}],
-            **_archive_fields(obj),
+            **archive_fields(obj),
         }
         return self._save(name, body, exists)
 
     def remove(self, name: str) -> None:
         """Delete an endpoint (``DELETE /endpoints/<name>``); it stops answering at once."""
-        self._request("DELETE", f"endpoints/{_quote(name)}")
+        self._request("DELETE", f"endpoints/{quote_name(name)}")
 
     def update_endpoint_info(
         self,
@@ -288,13 +285,13 @@ class Client:
         if not body:
             return self.get_endpoint(name)  # nothing to change; still checks it exists
         answer = self._request(
-            "PUT", f"endpoints/{_quote(name)}", {**body, "should_update_version": False}
+            "PUT", f"endpoints/{quote_name(name)}", {**body, "should_update_version": False}
         )
         return _single_endpoint(answer, name)
 
     def set_credentials(self, username: str, password: str) -> None:
         """Send HTTP basic-auth credentials with every later request."""
-        self._session.auth = (username, password)
+        self._transport.session.auth = (username, password)
 
     # -- tabserve extras -------------------------------------------------------------------
 
@@ -304,7 +301,7 @@ class Client:
 
     def get_endpoint(self, name: str) -> Endpoint:
         """One endpoint's description; ``NotFound`` if there is none by that name."""
-        return Endpoint.from_info(name, self._request("GET", f"endpoints/{_quote(name)}"))
+        return Endpoint.from_info(name, self._request("GET", f"endpoints/{quote_name(name)}"))
 
     def evaluate(self, script: str, /, *args: Any, **kwargs: Any) -> Any:
         """Run an ad-hoc script as Tableau's SCRIPT_* calls do; returns the decoded result.
@@ -323,7 +320,7 @@ class Client:
         self, name: str, target: str, description: str = "", override: bool = False
     ) -> Endpoint:
         """Make ``name`` another name for endpoint ``target`` (``override`` re-points it)."""
-        _check_name(name)
+        check_name(name)
         exists = name in self._endpoint_infos()
         if exists and not override:
             raise EndpointExists(name)
@@ -332,8 +329,7 @@ class Client:
 
     def close(self) -> None:
         """Close the connection pool; later calls raise ``RuntimeError``."""
-        self._closed = True
-        self._session.close()
+        self._transport.close()
 
     def __enter__(self) -> Client:
         return self
@@ -347,7 +343,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Client({self._endpoint!r})"
+        return f"Client({self._transport.base_url!r})"
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -358,7 +354,7 @@ class Client:
         """POST a new endpoint or PUT a new version of an existing one."""
         if exists:
             body["should_update_version"] = True
-            answer = self._request("PUT", f"endpoints/{_quote(name)}", body)
+            answer = self._request("PUT", f"endpoints/{quote_name(name)}", body)
         else:
             answer = self._request("POST", "endpoints", body)
         if answer is None:  # a server that answers with no body: ask for the result
@@ -367,144 +363,10 @@ class Client:
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         """Send one request; return the decoded JSON (None for an empty body) or raise."""
-        if self._closed:
-            raise RuntimeError("this tabserve Client has been closed")
-        url = self._endpoint + path
-        headers = {"Accept": "application/json"}
-        data = None
-        if body is not None:
-            data = _encode_json(body)
-            headers["Content-Type"] = "application/json"
-        response = self._session.request(
-            method,
-            url,
-            data=data,
-            headers=headers,
-            timeout=self._query_timeout,
-            verify=self._verify,
-        )
-        if not 200 <= response.status_code < 300:
-            raise _error_from(response)
-        if not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            raise TabserveError(
-                f"{method} {url} answered {response.status_code} with a body that is not "
-                f"JSON: {_excerpt(response.text)}"
-            ) from None
+        return self._transport.call(method, path, body)
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-def _base_url(endpoint: str) -> str:
-    """Normalise the server address to ``scheme://host[:port][/prefix]/``.
-
-    TabPy's client turned ``http://h:9004`` (no trailing slash) into ``http://h:9004info``;
-    here a trailing slash is optional, and a path prefix (behind a proxy) is kept.
-    """
-    if not isinstance(endpoint, str):
-        raise TypeError(f"endpoint must be a str, not {type(endpoint).__name__}")
-    parts = urlsplit(endpoint.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"endpoint must look like http://host:9004/, got {endpoint!r}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"endpoint must not have a query or fragment: {endpoint!r}")
-    try:
-        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
-    except ValueError as exc:
-        raise ValueError(f"endpoint has an invalid port: {endpoint!r}") from exc
-    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
-
-
-def _check_timeout(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"query_timeout must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def _check_name(name: Any) -> None:
-    # The server checks the characters; a non-string would only fail later and obscurely.
-    if not isinstance(name, str) or not name:
-        raise TypeError("endpoint name must be a non-empty str")
-
-
-def _quote(name: str) -> str:
-    # Endpoint names may hold spaces ("Sentiment Analysis"); '/' must not split the path.
-    return quote(name, safe="")
-
-
-def _archive_fields(obj: Any) -> dict[str, Any]:
-    """The pickle and the fingerprint the server checks before loading it."""
-    # What the server calls: the object itself, or the query method of a TabPy-style object.
-    called = obj if callable(obj) else obj.query
-    try:
-        signature: str | None = str(inspect.signature(called))
-    except (TypeError, ValueError):  # builtins and some C callables have none
-        signature = None
-    return {
-        "archive": base64.b64encode(cloudpickle.dumps(obj)).decode("ascii"),
-        "archive_format": "cloudpickle",
-        # Pickled bytecode loads only on the same minor version; the server says so early.
-        "python_version": platform.python_version(),
-        "cloudpickle_version": cloudpickle.__version__,
-        "signature": signature,
-    }
-
-
-def _encode_json(body: Any) -> bytes:
-    """JSON for the server, which (like Tableau) has no NaN: NaN and ±Inf become null.
-
-    numpy arrays and pandas Series are sent as lists through their ``tolist`` method, so
-    the client never has to import either library.
-    """
-    try:
-        return json.dumps(body, allow_nan=False, default=_tolist).encode("utf-8")
-    except ValueError:  # a NaN or an infinity somewhere: take the slower, cleaning path
-        return json.dumps(_finite(body), allow_nan=False, default=_tolist).encode("utf-8")
-
-
-def _tolist(value: Any) -> Any:
-    tolist = getattr(value, "tolist", None)
-    if callable(tolist):
-        return tolist()
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if callable(getattr(value, "tolist", None)):
-        return _finite(value.tolist())
-    return value
-
-
-def _error_from(response: requests.Response) -> TabserveError:
-    """The TabserveError for a non-2xx answer; any body, JSON or not, still gives one."""
-    message: str | None = None
-    info: Any = None
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        message, info = body["message"], body.get("info")
-    else:
-        message = _excerpt(response.text) or response.reason or f"HTTP {response.status_code}"
-    return TabserveError.from_wire(
-        {"status": response.status_code, "message": message, "info": info}
-    )
-
-
-def _excerpt(text: str) -> str:
-    text = text.strip()
-    return text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + " …"
 
 
 def _single_endpoint(answer: Any, name: str) -> Endpoint:
@@ -514,16 +376,3 @@ def _single_endpoint(answer: Any, name: str) -> Endpoint:
     if isinstance(answer, dict):
         return Endpoint.from_info(name, answer)
     raise TabserveError(f"unexpected answer for endpoint {name}: {answer!r}")
-
-
-def _as_bool(value: Any) -> bool:
-    # state.ini files written by TabPy may hold "True"/"False" strings.
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(value)
-
-
-def _as_datetime(value: Any) -> datetime | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, tz=timezone.utc)
-    return None

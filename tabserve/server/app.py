@@ -24,7 +24,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import TabserveError
 from ..store.backends import Store, open_store
-from ..store.passwords import PasswordEntry, remove_stale_temps_for
+from ..store.passwords import remove_stale_temps_for
 from ..store.state_dir import ServiceInfo, ensure_state_dir, service_info_from
 from . import openapi
 from .auth import Authenticator
@@ -39,6 +39,7 @@ from .registry import EndpointRegistry
 from .routes import ROUTES, UNMATCHED
 from .sandbox import SandboxReport, start_pool
 from .tls import check_tls_files, make_server_context
+from .users import UserService, store_entries
 
 log = logging.getLogger("tabserve")
 
@@ -85,6 +86,7 @@ class Services:
     readiness: Readiness
     sandbox: SandboxReport
     flight: FlightService | None = None  # when TABPY_ARROW_ENABLE is true
+    users: UserService | None = None  # when TABSERVE_USERS is store: /users edits them
 
     async def close(self) -> None:
         """Stop what the services run beside the pool (the pool is closed by its owner)."""
@@ -186,14 +188,6 @@ def open_configured_store(settings: Settings) -> Store:
         raise
     log.info("store: %s", store.shown)
     return store
-
-
-def store_entries(store: Store) -> dict[str, PasswordEntry]:
-    """The store's users as password-file entries (blocking)."""
-    return {
-        name: PasswordEntry(name, user.password_hash, user.permissions)
-        for name, user in store.users().items()
-    }
 
 
 def _methods(settings: Settings) -> str:
@@ -371,6 +365,7 @@ async def build_services(
         metrics=Metrics(executor, lambda: requests.count),
         readiness=readiness,
         flight=flight,
+        users=UserService(store, auth) if settings.users == "store" else None,
     )
 
 

@@ -30,6 +30,8 @@ from .handlers import (
     RootHandler,
     StatusHandler,
     UploadDestinationHandler,
+    UserHandler,
+    UsersHandler,
 )
 
 # The verbs a route can implement; BaseHandler answers the others (405, and CORS preflights).
@@ -105,6 +107,9 @@ ROUTES: tuple[Route, ...] = (
         UploadDestinationHandler,
         token_permissions={"GET": "manage"},
     ),
+    # The store's users (TABSERVE_USERS = store; 404 otherwise), for manage users only.
+    Route("/users", UsersHandler, {"GET": "manage", "POST": "manage"}),
+    Route("/users/{name}", UserHandler, {"GET": "manage", "PUT": "manage", "DELETE": "manage"}),
 )
 
 # Every path no route matches: public, as in TabPy (a 401 would claim the path exists).

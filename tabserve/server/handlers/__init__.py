@@ -14,6 +14,8 @@ from .api import (
     QueryHandler,
     StatusHandler,
     UploadDestinationHandler,
+    UserHandler,
+    UsersHandler,
 )
 from .base import (
     DRAIN_LIMIT,
@@ -41,5 +43,7 @@ __all__ = [
     "RootHandler",
     "StatusHandler",
     "UploadDestinationHandler",
+    "UserHandler",
+    "UsersHandler",
     "log_request",
 ]
