@@ -70,3 +70,36 @@ def test_loading_the_whole_server_loads_no_worker_code_numpy_or_pandas() -> None
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_both_clients_load_no_server_module_tornado_numpy_or_pandas() -> None:
+    """Every module of tabserve.client, both entry points built and their options used: none
+    of it loads the server, the store, tornado, numpy, pandas or orjson (the client's only
+    tabserve import is ``errors``; import-linter checks the statements, this the result)."""
+    code = textwrap.dedent(
+        """
+        import importlib, pkgutil, sys
+        import tabserve.client
+        for module in pkgutil.walk_packages(tabserve.client.__path__, "tabserve.client."):
+            importlib.import_module(module.name)
+        from tabserve import (APIKeyAuth, Client, Field, Filter, Operator, Pager,
+                              RequestOptions, Server)
+        server = Server("http://127.0.0.1:9004")
+        server.auth, server.endpoints, server.jobs, server.results, server.keys, server.users
+        options = RequestOptions(pagesize=5)
+        options.filter.add(Filter(Field.Name, Operator.In, ["a,b", "c"]))
+        options.parameters(), server.endpoints.filter(type="model").order_by("-name")
+        Pager(server.endpoints, options), APIKeyAuth("k").header()
+        Client("http://127.0.0.1:9004")
+        heavy = ("tornado", "numpy", "pandas", "pyarrow", "orjson", "prometheus_client", "jwt",
+                 "tabserve.server", "tabserve.worker", "tabserve.store", "tabserve.config",
+                 "tabserve.flight", "tabserve.protocol", "tabserve.logs", "tabserve.commands")
+        print(sorted(m for m in heavy if m in sys.modules))
+        print(sorted(m for m in sys.modules if m.startswith("tabserve.")
+                     and not m.startswith("tabserve.client")))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split("\n")[:2] == ["[]", "['tabserve.errors']"], done.stdout
