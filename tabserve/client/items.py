@@ -224,6 +224,8 @@ class KeyItem:
     endpoint: str | None = None
     created_at: datetime | None = None
     last_used_at: datetime | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -231,15 +233,31 @@ class KeyItem:
         """``"user"`` (acts as its user) or ``"endpoint"`` (one endpoint's queries only)."""
         return "endpoint" if self.endpoint is not None else "user"
 
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
     @classmethod
     def from_json(cls, info: Mapping[str, Any]) -> KeyItem:
-        key = info.get("key", info) if isinstance(info.get("key"), Mapping) else info
-        known = {"id", "user", "endpoint", "created_at", "last_used_at"}
+        key = info["key"] if isinstance(info.get("key"), Mapping) else info
+        known = {
+            "id", "kind", "user", "endpoint", "created", "created_at", "last_used",
+            "last_used_at", "expires", "expires_at", "revoked", "revoked_at", "secret",
+        }  # fmt: skip
+
+        def time_of(*names: str) -> datetime | None:
+            for name in names:
+                if key.get(name) not in (None, False):
+                    return as_time(key[name])
+            return None
+
         return cls(
             id=str(key["id"]),
             user=key.get("user"),
             endpoint=key.get("endpoint"),
-            created_at=as_time(key.get("created_at")),
-            last_used_at=as_time(key.get("last_used_at")),
+            created_at=time_of("created_at", "created"),
+            last_used_at=time_of("last_used_at", "last_used"),
+            expires_at=time_of("expires_at", "expires"),
+            revoked_at=time_of("revoked_at", "revoked"),
             extra=_extra(key, known),
         )
