@@ -160,7 +160,8 @@ class JobItem:
 
     id: str
     status: JobStatus
-    error: str | None = None
+    error: str | None = None  # on FAILURE: the message a synchronous call would have given
+    error_info: Any = None  # and its info
     query_result_id: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -175,10 +176,14 @@ class JobItem:
         job = info.get("job", info)
         known = {"id", "status", "error", "query_result_id", "created_at", "updated_at"}
         result = job.get("query_result_id")
+        error, info = job.get("error"), None
+        if isinstance(error, Mapping):  # the {"message", "info"} envelope
+            error, info = error.get("message"), error.get("info")
         return cls(
             id=str(job["id"]),
             status=JobStatus(int(job["status"])),
-            error=job.get("error") or None,
+            error=None if error is None else str(error),
+            error_info=info,
             query_result_id=None if result is None else str(result),
             created_at=as_time(job.get("created_at")),
             updated_at=as_time(job.get("updated_at")),

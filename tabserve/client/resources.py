@@ -337,9 +337,9 @@ class Jobs(_Resource):
             if item.status is JobStatus.SUCCESS:
                 return item
             if item.status is JobStatus.FAILURE:
-                raise JobFailed(item.error or JobFailed.default_message, job=item)
+                raise JobFailed(item.error, item.error_info, job=item)
             if item.status is JobStatus.CANCELLED:
-                raise JobCancelled(item.error or JobCancelled.default_message, job=item)
+                raise JobCancelled(item.error, item.error_info, job=item)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
