@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import cloudpickle
@@ -94,9 +95,7 @@ def test_publish_query_update_alias_delete(client: tabserve.Server) -> None:
     assert fresh.version == 1
 
     current = client.endpoints.get_by_name("rc_add")
-    changed = client.endpoints.update(
-        EndpointItem(**{**current.__dict__, "description": "Adds a hundred more"})
-    )
+    changed = client.endpoints.update(replace(current, description="Adds a hundred more"))
     assert (changed.description, changed.version) == ("Adds a hundred more", 2)
     assert client.endpoints.get_by_name("rc_add").description == "Adds a hundred more"
 
