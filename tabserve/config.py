@@ -370,6 +370,41 @@ class Settings:
         "Seconds a request may take, queueing included; then the worker is killed (408).",
         30.0,
     )
+    job_timeout: float = setting(
+        "TABSERVE_JOB_TIMEOUT",
+        _parse_timeout,
+        "Seconds an asynchronous job (`Prefer: respond-async`) may run, queueing included; "
+        "then its worker is killed and the job fails.",
+        3600.0,
+    )
+    result_ttl: float = setting(
+        "TABSERVE_RESULT_TTL",
+        _parse_timeout,
+        "Seconds a job's result stays available at `/query_results/<id>`.",
+        86400.0,
+    )
+    result_max_mb: int = setting(
+        "TABSERVE_RESULT_MAX_MB",
+        _parse_positive_int,
+        "Total size of the stored job results, in MiB; the oldest go first beyond it.",
+        1024,
+    )
+    cache_max_mb: int = setting(
+        "TABSERVE_CACHE_MAX_MB",
+        _parse_non_negative_int,
+        "Memory for cached results (calls with `max_age`), in MiB; least recently used go "
+        "first. 0 turns the cache off.",
+        256,
+    )
+    evaluate_max_age: int | None = setting(
+        "TABSERVE_EVALUATE_MAX_AGE",
+        _parse_non_negative_int,
+        "The `max_age` of `/evaluate` calls that give none (Tableau cannot): a result of the "
+        "same script on the same data retrieved within this many seconds is answered from "
+        "the cache. Unset: never cached, as TabPy.",
+        None,
+        doc="unset",
+    )
     gzip_enabled: bool = setting(
         "TABPY_GZIP_ENABLE",
         _parse_bool,

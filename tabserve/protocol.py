@@ -67,6 +67,7 @@ class JobHeader(_JobHeaderBase, total=False):
     call_id: str  # the request's, so that the worker's log lines name it
     encoding: str  # evaluate, query: the payload's Content-Encoding ("" or "gzip")
     query_refusal: str  # evaluate: what tabpy.query() raises (the user may not query)
+    cpu_seconds: int  # evaluate, query: this job's CPU backstop, when not the worker's (jobs)
     name: str  # query, load: the endpoint
     entry: EndpointEntry  # load: what to load
     params: dict[str, Any]  # self_check: what to try

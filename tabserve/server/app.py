@@ -28,11 +28,13 @@ from ..store.passwords import remove_stale_temps_for
 from ..store.state_dir import ServiceInfo, ensure_state_dir, service_info_from
 from . import openapi
 from .auth import Authenticator
+from .cache import ResultCache
 from .endpoints import EndpointService
 from .executor import Executor
 from .flight import FlightService
 from .handlers import log_request
 from .health import Readiness, Verdict
+from .jobs import JobConfig, JobService
 from .metrics import Metrics
 from .oauth import BearerVerifier, check_jwks_host
 from .registry import EndpointRegistry
@@ -85,6 +87,8 @@ class Services:
     metrics: Metrics
     readiness: Readiness
     sandbox: SandboxReport
+    jobs: JobService
+    cache: ResultCache
     flight: FlightService | None = None  # when TABPY_ARROW_ENABLE is true
     users: UserService | None = None  # when TABSERVE_USERS is store: /users edits them
 
@@ -92,6 +96,7 @@ class Services:
         """Stop what the services run beside the pool (the pool is closed by its owner)."""
         if self.flight is not None:
             await self.flight.close()  # after the drain: requests in flight may still need it
+        await self.jobs.close()  # running jobs stay STARTED: the next start fails them
         self.auth.close()
         await self.endpoints.close()  # closes the store too
 
@@ -348,11 +353,26 @@ async def build_services(
             flight = FlightService(settings, auth, executor)
             await flight.start()
             readiness.add("flight", flight.readiness)
+        jobs = JobService(
+            store,
+            executor,
+            endpoints,
+            JobConfig(
+                timeout=settings.job_timeout,
+                cpu_seconds=settings.worker_cpu_seconds,
+                result_ttl=settings.result_ttl,
+                result_max_bytes=settings.result_max_mb * 1024 * 1024,
+            ),
+            evaluate_guard=sandbox.require_evaluate,
+            query_refusal=_query_refusal(auth),
+        )
+        await jobs.start()
     except BaseException:
         if auth is not None:
             auth.close()
         await endpoints.close()  # closes the store too
         raise
+    cache = ResultCache(settings.cache_max_mb * 1024 * 1024)
     return Services(
         settings=settings,
         executor=executor,
@@ -362,11 +382,23 @@ async def build_services(
         sandbox=sandbox,
         auth=auth,
         requests=requests,
-        metrics=Metrics(executor, lambda: requests.count),
+        metrics=Metrics(executor, lambda: requests.count, cache),
         readiness=readiness,
+        jobs=jobs,
+        cache=cache,
         flight=flight,
         users=UserService(store, auth) if settings.users == "store" else None,
     )
+
+
+def _query_refusal(auth: Authenticator) -> Callable[[], str]:
+    """What ``tabpy.query()`` raises in a job whose caller's token lacked the query scope."""
+
+    def refusal() -> str:
+        scope = auth.bearer.config.scopes["query"] if auth.bearer is not None else "query"
+        return f"tabpy.query() needs the '{scope}' scope, which the caller's token lacks"
+
+    return refusal
 
 
 def make_http_server(services: Services, ssl_options: ssl.SSLContext | None = None) -> HTTPServer:

@@ -20,6 +20,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from .cache import ResultCache
     from .executor import Executor
 
 # Up to the longest timeouts people configure: a histogram that stops at 10 s would put every
@@ -37,9 +38,12 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OP
 class _PoolCollector(Collector):
     """Reads the worker pool's state and counters at scrape time."""
 
-    def __init__(self, executor: Executor, in_flight: Callable[[], int]) -> None:
+    def __init__(
+        self, executor: Executor, in_flight: Callable[[], int], cache: ResultCache | None = None
+    ) -> None:
         self.executor = executor
         self.in_flight = in_flight
+        self.cache = cache
 
     def collect(self) -> Iterator[Metric]:
         pool = self.executor
@@ -65,12 +69,38 @@ class _PoolCollector(Collector):
         )
         for name, text, value in counters:
             yield CounterMetricFamily(name, text, value=value)
+        if self.cache is not None:
+            cache = self.cache.stats
+            for name, text, value in (
+                ("tabserve_cache_hits", "Calls answered from the result cache.", cache.hits),
+                (
+                    "tabserve_cache_misses",
+                    "Calls with a max_age that the cache could not answer.",
+                    cache.misses,
+                ),  # fmt: skip
+                (
+                    "tabserve_cache_merges",
+                    "Calls merged into an identical one running.",
+                    cache.merges,
+                ),  # fmt: skip
+                (
+                    "tabserve_cache_evictions",
+                    "Results evicted to keep the cache in its bound.",
+                    cache.evictions,
+                ),  # fmt: skip
+            ):
+                yield CounterMetricFamily(name, text, value=value)
+            yield GaugeMetricFamily(
+                "tabserve_cache_bytes", "Bytes of results in the cache.", value=self.cache.size
+            )
 
 
 class Metrics:
     """Every tabserve metric; ``observe`` once per finished request, ``exposition`` to scrape."""
 
-    def __init__(self, executor: Executor, in_flight: Callable[[], int]) -> None:
+    def __init__(
+        self, executor: Executor, in_flight: Callable[[], int], cache: ResultCache | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.requests = Counter(
@@ -108,7 +138,7 @@ class Metrics:
         self.bytes_out = Counter(
             "tabserve_response_bytes_total", "Response body bytes sent.", registry=registry
         )
-        registry.register(_PoolCollector(executor, in_flight))
+        registry.register(_PoolCollector(executor, in_flight, cache))
         # This process's start (dashboards and the status page compute uptime from
         # process_start_time_seconds), CPU, memory and open files; from /proc, so Linux only.
         ProcessCollector(registry=registry)

@@ -61,8 +61,81 @@ _ENDPOINT = {
         "python_version": {"type": "string"},
         "cloudpickle_version": {"type": "string"},
         "signature": {"type": "string"},
+        "max_age": {"type": "integer", "minimum": 0},
     },
 }
+
+_MAX_AGE = {
+    "type": "integer",
+    "minimum": 0,
+    "description": "Accept a cached result retrieved within this many seconds (0: always run; "
+    "absent: never cached, unless the endpoint or TABSERVE_EVALUATE_MAX_AGE gives a default). "
+    "A hit carries an Age header.",
+}
+
+_JOB = {
+    "type": "object",
+    "required": ["job"],
+    "properties": {
+        "job": {
+            "type": "object",
+            "required": ["id", "status", "error", "query_result_id", "created_at", "updated_at"],
+            "properties": {
+                "id": {"type": "string"},
+                "status": {
+                    "type": "integer",
+                    "enum": [1, 2, 3, 4, 5],
+                    "description": "1 pending, 2 started, 3 success, 4 failure, 5 cancelled",
+                },
+                "error": {
+                    "anyOf": [{"type": "null"}, {"$ref": "#/components/schemas/Error"}],
+                    "description": "Failure: what a synchronous call would have answered.",
+                },
+                "query_result_id": {"type": ["string", "null"]},
+                "created_at": {"type": "string"},
+                "updated_at": {"type": "string"},
+            },
+        }
+    },
+}
+
+_QUERY_RESULT = {
+    "type": "object",
+    "required": ["query_result"],
+    "properties": {
+        "query_result": {
+            "type": "object",
+            "required": ["id", "endpoint", "version", "retrieved_at", "runtime_ms", "data"],
+            "properties": {
+                "id": {"type": "string"},
+                "endpoint": {"type": ["string", "null"]},
+                "version": {"type": ["integer", "null"]},
+                "retrieved_at": {"type": "number"},
+                "runtime_ms": {"type": ["number", "null"]},
+                "data": {"description": "The script's or function's result."},
+            },
+        }
+    },
+}
+
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+_CALL_HEADERS = [
+    {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "respond-async (RFC 7240): answer 202 with a job at once.",
+    },
+    {
+        "name": "Cache-Control",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "max-age=N: as the body's max_age.",
+    },
+]
 
 _INFO = {
     "type": "object",
@@ -122,6 +195,7 @@ _EVALUATE_BODY = {
             "description": "_arg1 … _argN, numbered from 1 without gaps; {} is allowed.",
             "propertyNames": {"pattern": "^_arg[1-9][0-9]*$"},
         },
+        "max_age": _MAX_AGE,
         "dataPath": {
             "type": "string",
             "description": "Only with TABPY_ARROW_ENABLE: the Arrow Flight path of the table "
@@ -144,6 +218,7 @@ _DEPLOY_BODY = {
         "schema": {},
         "is_public": {"type": "boolean"},
         "should_update_version": {"type": "boolean"},
+        "max_age": {**_MAX_AGE, "description": "The default max_age of calls to it."},
     },
 }
 
@@ -345,16 +420,34 @@ def _operations() -> dict[str, dict[str, Any]]:
             "uuid": {"type": "string"},
         },
     }
+    accepted = {"202": _json(_JOB, "With Prefer: respond-async: the job (Location: /jobs/<id>)")}
     query = _operation(
         "Call a deployed endpoint (MODEL_EXTENSION_*)",
-        {"200": _json(query_answer, "The function's result and which version answered.")},
+        {
+            "200": _json(query_answer, "The function's result and which version answered."),
+            **accepted,
+        },
         run_errors,
-        parameters=[_NAME],
+        parameters=[_NAME, *_CALL_HEADERS],
     )
     query_body = {
         "type": "object",
         "required": ["data"],
-        "properties": {"data": {"type": ["object", "array"]}},
+        "properties": {"data": {"type": ["object", "array"]}, "max_age": _MAX_AGE},
+    }
+    result_file = {
+        "get": _operation(
+            "A job's result as a file to download (Content-Disposition: attachment)",
+            {
+                "200": {
+                    "description": "JSON: the data; CSV: a list is one column, a table its "
+                    "columns, a scalar one cell",
+                    "content": {JSON: {}, "text/csv": {}},
+                }
+            },
+            (404,),
+            parameters=[_ID],
+        )
     }
     return {
         "/": {
@@ -427,8 +520,12 @@ def _operations() -> dict[str, dict[str, Any]]:
         "/evaluate": {
             "post": _operation(
                 "Run a script (SCRIPT_* calculations, Table Extensions)",
-                {"200": {"description": _ANY_JSON["description"], "content": {JSON: {}}}},
+                {
+                    "200": {"description": _ANY_JSON["description"], "content": {JSON: {}}},
+                    **accepted,
+                },
                 run_errors,
+                parameters=_CALL_HEADERS,
                 requestBody=_body(_EVALUATE_BODY, "JSON, optionally gzip-encoded"),
             )
         },
@@ -482,6 +579,29 @@ def _operations() -> dict[str, dict[str, Any]]:
         "/query/{name}": {
             "post": {**query, "requestBody": _body(query_body, "Named or positional args")},
             "get": {**query, "summary": "As POST, for TabPy's clients"},
+        },
+        "/jobs/{id}": {
+            "parameters": [_ID],
+            "get": _operation(
+                "An asynchronous job's status (404 for another caller's)",
+                {"200": _json(_JOB, "The job")},
+                (404,),
+            ),
+            "delete": _operation(
+                "Cancel a job: a pending one never starts, a running one's worker is killed",
+                {"200": _json(_JOB, "The job after cancelling (a finished one is unchanged)")},
+                (404,),
+            ),
+        },
+        "/query_results/{id}.json": result_file,
+        "/query_results/{id}.csv": result_file,
+        "/query_results/{id}": {
+            "get": _operation(
+                "A job's result (404 once expired: TABSERVE_RESULT_TTL)",
+                {"200": _json(_QUERY_RESULT, "The result")},
+                (404,),
+                parameters=[_ID],
+            )
         },
         "/configurations/endpoint_upload_destination": {
             "get": _operation(

@@ -32,13 +32,14 @@ from ..errors import BadRequest, InsufficientStorage, NotFound, StoreUnavailable
 from ..store.archives import ARCHIVE_FILE, python_mismatch
 from ..store.backends import Store
 from ..store.records import FINGERPRINT as _FINGERPRINT
+from ..store.records import OPTIONS as _OPTIONS
 from ..store.records import EndpointRecord
 
 log = logging.getLogger("tabserve.registry")
 
 ENDPOINT_TYPES = ("model", "alias")
 _NAME = re.compile(r"[A-Za-z0-9_\- ]+")
-_UPDATABLE = ("description", "docstring", "schema", "is_public", *_FINGERPRINT)
+_UPDATABLE = ("description", "docstring", "schema", "is_public", *_FINGERPRINT, *_OPTIONS)
 
 __all__ = ["EndpointRecord", "EndpointRegistry"]
 
@@ -299,6 +300,11 @@ def _clean(changes: dict[str, Any]) -> dict[str, Any]:
     for key in _FINGERPRINT:
         if changes.get(key) is not None and not isinstance(changes[key], str):
             raise BadRequest(f"{key} must be a string", f"got {changes[key]!r}")
+    max_age = changes.get("max_age")
+    if max_age is not None and (
+        isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0
+    ):
+        raise BadRequest("max_age must be a non-negative integer", f"got {max_age!r}")
     return changes
 
 

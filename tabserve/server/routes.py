@@ -21,11 +21,14 @@ from .handlers import (
     EndpointsHandler,
     EvaluateHandler,
     InfoHandler,
+    JobHandler,
     LiveHandler,
     MetricsHandler,
     NotFoundHandler,
     OpenApiHandler,
     QueryHandler,
+    QueryResultFileHandler,
+    QueryResultHandler,
     ReadyHandler,
     RootHandler,
     StatusHandler,
@@ -101,6 +104,13 @@ ROUTES: tuple[Route, ...] = (
     Route("/endpoints", EndpointsHandler, {"POST": "manage"}, trailing_slash=True),
     Route("/endpoints/{name}", EndpointHandler, {"PUT": "manage", "DELETE": "manage"}),
     Route("/query/{name}", QueryHandler, {"GET": "query", "POST": "query"}),
+    # Asynchronous jobs and their results (Prefer: respond-async): any authenticated user,
+    # who sees only their own unless they may manage (jobs.can_see).
+    Route("/jobs/{id}", JobHandler),
+    # The downloads first: the plain route's {id} would match "x.csv" too.
+    Route("/query_results/{id}.json", QueryResultFileHandler),
+    Route("/query_results/{id}.csv", QueryResultFileHandler),
+    Route("/query_results/{id}", QueryResultHandler),
     # TabPy binds the deploy scope to this route; password-file users need no permission.
     Route(
         "/configurations/endpoint_upload_destination",

@@ -11,16 +11,25 @@ loop. ``token()`` is the exception: it reads nothing and is cheap enough for eve
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Protocol
 
 from .database import StoreError, StoreUnavailable, redact
-from .records import EndpointChange, EndpointRecord, Snapshot, UserRecord
+from .records import (
+    EndpointChange,
+    EndpointRecord,
+    JobRecord,
+    ResultRecord,
+    Snapshot,
+    UserRecord,
+)
 
 __all__ = [
     "EndpointChange",
     "EndpointRecord",
+    "JobRecord",
+    "ResultRecord",
     "Snapshot",
     "Store",
     "StoreError",
@@ -47,6 +56,21 @@ class Store(Protocol):
     def users(self) -> dict[str, UserRecord]: ...
     def put_user(self, user: UserRecord, *, create: bool | None = None) -> None: ...
     def delete_user(self, name: str) -> None: ...
+    # Jobs and their results (store/jobs.py, the same SQL for both backends).
+    def put_job(self, job: JobRecord) -> None: ...
+    def job(self, job_id: str) -> JobRecord | None: ...
+    def claim_job(self, replica: str) -> JobRecord | None: ...
+    def heartbeat_jobs(self, ids: Iterable[str]) -> dict[str, int]: ...
+    def finish_job(
+        self, job_id: str, status: int, error: str | None, result: ResultRecord | None
+    ) -> int: ...
+    def cancel_job(self, job_id: str) -> JobRecord | None: ...
+    def fail_orphaned_jobs(
+        self, orphaned: Callable[[str | None, float | None], bool], message: str
+    ) -> list[str]: ...
+    def recent_jobs(self, owner: str | None, limit: int) -> list[JobRecord]: ...
+    def result(self, result_id: str) -> ResultRecord | None: ...
+    def prune_results(self, older_than: float, max_bytes: int) -> int: ...
     def close(self) -> None: ...
 
 

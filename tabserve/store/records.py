@@ -26,6 +26,8 @@ STORED = (
 )
 # Recorded by tabserve's client at deploy time (absent for TabPy deploys).
 FINGERPRINT = ("python_version", "cloudpickle_version", "signature")
+# Deploy options of tabserve's own (absent unless given): the default max_age of calls.
+OPTIONS = ("max_age",)
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,14 @@ class EndpointRecord:
     python_version: str | None = None
     cloudpickle_version: str | None = None
     signature: str | None = None
+    max_age: int | None = None  # a call giving no max_age accepts a cached result this old
 
     def info(self) -> dict[str, Any]:
         """TabPy's endpoint description: stored fields in order, then docstring, then extras."""
         data = {key: getattr(self, key) for key in STORED}
         data["docstring"] = self.docstring
-        data.update({k: getattr(self, k) for k in FINGERPRINT if getattr(self, k) is not None})
+        extras = (*FINGERPRINT, *OPTIONS)
+        data.update({k: getattr(self, k) for k in extras if getattr(self, k) is not None})
         return data
 
 
@@ -59,7 +63,7 @@ def endpoint_document(endpoint: EndpointRecord) -> dict[str, Any]:
     """The JSON object state.ini holds for ``endpoint`` (without its docstring)."""
     stored = asdict(endpoint)
     line = {key: stored[key] for key in STORED}
-    line.update({k: stored[k] for k in FINGERPRINT if stored[k] is not None})
+    line.update({k: stored[k] for k in (*FINGERPRINT, *OPTIONS) if stored[k] is not None})
     return line
 
 
@@ -67,7 +71,7 @@ def endpoint_from_document(name: str, data: dict[str, Any], docstring: str) -> E
     """Rebuild an endpoint from its JSON object; raises ValueError or TypeError if it is bad."""
     if not isinstance(data, dict):
         raise TypeError(f"expected a JSON object, got {type(data).__name__}")
-    known = {k: data[k] for k in (*STORED, *FINGERPRINT) if k in data}
+    known = {k: data[k] for k in (*STORED, *FINGERPRINT, *OPTIONS) if k in data}
     known["docstring"] = docstring
     known.setdefault("type", "model")
     known["dependencies"] = list(known.get("dependencies") or [])
@@ -141,3 +145,53 @@ class EndpointChange:
     def changed(self) -> list[str]:
         """Names whose row changes (put with a different value, or new)."""
         return [n for n, e in self.endpoints.items() if self.before.get(n) != e]
+
+
+# -- jobs and results (issue 12) ---------------------------------------------------------------
+
+# Redash's status codes, as GET /jobs/<id> reports them.
+PENDING, STARTED, SUCCESS, FAILURE, CANCELLED = 1, 2, 3, 4, 5
+FINISHED = frozenset({SUCCESS, FAILURE, CANCELLED})
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One asynchronous call: what to run, who asked, and how it went.
+
+    ``kind`` is ``query`` (``endpoint`` names it), ``evaluate``, or ``evaluate-noquery``
+    (a script whose caller may not use ``tabpy.query()``: the refusal is decided when the
+    job is submitted, not when it runs). ``error`` is the ``{"message", "info"}`` envelope a
+    synchronous call would have answered, as JSON text.
+    """
+
+    id: str
+    kind: str
+    endpoint: str | None
+    owner: str
+    status: int
+    request: bytes
+    encoding: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    claimed_by: str | None = None
+    heartbeat: float | None = None
+    error: str | None = None
+    result_key: str | None = None
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """A job's answer: the JSON bytes a synchronous call would have written."""
+
+    id: str
+    endpoint: str | None
+    version: int | None
+    body: bytes
+    retrieved_at: float
+    runtime_ms: float | None = None
+    owner: str | None = None  # the owner of the job that produced it
+
+    @property
+    def size(self) -> int:
+        return len(self.body)

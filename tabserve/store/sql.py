@@ -25,6 +25,7 @@ from pathlib import Path
 from .archives import ARCHIVE_FILE
 from .database import CHANGES_CHANNEL, Database, Tx
 from .files import atomic_write
+from .jobs import JobTables
 from .records import (
     EndpointChange,
     EndpointRecord,
@@ -37,8 +38,9 @@ from .records import (
 log = logging.getLogger("tabserve.store")
 
 
-class SqlStore:
-    """Endpoints, archives, users and service info in a SQL database."""
+class SqlStore(JobTables):
+    """Endpoints, archives, users and service info in a SQL database; jobs and results
+    (``JobTables``)."""
 
     def __init__(self, database: Database, cache: Path) -> None:
         self.db = database
@@ -47,6 +49,9 @@ class SqlStore:
     @property
     def shown(self) -> str:
         return self.db.shown
+
+    def _database(self) -> Database:
+        return self.db
 
     def migrate(self) -> list[int]:
         return self.db.migrate()

@@ -43,6 +43,7 @@ from pathlib import Path
 from .archives import ARCHIVE_FILE, archive_dir
 from .database import Database, sqlite_url
 from .files import atomic_write, locked_directory, remove_stale_temps
+from .jobs import JobTables
 from .records import (
     EndpointChange,
     EndpointRecord,
@@ -141,8 +142,9 @@ DOCSTRINGS = "Query Objects Docstrings"
 META = "Meta"
 
 
-class StateDirStore:
-    """state.ini + query_objects/ + tabserve.db in one directory."""
+class StateDirStore(JobTables):
+    """state.ini + query_objects/ + tabserve.db in one directory (jobs and results in
+    tabserve.db)."""
 
     def __init__(self, state_path: Path) -> None:
         self.path = state_path
@@ -164,6 +166,9 @@ class StateDirStore:
     @property
     def shown(self) -> str:
         return f"state directory {self.path}"
+
+    def _database(self) -> Database:
+        return self.sql.db
 
     def migrate(self) -> list[int]:
         applied = self.sql.db.migrate()

@@ -164,7 +164,9 @@ class Worker:
         tables that came with it (the caller closes them)."""
         started = time.perf_counter()
         logs.call_id.set(header.get("call_id") or "")
-        _arm_cpu_backstop(self.cpu_seconds)
+        # An asynchronous job has a longer deadline than a request, and a CPU allowance to match
+        # (still within the worker's lifetime budget).
+        _arm_cpu_backstop(header.get("cpu_seconds") or self.cpu_seconds if self.cpu_seconds else 0)
         telemetry: Telemetry = {}
         try:
             body, telemetry = self._dispatch(header, payload, fds)

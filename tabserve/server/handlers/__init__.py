@@ -3,7 +3,8 @@
 ``base`` holds ``BaseHandler``, which every handler derives from and which owns the
 cross-cutting rules (authentication, streamed size-checked bodies, the one error renderer,
 call ids, the access log); ``api`` the Analytics Extensions and TabPy routes; ``pages`` the
-status page and the OpenAPI document; ``operations`` the health probes and metrics.
+status page and the OpenAPI document; ``jobs`` asynchronous jobs and their results;
+``operations`` the health probes and metrics.
 """
 
 from .api import (
@@ -23,6 +24,7 @@ from .base import (
     NotFoundHandler,
     log_request,
 )
+from .jobs import JobHandler, QueryResultFileHandler, QueryResultHandler
 from .operations import LiveHandler, MetricsHandler, ReadyHandler
 from .pages import AssetHandler, OpenApiHandler, RootHandler
 
@@ -33,12 +35,15 @@ __all__ = [
     "EndpointsHandler",
     "EvaluateHandler",
     "InfoHandler",
+    "JobHandler",
     "BaseHandler",
     "LiveHandler",
     "MetricsHandler",
     "NotFoundHandler",
     "OpenApiHandler",
     "QueryHandler",
+    "QueryResultFileHandler",
+    "QueryResultHandler",
     "ReadyHandler",
     "RootHandler",
     "StatusHandler",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ... import __version__
@@ -10,8 +11,12 @@ from ...errors import (
     NotFound,
 )
 from ...protocol import JobKind
+from ...store.records import JobRecord
 from .. import paging
+from ..cache import BodyFacts, cache_key, check_max_age, inspect, mentions_max_age
+from ..executor import JobResult
 from ..flight import data_path
+from ..jobs import KIND_EVALUATE, KIND_EVALUATE_NO_QUERY, KIND_QUERY, job_document
 from .base import BaseHandler
 
 if TYPE_CHECKING:
@@ -64,7 +69,100 @@ class InfoHandler(BaseHandler):
         self.write_json(info)
 
 
-class EvaluateHandler(BaseHandler):
+def prefers_async(values: list[str]) -> bool:
+    """Whether ``Prefer`` headers (RFC 7240) ask for ``respond-async``. A preference is a
+    token, optionally ``=value`` and ``;`` parameters; anything malformed is ignored, as
+    the RFC says, and never refused."""
+    for value in values:
+        for preference in value.split(","):
+            token = preference.split(";", 1)[0].split("=", 1)[0].strip().lower()
+            if token == "respond-async":
+                return True
+    return False
+
+
+def cache_control_max_age(values: list[str]) -> int | None:
+    """The ``max-age`` directive of ``Cache-Control`` request headers, or None; 400 when it
+    is not a non-negative whole number."""
+    for value in values:
+        for directive in value.split(","):
+            name, _, argument = directive.partition("=")
+            if name.strip().lower() == "max-age":
+                text = argument.strip().strip('"')
+                number = int(text) if text.isdigit() and text.isascii() else text
+                return check_max_age(number, "Cache-Control: max-age")
+    return None
+
+
+class CallHandler(BaseHandler):
+    """/evaluate and /query: answered at once, from the cache, or as an asynchronous job.
+
+    Without ``Prefer: respond-async`` and without any ``max_age`` (the body's, the
+    ``Cache-Control`` header's, or a default), the call runs exactly as in TabPy.
+    """
+
+    async def answer(
+        self,
+        run: Callable[[], Awaitable[JobResult]],
+        submit: Callable[[], Awaitable[JobRecord]],
+        target: str,
+        scope: str,
+        default: int | None,
+    ) -> None:
+        asynchronous = prefers_async(self.request.headers.get_list("Prefer"))
+        max_age, facts = await self._max_age(default)
+        if max_age is None or facts is None or self.services.cache.max_bytes <= 0:
+            if asynchronous:
+                self._write_job(await submit())
+            else:
+                self._write_result(await run(), None)
+            return
+        key = cache_key(f"{self._scope()}|{scope}", target, facts.digest)
+        cache = self.services.cache
+        if asynchronous:
+            entry = cache.lookup(key, max_age)
+            if entry is None:
+                cache.stats.misses += 1
+                self._write_job(await submit())
+            else:
+                self._write_result(entry.result, cache.clock() - entry.retrieved_at)
+            return
+        result, age = await cache.run(key, max_age, run)
+        self._write_result(result, age)
+
+    def _scope(self) -> str:
+        """Who may share a cached answer: callers with the same permissions (and the same
+        endpoint restriction, for endpoint keys)."""
+        user = self.user
+        return f"{','.join(sorted(user.permissions))}|{getattr(user, 'endpoint', None) or ''}"
+
+    async def _max_age(self, default: int | None) -> tuple[int | None, BodyFacts | None]:
+        header = cache_control_max_age(self.request.headers.get_list("Cache-Control"))
+        if header is None and default is None and not mentions_max_age(self.body):
+            return None, None  # TabPy's path: the body is not even parsed
+        facts = await inspect(self.body, self.content_encoding)
+        for value in (facts.max_age, header, default):
+            if value is not None:
+                return value, facts
+        return None, facts
+
+    def _write_result(self, result: JobResult, age: float | None) -> None:
+        self.meta = result.meta
+        if age is not None:
+            # A hit ran nothing: the access log and metrics must not count the original run.
+            self.meta = {k: v for k, v in result.meta.items() if k in ("model", "version")}
+            self.set_header("Age", str(int(age)))
+        self.add_cors_headers()
+        self.finish(result.body)
+
+    def _write_job(self, job: JobRecord) -> None:
+        self.set_header("Location", f"/jobs/{job.id}")
+        self.set_header("Preference-Applied", "respond-async")
+        self.add_cors_headers()
+        self.write_json({"job": job_document(job)}, status=202)
+
+
+class EvaluateHandler(CallHandler):
     async def post(self) -> None:
         """Run an ad-hoc script in a worker; the worker parses the body and encodes the result."""
         settings = self.services.settings
@@ -88,9 +186,20 @@ class EvaluateHandler(BaseHandler):
             refusal = self.services.auth.script_query_refusal(self.user)
             if refusal is not None:
                 options["query_refusal"] = refusal  # the worker raises it from tabpy.query()
-            result = await self.services.executor.run(
-                JobKind.EVALUATE, self.body, settings.evaluate_timeout, options
-            )
+            kind = KIND_EVALUATE if refusal is None else KIND_EVALUATE_NO_QUERY
+
+            def run() -> Awaitable[JobResult]:
+                return self.services.executor.run(
+                    JobKind.EVALUATE, self.body, settings.evaluate_timeout, options
+                )
+
+            def submit() -> Awaitable[JobRecord]:
+                return self.services.jobs.submit(
+                    self.user, kind, None, self.body, self.content_encoding
+                )
+
+            await self.answer(run, submit, "evaluate", kind, settings.evaluate_max_age)
+            return
         self.meta = result.meta
         self.add_cors_headers()
         self.finish(result.body)
@@ -151,15 +260,25 @@ class UploadDestinationHandler(BaseHandler):
         self.write_json({"path": str(staging)})
 
 
-class QueryHandler(BaseHandler):
+class QueryHandler(CallHandler):
     async def post(self, name: str) -> None:
         """Call a deployed function in a worker: ``{"data": {...}}`` or ``{"data": [...]}``."""
-        await self.services.endpoints.resolve(name)  # unknown: a 404 without using a worker
+        endpoints = self.services.endpoints
+        model = await endpoints.resolve(name)  # unknown: a 404 without using a worker
         self.endpoint = name  # deployed, so a bounded metrics label
-        result = await self.services.endpoints.query(name, self.body, self.content_encoding)
-        self.meta = result.meta
-        self.add_cors_headers()
-        self.finish(result.body)
+
+        def run() -> Awaitable[JobResult]:
+            return endpoints.query(name, self.body, self.content_encoding)
+
+        def submit() -> Awaitable[JobRecord]:
+            endpoints.guard()  # refused now, not later in the job
+            return self.services.jobs.submit(
+                self.user, KIND_QUERY, name, self.body, self.content_encoding
+            )
+
+        # The version is in the key: a redeploy never answers an older version's result.
+        target = f"query\0{name}\0{model.name}\0{model.version}"
+        await self.answer(run, submit, target, KIND_QUERY, model.max_age)
 
     get = post
 

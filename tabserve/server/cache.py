@@ -1,0 +1,172 @@
+"""The result cache: answers of calls that say how old a result they accept (``max_age``).
+
+A call without ``max_age`` (and no default for its endpoint, or for /evaluate) never comes
+here: TabPy's behaviour, byte for byte. A call with one is keyed by what its answer depends
+on: the endpoint's name and **version** (a redeploy is a new key, never a stale hit) or the
+exact script, a canonical hash of the input (the body's JSON with sorted keys, ``max_age``
+left out), and the caller's scope (permissions, and for scripts whether ``tabpy.query()`` is
+allowed), so a cached answer is never a way around authorization.
+
+Lookups are in memory, on the event loop: a hit costs a dictionary lookup and a hash of the
+body (about what /info costs) and touches neither the store nor a worker. The cache is an
+LRU bounded by bytes; identical calls running at the same time are merged into one
+execution, whose answer they all get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from ..errors import BadRequest
+from .executor import JobResult
+
+# Bodies larger than this are inspected (parsed, hashed) in a thread, off the event loop.
+INLINE_BODY = 256 * 1024
+_MARKER = b'"max_age"'
+
+
+def check_max_age(value: Any, where: str) -> int:
+    """``value`` as a ``max_age``: a non-negative whole number of seconds, or 400."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest(
+            "max_age must be a non-negative integer",
+            f"{where} gave {value!r}; it is the age in seconds of a cached result the call "
+            "accepts (0: always run)",
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class BodyFacts:
+    """What the cache needs from a request body: its ``max_age`` (None: it gives none) and
+    the hash of its input, canonical when the body is plain JSON."""
+
+    max_age: int | None
+    digest: str
+
+
+def mentions_max_age(body: bytes) -> bool:
+    """A cheap first look (no parse): only a body that contains ``"max_age"`` can give one."""
+    return _MARKER in body
+
+
+def inspect_body(body: bytes, encoding: str) -> BodyFacts:
+    """Parse ``body`` for its ``max_age`` and canonical hash (blocking for large bodies:
+    call it in a thread). A body that is not a JSON object is hashed as it is; the worker
+    will answer its error."""
+    if encoding:  # compressed: hashed as sent (Tableau sends the same bytes each time)
+        return BodyFacts(None, hashlib.sha256(body).hexdigest())
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return BodyFacts(None, hashlib.sha256(body).hexdigest())
+    if not isinstance(document, dict):
+        return BodyFacts(None, hashlib.sha256(body).hexdigest())
+    max_age = None
+    if "max_age" in document:
+        max_age = check_max_age(document.pop("max_age"), "the body's max_age")
+    canonical = orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    return BodyFacts(max_age, hashlib.sha256(canonical).hexdigest())
+
+
+async def inspect(body: bytes, encoding: str) -> BodyFacts:
+    if len(body) > INLINE_BODY:
+        return await asyncio.to_thread(inspect_body, body, encoding)
+    return inspect_body(body, encoding)
+
+
+def cache_key(scope: str, target: str, digest: str) -> str:
+    return hashlib.sha256(f"{scope}\0{target}\0{digest}".encode()).hexdigest()
+
+
+@dataclass
+class CachedResult:
+    result: JobResult
+    retrieved_at: float  # wall-clock time the answer was computed
+    size: int
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    merges: int = 0
+    evictions: int = 0
+
+
+class ResultCache:
+    """An LRU of successful answers, bounded by ``max_bytes`` (0: nothing is kept)."""
+
+    def __init__(self, max_bytes: int, clock: Callable[[], float] = time.time) -> None:
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.stats = CacheStats()
+        self.size = 0
+        self._entries: OrderedDict[str, CachedResult] = OrderedDict()
+        self._running: dict[str, asyncio.Future[JobResult]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, key: str, max_age: int) -> CachedResult | None:
+        """A result retrieved within ``max_age`` seconds (counted as a hit), or None."""
+        entry = self._entries.get(key)
+        if entry is None or max_age <= 0 or self.clock() - entry.retrieved_at > max_age:
+            return None
+        self._entries.move_to_end(key)
+        self.stats.hits += 1
+        return entry
+
+    def store(self, key: str, result: JobResult) -> None:
+        size = len(result.body) + len(key)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.size -= old.size
+        if size > self.max_bytes:
+            return
+        self._entries[key] = CachedResult(result, self.clock(), size)
+        self.size += size
+        while self.size > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.size -= evicted.size
+            self.stats.evictions += 1
+
+    async def run(
+        self, key: str, max_age: int, call: Callable[[], Awaitable[JobResult]]
+    ) -> tuple[JobResult, float | None]:
+        """The answer for ``key``: cached (with its age in seconds), the one of an identical
+        call already running (merged), or ``call()``'s, which is then cached if it
+        succeeded. ``max_age`` 0 always runs (and refreshes the cache)."""
+        entry = self.lookup(key, max_age)
+        if entry is not None:
+            return entry.result, max(0.0, self.clock() - entry.retrieved_at)
+        self.stats.misses += 1
+        running = self._running.get(key)
+        if running is not None and max_age > 0:
+            self.stats.merges += 1
+            return await asyncio.shield(running), None
+        future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
+        self._running[key] = future
+        try:
+            result = await call()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when none waited
+            raise
+        finally:
+            if self._running.get(key) is future:
+                del self._running[key]
+        future.set_result(result)
+        self.store(key, result)
+        return result, None

@@ -1,0 +1,303 @@
+"""Asynchronous jobs (Prefer: respond-async) and their results, over HTTP against real servers:
+status codes, failure messages, cancellation that kills the worker, the last worker kept for
+synchronous calls, restarts in both store backends, visibility, downloads and expiry."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import psutil
+import pytest
+from pg import PostgresServer
+
+from helpers import InProcessServer, Server, ServerFactory
+from tabserve.cli import main
+
+ASYNC = {"Prefer": "respond-async"}
+
+
+def wait_status(server: Server | InProcessServer, job_id: str, statuses: set[int],
+                timeout: float = 30, **kwargs: Any) -> dict[str, Any]:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = server.get(f"/jobs/{job_id}", **kwargs)
+        assert answer.status_code == 200, answer.text
+        job: dict[str, Any] = answer.json()["job"]
+        if job["status"] in statuses:
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} stayed {job}"
+        time.sleep(0.05)
+
+
+def submit(server: Server | InProcessServer, script: str, **kwargs: Any) -> str:
+    answer = server.post("/evaluate", json={"script": script, "data": {}}, headers=ASYNC, **kwargs)
+    assert answer.status_code == 202, answer.text
+    job_id: str = answer.json()["job"]["id"]
+    assert answer.headers["Location"] == f"/jobs/{job_id}"
+    return job_id
+
+
+def spinner(pid_file: Path) -> str:
+    """A script that records its worker's pid, then burns CPU until killed."""
+    return f"import os\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\nwhile True: pass"
+
+
+def wait_pid(pid_file: Path) -> int:
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.05)
+    return int(pid_file.read_text())
+
+
+def cpu_stops(pid: int, within: float) -> bool:
+    """True once the process is gone or its CPU time stops growing, within ``within`` s."""
+    deadline = time.monotonic() + within
+    try:
+        process = psutil.Process(pid)
+        last = sum(process.cpu_times()[:2])
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return True
+            now = sum(process.cpu_times()[:2])
+            if now == last:
+                return True
+            last = now
+    except psutil.NoSuchProcess:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def jobs_server(server_factory: ServerFactory) -> Server:
+    # Two workers: one job slot, one worker kept for synchronous calls.
+    return server_factory(TABPY_EVALUATE_TIMEOUT="2", TABSERVE_JOB_TIMEOUT="6")
+
+
+def test_a_job_answers_202_then_succeeds_with_a_result(jobs_server: Server) -> None:
+    server = jobs_server
+    answer = server.post(
+        "/evaluate",
+        json={"script": "return [x * 2 for x in _arg1]", "data": {"_arg1": [1, 2, 3]}},
+        headers=ASYNC,
+    )
+    assert answer.status_code == 202, answer.text
+    assert answer.headers["Preference-Applied"] == "respond-async"
+    job = answer.json()["job"]
+    assert set(job) == {"id", "status", "error", "query_result_id", "created_at", "updated_at"}
+    assert job["status"] in (1, 2) and job["error"] is None and job["query_result_id"] is None
+    done = wait_status(server, job["id"], {3, 4, 5})
+    assert done["status"] == 3, done
+    result_id = done["query_result_id"]
+    result = server.get(f"/query_results/{result_id}").json()["query_result"]
+    assert result["data"] == [2, 4, 6]
+    assert result["id"] == result_id and result["endpoint"] is None
+    assert result["runtime_ms"] >= 0 and result["retrieved_at"] <= time.time()
+    as_json = server.get(f"/query_results/{result_id}.json")
+    assert as_json.json() == [2, 4, 6]
+    assert as_json.headers["Content-Disposition"] == (
+        f'attachment; filename="evaluate-{result_id}.json"'
+    )
+    as_csv = server.get(f"/query_results/{result_id}.csv")
+    assert as_csv.headers["Content-Type"].startswith("text/csv")
+    assert as_csv.headers["Content-Disposition"].endswith(f'{result_id}.csv"')
+    assert list(csv.reader(io.StringIO(as_csv.text))) == [["value"], ["2"], ["4"], ["6"]]
+
+
+def test_a_failed_job_carries_the_synchronous_error(jobs_server: Server) -> None:
+    script = "return 1 / 0"
+    synchronous = jobs_server.post("/evaluate", json={"script": script, "data": {}})
+    assert synchronous.status_code == 500
+    job = wait_status(jobs_server, submit(jobs_server, script), {3, 4, 5})
+    assert job["status"] == 4 and job["query_result_id"] is None
+    assert job["error"] == synchronous.json()
+
+
+def test_jobs_have_their_own_timeout(jobs_server: Server) -> None:
+    """TABPY_EVALUATE_TIMEOUT is 2 s here and TABSERVE_JOB_TIMEOUT 6 s."""
+    slow = "import time\ntime.sleep(3)\nreturn 7"
+    assert jobs_server.post("/evaluate", json={"script": slow, "data": {}}).status_code == 408
+    job = wait_status(jobs_server, submit(jobs_server, slow), {3, 4, 5})
+    assert job["status"] == 3, job
+    endless = wait_status(jobs_server, submit(jobs_server, "while True: pass"), {3, 4, 5})
+    assert endless["status"] == 4
+    # As a synchronous call's 408, with the job's timeout.
+    assert endless["error"]["message"] == "User defined script timed out. Timeout is set to 6.0 s."
+
+
+def test_cancelling_a_running_job_kills_its_worker_and_a_pending_one_never_runs(
+    jobs_server: Server, tmp_path: Path
+) -> None:
+    server = jobs_server
+    first = submit(server, spinner(tmp_path / "first.pid"))
+    pid = wait_pid(tmp_path / "first.pid")
+    assert wait_status(server, first, {2})["status"] == 2
+    # One job slot (two workers): the second waits, and the last worker stays free.
+    second = submit(server, spinner(tmp_path / "second.pid"))
+    time.sleep(0.5)
+    assert server.get(f"/jobs/{second}").json()["job"]["status"] == 1
+    quick = server.post("/evaluate", json={"script": "return 1", "data": {}}, timeout=10)
+    assert quick.status_code == 200 and quick.text == "1"
+
+    pending = server.request("DELETE", f"/jobs/{second}")
+    assert pending.status_code == 200 and pending.json()["job"]["status"] == 5
+    running = server.request("DELETE", f"/jobs/{first}")
+    assert running.status_code == 200 and running.json()["job"]["status"] == 5
+    assert cpu_stops(pid, within=2.0), "the cancelled job's worker kept running"
+    time.sleep(1.5)
+    assert server.get(f"/jobs/{first}").json()["job"]["status"] == 5
+    assert server.get(f"/jobs/{second}").json()["job"]["status"] == 5
+    assert not (tmp_path / "second.pid").exists()  # never started
+    # A finished job is left as it was.
+    again = server.request("DELETE", f"/jobs/{first}")
+    assert again.status_code == 200 and again.json()["job"]["status"] == 5
+
+
+def test_bad_input_is_a_clear_4xx(jobs_server: Server) -> None:
+    server = jobs_server
+    unknown = server.get("/jobs/no-such-job")
+    assert unknown.status_code == 404
+    assert unknown.json() == {"message": "Unknown job", "info": "There is no job 'no-such-job'."}
+    assert server.request("DELETE", "/jobs/no-such-job").status_code == 404
+    assert server.get("/query_results/nothing").status_code == 404
+    assert server.get("/query_results/nothing.csv").status_code == 404
+    # A malformed Prefer header is ignored (RFC 7240): the call runs synchronously.
+    for prefer in (";;;", "respond-sync", "wait", ""):
+        answer = server.post(
+            "/evaluate", json={"script": "return 2", "data": {}}, headers={"Prefer": prefer}
+        )
+        assert (answer.status_code, answer.text) == (200, "2"), prefer
+        assert "Location" not in answer.headers
+    # Several preferences, one of them respond-async.
+    answer = server.post(
+        "/evaluate",
+        json={"script": "return 2", "data": {}},
+        headers={"Prefer": "wait=10, respond-async; x=1"},
+    )
+    assert answer.status_code == 202
+
+
+@pytest.fixture
+def result_app(app_factory: Any) -> InProcessServer:
+    return app_factory(TABSERVE_RESULT_TTL="1")
+
+
+def test_results_expire(result_app: InProcessServer) -> None:
+    job = wait_status(result_app, submit(result_app, "return {'a': [1, 2], 'b': ['x', 'y']}"),
+                      {3, 4, 5})  # fmt: skip
+    result_id = job["query_result_id"]
+    table = result_app.get(f"/query_results/{result_id}.csv")
+    assert list(csv.reader(io.StringIO(table.text))) == [["a", "b"], ["1", "x"], ["2", "y"]]
+    time.sleep(1.3)
+    expired = result_app.get(f"/query_results/{result_id}")
+    assert expired.status_code == 404
+    assert expired.json()["message"] == "Unknown query result"
+
+
+def test_csv_of_records_and_scalars(app: InProcessServer) -> None:
+    records = wait_status(app, submit(app, "return [{'a': 1, 'b': 2}, {'a': 3, 'c': [4]}]"),
+                          {3})  # fmt: skip
+    text = app.get(f"/query_results/{records['query_result_id']}.csv").text
+    assert list(csv.reader(io.StringIO(text))) == [["a", "b", "c"], ["1", "2", ""],
+                                                   ["3", "", "[4]"]]  # fmt: skip
+    scalar = wait_status(app, submit(app, "return 'one, cell'"), {3})
+    text = app.get(f"/query_results/{scalar['query_result_id']}.csv").text
+    assert list(csv.reader(io.StringIO(text))) == [["value"], ["one, cell"]]
+
+
+# -- the store: restarts and visibility, in both backends ------------------------------------
+
+ADMIN = ("admin", "admin-pass-1")
+ALICE = ("alice", "alice-pass-1")
+BOB = ("bob", "bob-pass-1")
+
+
+@pytest.fixture(params=["statedir", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    if request.param == "statedir":
+        yield {"TABPY_STATE_PATH": str(tmp_path / "state")}
+    else:
+        pg: PostgresServer = request.getfixturevalue("postgres")
+        url = pg.fresh_database(f"jobs_{tmp_path.name[-12:].lower()}")
+        yield {"TABSERVE_STORE": url, "TABPY_STATE_PATH": str(tmp_path / "state")}
+
+
+def test_jobs_survive_a_restart(
+    server_factory: ServerFactory, location: dict[str, str], tmp_path: Path
+) -> None:
+    workdir = tmp_path / "one"
+    workdir.mkdir()
+    server = server_factory(workdir=workdir, **location)
+    running = submit(server, spinner(tmp_path / "running.pid"))
+    pid = wait_pid(tmp_path / "running.pid")
+    wait_status(server, running, {2})
+    pending = submit(server, "return 'ran after the restart'")
+    time.sleep(0.3)
+    assert server.get(f"/jobs/{pending}").json()["job"]["status"] == 1
+    # The server dies without a chance to clean up (its spinning worker is killed too).
+    os.killpg(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+    os.kill(pid, signal.SIGKILL)
+
+    workdir = tmp_path / "two"
+    workdir.mkdir()
+    again = server_factory(workdir=workdir, **location)
+    failed = wait_status(again, running, {3, 4, 5})
+    assert failed["status"] == 4
+    assert failed["error"]["message"] == "Job interrupted"
+    assert "stopped" in failed["error"]["info"]
+    done = wait_status(again, pending, {3, 4, 5})
+    assert done["status"] == 3, done
+    result = again.get(f"/query_results/{done['query_result_id']}").json()["query_result"]
+    assert result["data"] == "ran after the restart"
+
+
+def _add_users(location: dict[str, str]) -> None:
+    store = location.get("TABSERVE_STORE", location["TABPY_STATE_PATH"])
+    for (name, password), permissions in ((ADMIN, "all"), (ALICE, "evaluate,query"),
+                                          (BOB, "evaluate,query")):  # fmt: skip
+        assert main(["user", "add", "-u", name, "-p", password, "--permissions", permissions,
+                     "--store", store]) == 0  # fmt: skip
+
+
+def _double_archive() -> str:
+    def double(x: list[int]) -> list[int]:  # nested: pickled by value, not by module
+        return [2 * v for v in x]
+
+    return base64.b64encode(cloudpickle.dumps(double)).decode()
+
+
+def test_only_the_creator_or_a_manager_sees_a_job(
+    server_factory: ServerFactory, location: dict[str, str], tmp_path: Path
+) -> None:
+    _add_users(location)
+    server = server_factory(workdir=tmp_path, auth=ADMIN, TABSERVE_USERS="store", **location)
+    body = {"name": "double", "type": "model", "archive": _double_archive()}
+    assert server.post("/endpoints", json=body).status_code == 201
+    answer = server.post("/query/double", json={"data": {"x": [1, 2]}}, headers=ASYNC, auth=ALICE)
+    assert answer.status_code == 202, answer.text
+    job_id = answer.json()["job"]["id"]
+    job = wait_status(server, job_id, {3, 4, 5}, auth=ALICE)
+    assert job["status"] == 3, job
+    result_id = job["query_result_id"]
+    result = server.get(f"/query_results/{result_id}", auth=ALICE).json()["query_result"]
+    assert (result["endpoint"], result["version"], result["data"]) == ("double", 1, [2, 4])
+    name = server.get(f"/query_results/{result_id}.csv", auth=ALICE).headers["Content-Disposition"]
+    assert name == f'attachment; filename="double-{result_id}.csv"'
+    # Someone else: the same 404 as for an id that does not exist.
+    for path in (f"/jobs/{job_id}", f"/query_results/{result_id}",
+                 f"/query_results/{result_id}.json"):  # fmt: skip
+        assert server.get(path, auth=BOB).status_code == 404, path
+        assert server.get(path, auth=ADMIN).status_code == 200, path  # manage sees all
+    assert server.request("DELETE", f"/jobs/{job_id}", auth=BOB).status_code == 404
+    assert server.get(f"/jobs/{job_id}", auth=None).status_code == 401
