@@ -52,6 +52,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tabserve.commands.user",
         "add, update or delete a user in a password file (TABPY_PWD_FILE) or a store",
     ),
+    "key": (
+        "tabserve.commands.key",
+        "create, list or revoke API keys (a user's, or one endpoint's) in the store",
+    ),
     "store": (
         "tabserve.commands.store",
         "migrate the store's schema; import a TabPy state directory into a store; export",

@@ -55,11 +55,20 @@ def test_a_route_without_a_description_stops_the_document() -> None:
         openapi.document((*ROUTES, undocumented))
 
 
-def test_a_guarded_verb_without_a_403_stops_the_document() -> None:
+def test_a_guarded_verb_without_a_403_stops_the_document(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A permission in the route table, a token's included, can be refused: the operation
-    must list 403 (the upload destination's is only for a token without the deploy scope)."""
+    must list 403. Every authenticated operation lists it, since an endpoint API key is
+    refused with 403 wherever its route does not allow it."""
     paths = openapi.document(ROUTES)["paths"]
-    assert "403" in paths["/configurations/endpoint_upload_destination"]["get"]["responses"]
+    for route in ROUTES:
+        if route.public is not True:
+            for verb in route.methods:
+                assert "403" in paths[route.path][verb]["responses"], (route.path, verb)
+    operations = openapi._operations()
+    del operations["/info"]["get"]["responses"]["403"]
+    monkeypatch.setattr(openapi, "_operations", lambda: operations)
     guarded = Route("/info", route_for("/info").handler, token_permissions={"GET": "manage"})
     routes = tuple(guarded if route.path == "/info" else route for route in ROUTES)
     with pytest.raises(ValueError, match="lists no 403"):
@@ -84,7 +93,7 @@ def api_md_headings(text: str) -> set[tuple[str, str]]:
             r"((?:GET|POST|PUT|DELETE)(?:\|[A-Z]+)*) (/[^\s,]*)", heading
         ):
             for method in methods.split("|"):
-                found.add((method, path.replace("<name>", "{name}")))
+                found.add((method, re.sub(r"<([a-z_]+)>", r"{\1}", path)))
     return found
 
 

@@ -27,8 +27,10 @@ from ..store.backends import Store, open_store
 from ..store.passwords import remove_stale_temps_for
 from ..store.state_dir import ServiceInfo, ensure_state_dir, service_info_from
 from . import openapi
+from .api_keys import ApiKeys
 from .auth import Authenticator
 from .cache import ResultCache
+from .credentials import User
 from .endpoints import EndpointService
 from .executor import Executor
 from .flight import FlightService
@@ -346,6 +348,8 @@ async def build_services(
         auth = await asyncio.to_thread(load_authenticator, settings, service.name, store, bearer)
         if settings.users == "store":
             endpoints.on_refresh.append(_follow_users(auth, store))
+        if auth.enabled:
+            auth.keys = _api_keys(auth, store, endpoints)
         requests = RequestTracker()
         readiness = Readiness()
         readiness_checks(readiness, executor, requests, store, sandbox, bool(settings.store), auth)
@@ -463,6 +467,21 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
             await services.close()
         await executor.close()
         log.info("stopped")
+
+
+def _api_keys(auth: Authenticator, store: Store, endpoints: EndpointService) -> ApiKeys:
+    """API keys over ``store``: a user key's user is looked up in ``auth``'s users (the
+    password file's or the store's) each time, so their current permissions apply."""
+    cache = auth.cache
+
+    def user_for(name: str) -> User | None:
+        return None if cache is None else cache.user(name)
+
+    async def endpoint_exists(name: str) -> bool:
+        await endpoints.ensure_fresh()
+        return name in endpoints.registry.all()
+
+    return ApiKeys(store, user_for, endpoint_exists)
 
 
 def _follow_users(auth: Authenticator, store: Store) -> Callable[[], None]:

@@ -45,13 +45,15 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..errors import Forbidden, InsufficientScope, NotAcceptable, Unauthorized
+from ..errors import BadRequest, Forbidden, InsufficientScope, NotAcceptable, Unauthorized
+from ..store.api_keys import MalformedKey
 from ..store.passwords import (
     ALL_PERMISSIONS,
     PERMISSION_ORDER,
     PasswordEntry,
     normalize_username,
 )
+from .api_keys import ApiKeys
 from .credentials import AuthResult, CredentialCache, FailureThrottle, User
 from .oauth import BearerVerifier, TokenRejected, granted_scopes
 
@@ -146,6 +148,27 @@ def is_connection_test(body: bytes, encoding: str = "") -> bool:
     return isinstance(script, str) and script.strip() == _CONNECTION_TEST_SCRIPT
 
 
+def _key_in(header: str | None, api_key: str | None) -> str | None:
+    """The API key a request sends (``Authorization: Key <key>`` or ``?api_key=``), if any;
+    its form is checked later, so that a malformed key is a 401 like a wrong one."""
+    scheme, _, rest = header.strip().partition(" ") if header else ("", "", "")
+    from_header = rest.strip() if scheme.lower() == "key" else None
+    if api_key is not None and header is not None:
+        raise BadRequest(
+            "Credentials sent twice",
+            "Send an API key either as ?api_key= or in the Authorization header, not both.",
+        )
+    return from_header if from_header is not None else api_key
+
+
+def _endpoint_only(endpoint: str) -> Forbidden:
+    return Forbidden(
+        "This API key may only call one endpoint.",
+        f"An endpoint key reaches /query/{endpoint} (and that endpoint's jobs and results), "
+        "nothing else.",
+    )
+
+
 def _token_identity(issuer: str, subject: object, token: str) -> str:
     """Who a token's user is, for owning things (Flight tables): its subject at the issuer,
     hashed so that the sub is never shown where TABPY_OAUTH_LOG_USER is off. The ':' keeps
@@ -177,6 +200,8 @@ class Authenticator:
         self.bearer = bearer
         self.realm = realm
         self.throttle = throttle
+        # API keys (``Authorization: Key``, ``?api_key=``): set by the app when auth is on.
+        self.keys: ApiKeys | None = None
         self._sleep = sleep
         self._pool: ThreadPoolExecutor | None = None
         # Identical concurrent cache misses wait for one hash instead of computing several.
@@ -221,10 +246,19 @@ class Authenticator:
     def user_count(self) -> int:
         return len(self.cache.users) if self.cache is not None else 0
 
-    async def authenticate(self, header: str | None, client: str) -> User:
-        """The user a request runs as; raises Unauthorized (401) or NotAcceptable (406)."""
+    async def authenticate(
+        self, header: str | None, client: str, api_key: str | None = None
+    ) -> User:
+        """The user a request runs as; raises Unauthorized (401) or NotAcceptable (406).
+
+        ``api_key`` is the ``api_key`` query argument (download links); a ``Key`` header is
+        the other way to send one. Sending both a header and the argument is a 400.
+        """
+        key = _key_in(header, api_key)
         if not self.enabled:
-            return self._without_auth(header, client)
+            return self._without_auth(header, client, key_sent=key is not None)
+        if key is not None:
+            return await self._authenticate_key(key, client)
         if self.bearer is not None:
             scheme = header.strip().partition(" ")[0].lower() if header else ""
             if scheme == "bearer" or self.cache is None:
@@ -265,6 +299,27 @@ class Authenticator:
             f"This needs the '{permission}' permission; the password file grants this user: "
             f"{granted}.",
         )
+
+    def authorize_route(self, user: User, access: str | None, name: str | None) -> None:
+        """An endpoint key's check, made for every authenticated request before the
+        permission's: a route not declared for endpoint keys (``access`` None) is refused;
+        ``"name"``: the path's endpoint ``name`` must be the key's; ``"resource"``: the
+        handler checks what it serves with :meth:`authorize_endpoint`."""
+        if user.endpoint is None or access == "resource":
+            return
+        if access == "name" and name == user.endpoint:
+            return
+        log.warning(
+            "Permission denied: endpoint key %s (for %s) used on another route or endpoint",
+            user.key_id, _shown(user.endpoint),
+        )  # fmt: skip
+        raise _endpoint_only(user.endpoint)
+
+    def authorize_endpoint(self, user: User, endpoint: str | None) -> None:
+        """Raise Forbidden (403) when an endpoint key asks for something (a job, a result)
+        that belongs to another endpoint, or to none (an /evaluate job)."""
+        if user.endpoint is not None and endpoint != user.endpoint:
+            raise _endpoint_only(user.endpoint)
 
     def authorize_evaluate(self, user: User, body: bytes, encoding: str) -> None:
         """Like ``authorize(user, "evaluate")``, but Tableau's connection test is allowed to
@@ -349,18 +404,32 @@ class Authenticator:
         name = subject if config.log_user and isinstance(subject, str) else ""
         return User(name, permissions, scopes, _token_identity(config.issuer, subject, token))
 
-    def _without_auth(self, header: str | None, client: str) -> User:
-        if header is None:
+    def _without_auth(self, header: str | None, client: str, *, key_sent: bool) -> User:
+        if header is None and not key_sent:
             return ANONYMOUS
-        try:
-            parse_basic(header)
-        except BadHeader:
-            return ANONYMOUS  # TabPy treats an unparseable header as absent
+        if not key_sent:
+            try:
+                parse_basic(header or "")
+            except BadHeader:
+                return ANONYMOUS  # TabPy treats an unparseable header as absent
+        # An API key too: whoever sends one believes it protects something.
         log.warning(
             "Credentials from %s refused with 406: authentication is off (no TABPY_PWD_FILE)",
             client,
         )
         raise NotAcceptable(realm=self.realm)
+
+    async def _authenticate_key(self, key: str, client: str) -> User:
+        if self.keys is None:  # auth by bearer tokens only, say: no store of keys here
+            raise self._refuse(client, "API keys are not accepted here")
+        try:
+            user, reason = await self.keys.check(key)
+        except MalformedKey as exc:
+            user, reason = None, f"malformed API key: {exc}"
+        if user is not None:
+            return user
+        await self._delay_failure(client)
+        raise self._refuse(client, reason)
 
     async def _check(self, credentials: Credentials) -> AuthResult:
         assert self.cache is not None

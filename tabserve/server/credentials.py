@@ -40,12 +40,19 @@ class User:
     ``scopes`` is None for a password-file user; for a bearer token, its granted scopes
     (its permissions are then derived from them, see ``auth.Authenticator``). ``identity``
     is set for a token: whose it is, even when ``name`` is empty (TABPY_OAUTH_LOG_USER off).
+
+    ``key_id`` is set when an API key authenticated the request. ``endpoint`` is set for an
+    endpoint key: the one endpoint it may reach. Routes that do not allow endpoint keys
+    refuse it in ``BaseHandler._authenticate``; a handler serving something that belongs to
+    an endpoint (a job, a result) checks it with ``Authenticator.authorize_endpoint``.
     """
 
     name: str
     permissions: frozenset[str] = ALL_PERMISSIONS
     scopes: frozenset[str] | None = None
     identity: str | None = None
+    key_id: str | None = None
+    endpoint: str | None = None
 
     def can(self, permission: str) -> bool:
         return permission in self.permissions
@@ -144,6 +151,12 @@ class CredentialCache:
     @property
     def users(self) -> dict[str, User]:
         return {name: _user(entry) for name, entry in self._entries.items()}
+
+    def user(self, name: str) -> User | None:
+        """The user called ``name`` now (a user key acts as them), without any password."""
+        self.reload_if_changed()
+        entry = self._entries.get(normalize_username(name))
+        return None if entry is None else _user(entry)
 
     def _key_for(self, username: str, password: str) -> bytes:
         name = username.encode("utf-8", "surrogatepass")

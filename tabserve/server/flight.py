@@ -347,6 +347,7 @@ class FlightService:
             # One client name for every Flight caller: gRPC does not tell the middleware
             # the peer's address, so repeated failures slow down Flight logins as a whole.
             user = await self.auth.authenticate(message.get("header"), "Arrow Flight client")
+            self.auth.authorize_route(user, None, None)  # no Flight call takes endpoint keys
             self.auth.authorize(user, message.get("permission"))
             # The owner, not the name: a token's user may have no name, and must still have
             # tables of its own (auth._token_identity).

@@ -29,8 +29,10 @@ _ENVELOPE = {
 _ERRORS = {
     "400": "The request is malformed; the message says what is wrong.",
     "401": "Authentication is on and the credentials are missing or wrong.",
-    "403": "The user may not use this route (a bearer token: it lacks the route's scope).",
-    "404": "Unknown path, endpoint, or /evaluate disabled.",
+    "403": "The user may not use this route (a bearer token: it lacks the route's scope; an "
+    "endpoint key: not its endpoint's /query).",
+    "404": "Unknown path, endpoint or API key, or /evaluate disabled (or /keys with "
+    "authentication off).",
     "405": "The method is not supported on this path.",
     "406": "Credentials were sent to a server without authentication.",
     "408": "The script or endpoint ran out of time.",
@@ -222,6 +224,38 @@ _DEPLOY_BODY = {
     },
 }
 
+_KEY_ID = {
+    "name": "key_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[^/]+$"},
+    "example": "0123456789abcdef",
+}
+
+_API_KEY = {
+    "type": "object",
+    "description": "An API key, without its secret (the key itself is shown once).",
+    "required": ["id", "kind", "user", "endpoint", "created", "expires", "revoked", "last_used"],
+    "properties": {
+        "id": {"type": "string"},
+        "kind": {"type": "string", "enum": ["user", "endpoint"]},
+        "user": {"type": ["string", "null"], "description": "A user key's user"},
+        "endpoint": {"type": ["string", "null"], "description": "An endpoint key's endpoint"},
+        "created": {"type": "number"},
+        "expires": {"type": ["number", "null"]},
+        "revoked": {"type": ["number", "null"]},
+        "last_used": {"type": ["number", "null"], "description": "to within a minute"},
+        "secret": {"type": "string", "description": "Only in the creation's answer"},
+    },
+}
+
+_KEY_REQUEST = {
+    "type": "object",
+    "description": "Exactly one of user and endpoint.",
+    "properties": {"user": {"type": "string"}, "endpoint": {"type": "string"}},
+    "additionalProperties": False,
+}
+
 _NAME = {
     "name": "name",
     "in": "path",
@@ -353,7 +387,8 @@ def _body(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _operation(
     summary: str, ok: dict[str, dict[str, Any]], errors: tuple[int, ...], **extra: Any
 ) -> dict[str, Any]:
-    auth = (401, 406)
+    # 400: credentials sent twice (a Key header and ?api_key=); 403: an endpoint key.
+    auth = (400, 401, 403, 406)
     common = (405, 413)
     codes = tuple(sorted(set(errors + auth + common)))
     return {"summary": summary, "responses": {**ok, **_errors(*codes)}, **extra}
@@ -394,13 +429,24 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             "Errors always have the {message, info} envelope.",
         },
         "components": {
-            "schemas": {"Error": _ENVELOPE, "Endpoint": _ENDPOINT, "Info": _INFO},
+            "schemas": {
+                "Error": _ENVELOPE,
+                "Endpoint": _ENDPOINT,
+                "Info": _INFO,
+                "ApiKey": _API_KEY,
+            },
             "securitySchemes": {
                 "basic": {"type": "http", "scheme": "basic"},
                 "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "key": {
+                    "type": "http",
+                    "scheme": "key",
+                    "description": "An API key: Authorization: Key tsk_...",
+                },
+                "api_key": {"type": "apiKey", "in": "query", "name": "api_key"},
             },
         },
-        "security": [{}, {"basic": []}, {"bearer": []}],
+        "security": [{}, {"basic": []}, {"bearer": []}, {"key": []}, {"api_key": []}],
         "paths": paths,
     }
 
@@ -421,6 +467,10 @@ def _operations() -> dict[str, dict[str, Any]]:
         },
     }
     accepted = {"202": _json(_JOB, "With Prefer: respond-async: the job (Location: /jobs/<id>)")}
+    key_ref = {"$ref": "#/components/schemas/ApiKey"}
+    keys_list = {"type": "object", "required": ["keys"], "properties": {
+        "keys": {"type": "array", "items": key_ref}}}  # fmt: skip
+    one_key = {"type": "object", "required": ["key"], "properties": {"key": key_ref}}
     query = _operation(
         "Call a deployed endpoint (MODEL_EXTENSION_*)",
         {
@@ -506,7 +556,7 @@ def _operations() -> dict[str, dict[str, Any]]:
                 "is false)",
                 "responses": {
                     "200": {"description": "Prometheus text", "content": {"text/plain": {}}},
-                    **_errors(401, 405, 406, 413),
+                    **_errors(400, 401, 403, 405, 406, 413),
                 },
             }
         },
@@ -638,6 +688,28 @@ def _operations() -> dict[str, dict[str, Any]]:
             ),
             "delete": _operation(
                 "Remove a user (manage)", {"204": {"description": "Removed"}}, (403, 404, 503, 507)
+            ),
+        },
+        "/keys": {
+            "get": _operation(
+                "Every API key, revoked ones too, without secrets",
+                {"200": _json(keys_list, "The keys")},
+                (403, 404, 503),
+            ),
+            "post": _operation(
+                "Create an API key; the answer holds the key, shown this once",
+                {"201": _json(one_key, "The key, with its secret")},
+                (400, 403, 404, 503),
+                requestBody=_body(_KEY_REQUEST, "Whose key: a user's, or one endpoint's"),
+            ),
+        },
+        "/keys/{key_id}": {
+            "parameters": [_KEY_ID],
+            "get": _operation("One API key", {"200": _json(one_key, "It")}, (403, 404, 503)),
+            "delete": _operation(
+                "Revoke an API key (refused everywhere within a second)",
+                {"200": _json(one_key, "The key, revoked")},
+                (403, 404, 503),
             ),
         },
     }

@@ -22,6 +22,8 @@ from .handlers import (
     EvaluateHandler,
     InfoHandler,
     JobHandler,
+    KeyHandler,
+    KeysHandler,
     LiveHandler,
     MetricsHandler,
     NotFoundHandler,
@@ -53,6 +55,11 @@ class Route:
     # Further permissions only a bearer token needs, where TabPy binds an endpoint scope to a
     # route that password-file users may call freely.
     token_permissions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # The verbs an endpoint key may call here, and how its endpoint is checked: "name" (the
+    # path's {name} must be the key's endpoint), or "resource" (the handler checks what it
+    # serves with Authenticator.authorize_endpoint). Any other verb or route refuses such
+    # a key with 403 (BaseHandler._authenticate).
+    endpoint_keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # Answered without credentials when authentication is on; a function of the settings
     # where a setting decides.
     public: bool | Callable[[Settings], bool] = False
@@ -103,7 +110,12 @@ ROUTES: tuple[Route, ...] = (
     Route("/status", StatusHandler),
     Route("/endpoints", EndpointsHandler, {"POST": "manage"}, trailing_slash=True),
     Route("/endpoints/{name}", EndpointHandler, {"PUT": "manage", "DELETE": "manage"}),
-    Route("/query/{name}", QueryHandler, {"GET": "query", "POST": "query"}),
+    Route(
+        "/query/{name}",
+        QueryHandler,
+        {"GET": "query", "POST": "query"},
+        endpoint_keys={"GET": "name", "POST": "name"},
+    ),
     # Asynchronous jobs and their results (Prefer: respond-async): any authenticated user,
     # who sees only their own unless they may manage (jobs.can_see).
     Route("/jobs/{id}", JobHandler),
@@ -120,6 +132,9 @@ ROUTES: tuple[Route, ...] = (
     # The store's users (TABSERVE_USERS = store; 404 otherwise), for manage users only.
     Route("/users", UsersHandler, {"GET": "manage", "POST": "manage"}),
     Route("/users/{name}", UserHandler, {"GET": "manage", "PUT": "manage", "DELETE": "manage"}),
+    # API keys: 404 while authentication is off (keys would be refused anyway).
+    Route("/keys", KeysHandler, {"GET": "manage", "POST": "manage"}),
+    Route("/keys/{key_id}", KeyHandler, {"GET": "manage", "DELETE": "manage"}),
 )
 
 # Every path no route matches: public, as in TabPy (a 401 would claim the path exists).

@@ -21,12 +21,14 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .archives import ARCHIVE_FILE
 from .database import CHANGES_CHANNEL, Database, Tx
 from .files import atomic_write
 from .jobs import JobTables
 from .records import (
+    ApiKeyRecord,
     EndpointChange,
     EndpointRecord,
     Snapshot,
@@ -190,6 +192,58 @@ class SqlStore(JobTables):
             tx.execute("DELETE FROM users WHERE name = ?", (name,))
             self._notify(tx, generation)
 
+    # -- API keys --------------------------------------------------------------------------
+    # Key changes bump no generation: replicas do not reload for them. Each replica re-reads
+    # a key it has seen at most every fraction of a second (server.api_keys), which is what
+    # makes a revocation reach every replica in time.
+
+    def api_keys(self) -> list[ApiKeyRecord]:
+        with self.db.read() as tx:
+            return [_api_key(row) for row in tx.execute(f"{_KEY_SELECT} ORDER BY created, id")]
+
+    def api_key(self, key_id: str) -> ApiKeyRecord | None:
+        with self.db.read() as tx:
+            rows = tx.execute(f"{_KEY_SELECT} WHERE id = ?", (key_id,))
+        return _api_key(rows[0]) if rows else None
+
+    def add_api_key(self, key: ApiKeyRecord) -> None:
+        with self.db.write() as tx:
+            tx.execute(
+                "INSERT INTO api_keys (id, secret_hash, user_name, permissions, endpoint, "
+                "created, expires, revoked, last_used) VALUES (?, ?, ?, NULL, ?, ?, ?, ?, ?)",
+                (
+                    key.id,
+                    key.secret_hash,
+                    key.user_name,
+                    key.endpoint,
+                    key.created,
+                    key.expires,
+                    key.revoked,
+                    key.last_used,
+                ),
+            )
+
+    def revoke_api_key(self, key_id: str, when: float) -> ApiKeyRecord:
+        """Revoke the key (a second revocation keeps the first time); KeyError if unknown."""
+        with self.db.write() as tx:
+            tx.execute(
+                "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                (when, key_id),
+            )
+            rows = tx.execute(f"{_KEY_SELECT} WHERE id = ?", (key_id,))
+        if not rows:
+            raise KeyError(f"no API key has the id {key_id}")
+        return _api_key(rows[0])
+
+    def touch_api_key(self, key_id: str, when: float) -> None:
+        """Record that the key was used at ``when`` (callers throttle how often)."""
+        with self.db.write() as tx:
+            tx.execute(
+                "UPDATE api_keys SET last_used = ? WHERE id = ? AND "
+                "(last_used IS NULL OR last_used < ?)",
+                (when, key_id, when),
+            )
+
     # -- service info ----------------------------------------------------------------------
 
     def put_service(self, values: dict[str, str], *, only_missing: bool = False) -> None:
@@ -245,6 +299,19 @@ def _users(tx: Tx) -> dict[str, UserRecord]:
         allowed = None if permissions is None else frozenset(filter(None, permissions.split(",")))
         result[name] = UserRecord(name, password_hash, allowed)
     return result
+
+
+_KEY_SELECT = (
+    "SELECT id, secret_hash, user_name, endpoint, created, expires, revoked, last_used "
+    "FROM api_keys"
+)
+
+
+def _api_key(row: tuple[Any, ...]) -> ApiKeyRecord:
+    key_id, secret_hash, user_name, endpoint, created, expires, revoked, last_used = row
+    return ApiKeyRecord(
+        key_id, secret_hash, user_name, endpoint, created, expires, revoked, last_used
+    )
 
 
 def _remove_tree(path: Path) -> None:

@@ -45,6 +45,7 @@ from .database import Database, sqlite_url
 from .files import atomic_write, locked_directory, remove_stale_temps
 from .jobs import JobTables
 from .records import (
+    ApiKeyRecord,
     EndpointChange,
     EndpointRecord,
     Snapshot,
@@ -310,6 +311,21 @@ class StateDirStore(JobTables):
 
     def delete_user(self, name: str) -> None:
         self.sql.delete_user(name)
+
+    def api_keys(self) -> list[ApiKeyRecord]:
+        return self.sql.api_keys()
+
+    def api_key(self, key_id: str) -> ApiKeyRecord | None:
+        return self.sql.api_key(key_id)
+
+    def add_api_key(self, key: ApiKeyRecord) -> None:
+        self.sql.add_api_key(key)
+
+    def revoke_api_key(self, key_id: str, when: float) -> ApiKeyRecord:
+        return self.sql.revoke_api_key(key_id, when)
+
+    def touch_api_key(self, key_id: str, when: float) -> None:
+        self.sql.touch_api_key(key_id, when)
 
     def close(self) -> None:
         self._stop.set()

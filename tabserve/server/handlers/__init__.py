@@ -4,7 +4,7 @@
 cross-cutting rules (authentication, streamed size-checked bodies, the one error renderer,
 call ids, the access log); ``api`` the Analytics Extensions and TabPy routes; ``pages`` the
 status page and the OpenAPI document; ``jobs`` asynchronous jobs and their results;
-``operations`` the health probes and metrics.
+``keys`` the API keys; ``operations`` the health probes and metrics.
 """
 
 from .api import (
@@ -25,6 +25,7 @@ from .base import (
     log_request,
 )
 from .jobs import JobHandler, QueryResultFileHandler, QueryResultHandler
+from .keys import KeyHandler, KeysHandler
 from .operations import LiveHandler, MetricsHandler, ReadyHandler
 from .pages import AssetHandler, OpenApiHandler, RootHandler
 
@@ -36,6 +37,8 @@ __all__ = [
     "EvaluateHandler",
     "InfoHandler",
     "JobHandler",
+    "KeyHandler",
+    "KeysHandler",
     "BaseHandler",
     "LiveHandler",
     "MetricsHandler",

@@ -148,9 +148,17 @@ class BaseHandler(RequestHandler):
         auth = self.services.auth
         try:
             self.user = await auth.authenticate(
-                self.request.headers.get("Authorization"), self.request.remote_ip or "?"
+                self.request.headers.get("Authorization"),
+                self.request.remote_ip or "?",
+                self._api_key_argument(),
             )
             method = self.request.method or "GET"
+            # An endpoint key: only routes declared for it, and only its endpoint.
+            auth.authorize_route(
+                self.user,
+                self.route.endpoint_keys.get(method),
+                self.path_args[0] if self.path_args else None,
+            )
             needed = self.route.permissions.get(method)
             if needed is None and self.user.scopes is not None:
                 needed = self.route.token_permissions.get(method)
@@ -162,6 +170,18 @@ class BaseHandler(RequestHandler):
             # answered before its body is read, and unread bytes turn that close into a
             # reset, which the client sees instead of the 401.
             self._refusal = refusal
+
+    def _api_key_argument(self) -> str | None:
+        """``?api_key=`` (for download links, where no header can be set)."""
+        values = self.request.query_arguments.get("api_key")
+        if not values:
+            return None
+        if len(values) > 1:
+            raise BadRequest("Credentials sent twice", "Give ?api_key= once.")
+        try:
+            return values[0].decode("ascii")
+        except UnicodeDecodeError:
+            return "\ufffd"  # not a key: refused as a malformed one (401)
 
     def data_received(self, chunk: bytes) -> None:
         self._received += len(chunk)
