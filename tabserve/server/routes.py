@@ -89,6 +89,10 @@ class Route:
         return tuple(verb for verb in VERBS if any(verb in cls.__dict__ for cls in own))
 
 
+# A result is read by GET alone; an endpoint key may read its own (see ROUTES).
+_RESOURCE_GET: Mapping[str, str] = MappingProxyType({"GET": "resource"})
+
+
 def _metrics_public(settings: Settings) -> bool:
     return not settings.metrics_auth
 
@@ -117,12 +121,14 @@ ROUTES: tuple[Route, ...] = (
         endpoint_keys={"GET": "name", "POST": "name"},
     ),
     # Asynchronous jobs and their results (Prefer: respond-async): any authenticated user,
-    # who sees only their own unless they may manage (jobs.can_see).
-    Route("/jobs/{id}", JobHandler),
+    # who sees only their own unless they may manage (jobs.can_see). An endpoint key reaches
+    # them too ("resource"): jobs.can_see, the one visibility rule, shows it only its own
+    # jobs and results of its endpoint.
+    Route("/jobs/{id}", JobHandler, endpoint_keys={"GET": "resource", "DELETE": "resource"}),
     # The downloads first: the plain route's {id} would match "x.csv" too.
-    Route("/query_results/{id}.json", QueryResultFileHandler),
-    Route("/query_results/{id}.csv", QueryResultFileHandler),
-    Route("/query_results/{id}", QueryResultHandler),
+    Route("/query_results/{id}.json", QueryResultFileHandler, endpoint_keys=_RESOURCE_GET),
+    Route("/query_results/{id}.csv", QueryResultFileHandler, endpoint_keys=_RESOURCE_GET),
+    Route("/query_results/{id}", QueryResultHandler, endpoint_keys=_RESOURCE_GET),
     # TabPy binds the deploy scope to this route; password-file users need no permission.
     Route(
         "/configurations/endpoint_upload_destination",
