@@ -236,14 +236,11 @@ class Endpoints(_Resource):
             body["max_age"] = _check_max_age(max_age)
         return self._transport.call("POST", f"query/{quote_name(name)}", body)["response"]
 
-    def submit(
-        self, name: str, /, *args: Any, max_age: int | None = None, **kwargs: Any
-    ) -> JobItem:
+    def submit(self, name: str, /, *args: Any, **kwargs: Any) -> JobItem:
         """Call endpoint ``name`` as a job (``Prefer: respond-async``); follow it with
-        ``server.jobs``."""
-        body: dict[str, Any] = {"data": _call_data(args, kwargs)}
-        if max_age is not None:
-            body["max_age"] = _check_max_age(max_age)
+        ``server.jobs``. A job always runs: ``max_age`` 0 keeps the server from answering
+        with a cached result instead of a job (``query(..., max_age=N)`` takes those)."""
+        body: dict[str, Any] = {"data": _call_data(args, kwargs), "max_age": 0}
         answer = self._transport.call(
             "POST", f"query/{quote_name(name)}", body, headers={"Prefer": "respond-async"}
         )
