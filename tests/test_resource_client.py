@@ -17,12 +17,14 @@ import pytest
 import tabserve
 from helpers import Server, ServerFactory
 from tabserve import (
+    APIKeyAuth,
     BadRequest,
     BasicAuth,
     Direction,
     EndpointItem,
     Field,
     Filter,
+    NotAcceptable,
     NotFound,
     Operator,
     Pager,
@@ -301,6 +303,16 @@ def test_users_get_add_update_delete(users_server: Server) -> None:
         reader.auth.sign_in(BasicAuth("reader", "reader-pass"))
     with reader.auth.sign_in(BasicAuth("reader", "new-pass")):
         assert reader.server_info.get().authentication_required
+
+
+def test_credentials_sent_to_a_server_without_authentication_are_refused(
+    client: tabserve.Server,
+) -> None:
+    for auth in (APIKeyAuth("some-key"), BasicAuth("alice", "secret")):
+        with pytest.raises(NotAcceptable):
+            client.auth.sign_in(auth)
+        assert not client.auth.signed_in
+    assert client.server_info.get().server_version  # still usable without credentials
 
 
 def test_users_are_404_when_not_in_the_store(client: tabserve.Server) -> None:
