@@ -10,6 +10,8 @@ from .tabpy_client import (
     Endpoint,
     EndpointExists,
     EndpointStatus,
+    Job,
+    JobStatus,
     QueryObject,
     QueryResponse,
 )
@@ -19,6 +21,8 @@ __all__ = [
     "Endpoint",
     "EndpointExists",
     "EndpointStatus",
+    "Job",
+    "JobStatus",
     "QueryObject",
     "QueryResponse",
 ]
