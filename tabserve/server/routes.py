@@ -22,6 +22,7 @@ from .handlers import (
     EvaluateHandler,
     InfoHandler,
     JobHandler,
+    JobsHandler,
     LiveHandler,
     MetricsHandler,
     NotFoundHandler,
@@ -104,6 +105,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/query/{name}", QueryHandler, {"GET": "query", "POST": "query"}),
     # Asynchronous jobs and their results (Prefer: respond-async): any authenticated user,
     # who sees only their own unless they may manage (jobs.can_see).
+    Route("/jobs", JobsHandler),
     Route("/jobs/{id}", JobHandler),
     # The downloads first: the plain route's {id} would match "x.csv" too.
     Route("/query_results/{id}.json", QueryResultFileHandler),

@@ -22,7 +22,7 @@ from .base import (
     NotFoundHandler,
     log_request,
 )
-from .jobs import JobHandler, QueryResultFileHandler, QueryResultHandler
+from .jobs import JobHandler, JobsHandler, QueryResultFileHandler, QueryResultHandler
 from .operations import LiveHandler, MetricsHandler, ReadyHandler
 from .pages import AssetHandler, OpenApiHandler, RootHandler
 
@@ -34,6 +34,7 @@ __all__ = [
     "EvaluateHandler",
     "InfoHandler",
     "JobHandler",
+    "JobsHandler",
     "BaseHandler",
     "LiveHandler",
     "MetricsHandler",
