@@ -559,6 +559,22 @@ def _query_add2(server: Server) -> Request:
     return post("/query/add2", _dumps({"data": {"x": 1, "y": 2}}), server)
 
 
+def _zip_10k(server: Server) -> Request:
+    return post("/evaluate", zip_sum_body(10_000), server)
+
+
+def _zip_10k_cached(server: Server) -> Request:
+    """The same call, accepting a result up to an hour old (issue 12). TabPy ignores the
+    field and runs it every time, as tabserve does without it."""
+    body = _cached(("zip_sum_cached", 10_000), lambda: _cache_body(10_000))
+    return post("/evaluate", body, server)
+
+
+def _cache_body(rows: int) -> dict[str, Any]:
+    a, b = columns(rows)
+    return {"script": ZIP_SUM, "data": {"_arg1": a, "_arg2": b}, "max_age": 3600}
+
+
 def _rows_of_list(v: Any) -> int:
     return len(v) if isinstance(v, list) else -1
 
@@ -679,6 +695,28 @@ def catalogue(smoke: bool = False) -> list[Workload]:
             1_000_000,
             reps_big,
             profile="arrow",
+        )
+    )
+    # The result cache (issue 12): the same 10k-row call run fresh every time, and answered
+    # from the cache (max_age), side by side; TabPy runs both fresh.
+    items.append(
+        Throughput(
+            "cache_fresh",
+            "10k-row zip-sum, c=8, no max_age (always run)",
+            "cache",
+            _zip_10k,
+            lambda v: _rows_of_list(v) == 10_000,
+            8,
+        )
+    )
+    items.append(
+        Throughput(
+            "cache_hit",
+            "10k-row zip-sum, c=8, max_age=3600 (cache hits)",
+            "cache",
+            _zip_10k_cached,
+            lambda v: _rows_of_list(v) == 10_000,
+            8,
         )
     )
     for rows, label in ((10, "10"), (1000, "1k"), (10_000, "10k")):

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Every workload of issue 5 plus both sweeps, and the figures each must carry.
+# Every workload of issue 5, both sweeps and the cache pair (issue 12), and the figures each
+# must carry.
 EXPECTED = {
     "w1_c8": ("rps", "p50_ms", "p99_ms"),
     "w1_c64": ("rps", "p50_ms", "p99_ms"),
@@ -40,6 +41,8 @@ EXPECTED = {
     "workers_1": ("rps",),
     "workers_2": ("rps",),
     "workers_4": ("rps",),
+    "cache_fresh": ("rps", "p50_ms", "p99_ms"),
+    "cache_hit": ("rps", "p50_ms", "p99_ms"),
 }
 
 

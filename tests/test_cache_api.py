@@ -16,6 +16,7 @@ import requests
 from pg import PostgresServer
 
 from helpers import AppFactory, InProcessServer, ServerFactory
+from tabserve.cli import main
 
 SCRIPT = "return [x + 1 for x in _arg1]"
 
@@ -189,3 +190,25 @@ def test_identical_running_calls_are_merged_and_the_cache_is_bounded(
         assert server.post("/evaluate", json=big).status_code == 200
     assert server.metric("tabserve_cache_evictions_total") >= 1
     assert server.metric("tabserve_cache_bytes") <= 1024 * 1024
+
+
+def test_a_cached_result_is_never_a_way_around_authorization(
+    app_factory: AppFactory, tmp_path: Path
+) -> None:
+    state = str(tmp_path / "state")
+    for name, permissions in (("admin", "all"), ("reader", "query"), ("scorer", "evaluate")):
+        assert main(["user", "add", "-u", name, "-p", f"{name}-pass-1", "--permissions",
+                     permissions, "--store", state]) == 0  # fmt: skip
+    admin, reader, scorer = (("admin", "admin-pass-1"), ("reader", "reader-pass-1"),
+                             ("scorer", "scorer-pass-1"))  # fmt: skip
+    app = app_factory(workdir=tmp_path, auth=admin, TABSERVE_USERS="store")
+    body = {"script": "return 99", "data": {}, "max_age": 60}
+    assert app.post("/evaluate", json=body).text == "99"
+    assert "Age" in app.post("/evaluate", json=body).headers
+    # Without the evaluate permission, the cached answer is refused like a fresh call.
+    assert app.post("/evaluate", json=body, auth=reader).status_code == 403
+    # Other permissions, another key: this caller's call runs.
+    before = runs(app)
+    answer = app.post("/evaluate", json=body, auth=scorer)
+    assert answer.text == "99" and "Age" not in answer.headers
+    assert runs(app) == before + 1

@@ -300,4 +300,13 @@ def test_only_the_creator_or_a_manager_sees_a_job(
         assert server.get(path, auth=BOB).status_code == 404, path
         assert server.get(path, auth=ADMIN).status_code == 200, path  # manage sees all
     assert server.request("DELETE", f"/jobs/{job_id}", auth=BOB).status_code == 404
+    # The list: one's own jobs, everyone's for a manager.
+    listed = server.get("/jobs", auth=ALICE).json()
+    assert [job["id"] for job in listed["jobs"]] == [job_id]
+    assert listed["jobs"][0]["endpoint"] == "double"
+    assert listed["pagination"]["total_available"] == 1
+    assert server.get("/jobs", auth=BOB).json()["jobs"] == []
+    assert job_id in {job["id"] for job in server.get("/jobs", auth=ADMIN).json()["jobs"]}
+    assert server.get("/jobs?filter=status:eq:4", auth=ALICE).json()["jobs"] == []
+    assert server.get("/jobs?filter=owner:eq:x", auth=ALICE).status_code == 400
     assert server.get(f"/jobs/{job_id}", auth=None).status_code == 401

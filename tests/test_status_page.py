@@ -194,6 +194,23 @@ def test_counters_move_after_requests(
     assert severe_logs(browser) == []
 
 
+def test_recent_jobs_and_the_cache_hit_rate_are_shown(
+    browser: webdriver.Chrome, page_server: Server
+) -> None:
+    open_page(browser, page_server)
+    body = {"script": "return 1 / 0", "data": {}}
+    failed = page_server.post("/evaluate", json=body, headers={"Prefer": "respond-async"})
+    job_id = failed.json()["job"]["id"]
+    row = wait_for(lambda: [r for r in browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")
+                            if job_id[:12] in r.text and "failure" in r.text])[0]  # fmt: skip
+    assert "/evaluate" in row.text
+    cached = {"script": "return 5", "data": {}, "max_age": 60}
+    for _ in range(4):
+        assert page_server.post("/evaluate", json=cached).status_code == 200
+    wait_for(lambda: "%" in text(browser, "m-cache"))
+    assert severe_logs(browser) == []
+
+
 def save_screenshot(driver: webdriver.Chrome, tmp_path: Path) -> None:
     shot = tmp_path / "status-page.png"
     height = driver.execute_script("return document.documentElement.scrollHeight")

@@ -28,6 +28,7 @@ from .tabpy_client import (
     Endpoint,
     EndpointExists,
     EndpointStatus,
+    Job,
     QueryObject,
     QueryResponse,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "EndpointStatus",
     "Field",
     "Filter",
+    "Job",
     "JobItem",
     "JobStatus",
     "KeyItem",

@@ -25,19 +25,25 @@ pandas. See ``docs/client.md``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, TypedDict, cast
 
+import requests
+
 from ..errors import BadRequest, TabserveError
+from .items import JobStatus
 from .transport import (
     Transport,
     archive_fields,
     as_bool,
     as_datetime,
+    as_time,
     check_name,
+    decode,
     quote_name,
 )
 
@@ -143,6 +149,37 @@ class Endpoint:
         )
 
 
+@dataclass
+class Job:
+    """An asynchronous call (``Client.submit``); ``Client.wait`` gives its result.
+
+    ``error`` is the ``{"message", "info"}`` a synchronous call would have raised. A job
+    answered at once from the cache has no id and carries its ``data``.
+    """
+
+    id: str
+    status: JobStatus
+    error: dict[str, Any] | None = None
+    query_result_id: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    done: bool = False
+    data: Any = None
+
+    @classmethod
+    def from_answer(cls, job: Mapping[str, Any]) -> Job:
+        status = JobStatus(int(job["status"]))
+        return cls(
+            id=str(job["id"]),
+            status=status,
+            error=job.get("error"),
+            query_result_id=job.get("query_result_id"),
+            created_at=as_time(job.get("created_at")),
+            updated_at=as_time(job.get("updated_at")),
+            done=status >= JobStatus.SUCCESS,
+        )
+
+
 class Client:
     """Talks to one tabserve (or TabPy) server. Use it as a context manager to close it.
 
@@ -196,22 +233,19 @@ class Client:
         """Every endpoint's version, type and load status (``GET /status``)."""
         return cast("dict[str, EndpointStatus]", self._request("GET", "status"))
 
-    def query(self, name: str, /, *args: Any, **kwargs: Any) -> QueryResponse:
+    def query(
+        self, name: str, /, *args: Any, max_age: int | None = None, **kwargs: Any
+    ) -> QueryResponse:
         """Call a deployed endpoint with positional or keyword arguments (not both).
 
         Returns TabPy's dict: ``{"response", "version", "model", "uuid"}``. ``name`` is
         positional-only so that a function with a parameter called ``name`` can be called
-        by keyword (with TabPy's client that is a TypeError).
+        by keyword (with TabPy's client that is a TypeError). ``max_age`` (seconds, tabserve
+        only) accepts a cached result of the same call at most that old; 0 always runs. (A
+        function parameter called ``max_age`` must therefore be passed positionally.)
         """
-        if args and kwargs:
-            raise ValueError(
-                "Mixing of keyword arguments and positional arguments when querying an "
-                "endpoint is not supported."
-            )
-        data: list[Any] | dict[str, Any] = dict(kwargs) if kwargs else list(args)
-        return cast(
-            "QueryResponse", self._request("POST", f"query/{quote_name(name)}", {"data": data})
-        )
+        body = _query_body(args, kwargs, max_age)
+        return cast("QueryResponse", self._request("POST", f"query/{quote_name(name)}", body))
 
     def get_endpoints(self, type: str | None = None) -> dict[str, Endpoint]:
         """Deployed endpoints by name; ``type`` ("model" or "alias") keeps only that kind.
@@ -232,8 +266,13 @@ class Client:
         schema: Any = None,
         override: bool = False,
         is_public: bool = False,
+        *,
+        max_age: int | None = None,
     ) -> Endpoint:
         """Deploy ``obj`` as endpoint ``name``; ``override=True`` replaces it as a new version.
+
+        ``max_age`` (tabserve only): calls that give none accept a cached result this many
+        seconds old.
 
         ``obj`` is pickled by cloudpickle and sent in the request. Functions defined in a
         notebook or in ``__main__`` travel by value; functions imported from a module travel
@@ -259,6 +298,8 @@ class Client:
             "methods": [{"method": "query"}],
             **archive_fields(obj),
         }
+        if max_age is not None:
+            body["max_age"] = _check_max_age(max_age)
         return self._save(name, body, exists)
 
     def remove(self, name: str) -> None:
@@ -316,6 +357,55 @@ class Client:
         data.update(kwargs)
         return self._request("POST", "evaluate", {"script": script, "data": data})
 
+    def submit(self, name: str, /, *args: Any, max_age: int | None = None, **kwargs: Any) -> Job:
+        """Call a deployed endpoint as an asynchronous job (``Prefer: respond-async``); the
+        job comes back at once, ``wait`` waits for its result. With ``max_age`` a fresh
+        enough cached result is a job already done."""
+        body = _query_body(args, kwargs, max_age)
+        response = self._send(
+            "POST", f"query/{quote_name(name)}", body, {"Prefer": "respond-async"}
+        )
+        answer = self._decode(response, "POST")
+        if response.status_code == 202:
+            return Job.from_answer(answer["job"])
+        # Answered at once from the cache: a job that is already done, with its data.
+        data = answer.get("response") if isinstance(answer, dict) else answer
+        return Job(id="", status=JobStatus.SUCCESS, data=data, done=True)
+
+    def job(self, job: Job | str) -> Job:
+        """The job as it is now (``GET /jobs/<id>``)."""
+        if isinstance(job, Job) and not job.id:
+            return job
+        job_id = job.id if isinstance(job, Job) else job
+        return Job.from_answer(self._request("GET", f"jobs/{quote_name(job_id)}")["job"])
+
+    def cancel(self, job: Job | str) -> Job:
+        """Cancel a job: a pending one never starts, a running one's worker is killed."""
+        job_id = job.id if isinstance(job, Job) else job
+        return Job.from_answer(self._request("DELETE", f"jobs/{quote_name(job_id)}")["job"])
+
+    def wait(self, job: Job | str, timeout: float | None = None, interval: float = 0.5) -> Any:
+        """Wait for ``job`` to finish and return its result's data (what the function
+        returned). A failed job raises the error a synchronous call would have raised; a
+        cancelled one raises ``TabserveError``; ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            current = self.job(job)
+            if current.done:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {current.id} is not done after {timeout} s")
+            time.sleep(interval)
+        if current.status == JobStatus.SUCCESS:
+            if not current.id:
+                return current.data
+            result = self._request("GET", f"query_results/{quote_name(current.query_result_id)}")
+            return result["query_result"]["data"]
+        if current.status == JobStatus.FAILURE:
+            error = current.error or {}
+            raise TabserveError(error.get("message"), error.get("info"))
+        raise TabserveError("Job cancelled", f"job {current.id} was cancelled")
+
     def alias(
         self, name: str, target: str, description: str = "", override: bool = False
     ) -> Endpoint:
@@ -365,8 +455,37 @@ class Client:
         """Send one request; return the decoded JSON (None for an empty body) or raise."""
         return self._transport.call(method, path, body)
 
+    def _send(
+        self, method: str, path: str, body: Any = None, extra: Mapping[str, str] | None = None
+    ) -> requests.Response:
+        return self._transport.send(method, path, body, headers=extra)
+
+    def _decode(self, response: requests.Response, method: str) -> Any:
+        return decode(response)
+
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _query_body(
+    args: tuple[Any, ...], kwargs: dict[str, Any], max_age: int | None
+) -> dict[str, Any]:
+    if args and kwargs:
+        raise ValueError(
+            "Mixing of keyword arguments and positional arguments when querying an "
+            "endpoint is not supported."
+        )
+    data: list[Any] | dict[str, Any] = dict(kwargs) if kwargs else list(args)
+    body: dict[str, Any] = {"data": data}
+    if max_age is not None:
+        body["max_age"] = _check_max_age(max_age)
+    return body
+
+
+def _check_max_age(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"max_age must be a non-negative whole number of seconds, not {value!r}")
+    return value
 
 
 def _single_endpoint(answer: Any, name: str) -> Endpoint:

@@ -28,8 +28,11 @@ import orjson
 from ..errors import BadRequest
 from .executor import JobResult
 
-# Bodies larger than this are inspected (parsed, hashed) in a thread, off the event loop.
-INLINE_BODY = 256 * 1024
+# Bodies larger than this are parsed in a thread, off the event loop; larger than
+# HASH_INLINE, even their raw hash is computed there.
+INLINE_BODY = 64 * 1024
+HASH_INLINE = 4 * 1024 * 1024
+FACTS_KEPT = 4096  # raw body hashes remembered with what inspecting them found
 _MARKER = b'"max_age"'
 
 
@@ -77,10 +80,8 @@ def inspect_body(body: bytes, encoding: str) -> BodyFacts:
     return BodyFacts(max_age, hashlib.sha256(canonical).hexdigest())
 
 
-async def inspect(body: bytes, encoding: str) -> BodyFacts:
-    if len(body) > INLINE_BODY:
-        return await asyncio.to_thread(inspect_body, body, encoding)
-    return inspect_body(body, encoding)
+def _sha256(body: bytes) -> bytes:
+    return hashlib.sha256(body).digest()
 
 
 def cache_key(scope: str, target: str, digest: str) -> str:
@@ -112,6 +113,27 @@ class ResultCache:
         self.size = 0
         self._entries: OrderedDict[str, CachedResult] = OrderedDict()
         self._running: dict[str, asyncio.Future[JobResult]] = {}
+        # Bodies already inspected, by a hash of their raw bytes: a repeated call (Tableau
+        # re-rendering a dashboard) costs one sha256 of its body, not a parse.
+        self._facts: OrderedDict[tuple[bytes, str], BodyFacts] = OrderedDict()
+
+    async def inspect(self, body: bytes, encoding: str) -> BodyFacts:
+        """``inspect_body``, remembered by the body's raw hash; large bodies in a thread."""
+        large = len(body) > HASH_INLINE
+        raw = (await asyncio.to_thread(_sha256, body)) if large else _sha256(body)
+        memo = (raw, encoding)
+        facts = self._facts.get(memo)
+        if facts is not None:
+            self._facts.move_to_end(memo)
+            return facts
+        if len(body) > INLINE_BODY:
+            facts = await asyncio.to_thread(inspect_body, body, encoding)
+        else:
+            facts = inspect_body(body, encoding)
+        self._facts[memo] = facts
+        if len(self._facts) > FACTS_KEPT:
+            self._facts.popitem(last=False)
+        return facts
 
     def __len__(self) -> int:
         return len(self._entries)

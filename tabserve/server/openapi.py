@@ -120,6 +120,11 @@ _QUERY_RESULT = {
     },
 }
 
+_PAGING = [
+    {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+    for name in ("page_number", "page_size", "filter", "sort")
+]
+
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 _CALL_HEADERS = [
@@ -629,6 +634,26 @@ def _operations() -> dict[str, dict[str, Any]]:
         "/query/{name}": {
             "post": {**query, "requestBody": _body(query_body, "Named or positional args")},
             "get": {**query, "summary": "As POST, for TabPy's clients"},
+        },
+        "/jobs": {
+            "get": _operation(
+                "The newest jobs the caller may see (a manager: everyone's), newest first",
+                {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["jobs", "pagination"],
+                            "properties": {
+                                "jobs": {"type": "array", "items": _JOB["properties"]["job"]},
+                                "pagination": {"type": "object"},
+                            },
+                        },
+                        "A page of jobs (page_number, page_size, filter, sort)",
+                    )
+                },
+                (400,),
+                parameters=_PAGING,
+            )
         },
         "/jobs/{id}": {
             "parameters": [_ID],

@@ -22,6 +22,7 @@ from .handlers import (
     EvaluateHandler,
     InfoHandler,
     JobHandler,
+    JobsHandler,
     KeyHandler,
     KeysHandler,
     LiveHandler,
@@ -124,6 +125,7 @@ ROUTES: tuple[Route, ...] = (
     # who sees only their own unless they may manage (jobs.can_see). An endpoint key reaches
     # them too ("resource"): jobs.can_see, the one visibility rule, shows it only its own
     # jobs and results of its endpoint.
+    Route("/jobs", JobsHandler, endpoint_keys=_RESOURCE_GET),
     Route("/jobs/{id}", JobHandler, endpoint_keys={"GET": "resource", "DELETE": "resource"}),
     # The downloads first: the plain route's {id} would match "x.csv" too.
     Route("/query_results/{id}.json", QueryResultFileHandler, endpoint_keys=_RESOURCE_GET),

@@ -27,7 +27,9 @@ _JOB_COLUMNS = (
 
 def _job(row: tuple[object, ...]) -> JobRecord:
     values = list(row)
-    values[5] = bytes(values[5])  # type: ignore[arg-type]  # memoryview from PostgreSQL
+    request = values[5]
+    # memoryview from PostgreSQL; '' where a listing left the request out.
+    values[5] = b"" if isinstance(request, str) else bytes(request)  # type: ignore[arg-type]
     values[3] = values[3] or ""
     return JobRecord(*values)  # type: ignore[arg-type]
 

@@ -24,7 +24,7 @@ from .base import (
     NotFoundHandler,
     log_request,
 )
-from .jobs import JobHandler, QueryResultFileHandler, QueryResultHandler
+from .jobs import JobHandler, JobsHandler, QueryResultFileHandler, QueryResultHandler
 from .keys import KeyHandler, KeysHandler
 from .operations import LiveHandler, MetricsHandler, ReadyHandler
 from .pages import AssetHandler, OpenApiHandler, RootHandler
@@ -37,6 +37,7 @@ __all__ = [
     "EvaluateHandler",
     "InfoHandler",
     "JobHandler",
+    "JobsHandler",
     "KeyHandler",
     "KeysHandler",
     "BaseHandler",

@@ -13,7 +13,7 @@ from ...errors import (
 from ...protocol import JobKind
 from ...store.records import JobRecord
 from .. import paging
-from ..cache import BodyFacts, cache_key, check_max_age, inspect, mentions_max_age
+from ..cache import BodyFacts, cache_key, check_max_age, mentions_max_age
 from ..executor import JobResult
 from ..flight import data_path
 from ..jobs import KIND_EVALUATE, KIND_EVALUATE_NO_QUERY, KIND_QUERY, job_document
@@ -140,7 +140,7 @@ class CallHandler(BaseHandler):
         header = cache_control_max_age(self.request.headers.get_list("Cache-Control"))
         if header is None and default is None and not mentions_max_age(self.body):
             return None, None  # TabPy's path: the body is not even parsed
-        facts = await inspect(self.body, self.content_encoding)
+        facts = await self.services.cache.inspect(self.body, self.content_encoding)
         for value in (facts.max_age, header, default):
             if value is not None:
                 return value, facts

@@ -7,7 +7,20 @@ import json
 
 from ..exports import filename, result_data, to_csv, to_json
 from ..jobs import job_document
+from ..paging import paginate
 from .base import BaseHandler
+
+# What GET /jobs may filter and sort by.
+_JOB_FIELDS = {"status": int, "endpoint": str, "created_at": str, "updated_at": str}
+
+
+class JobsHandler(BaseHandler):
+    async def get(self) -> None:
+        """The newest jobs the caller may see (their own; everyone's for a manager)."""
+        jobs = await self.services.jobs.recent(self.user, limit=1000)
+        items = [{**job_document(job), "endpoint": job.endpoint} for job in jobs]
+        page, pagination = paginate(items, self.list_query(), _JOB_FIELDS)
+        self.write_json({"jobs": page, "pagination": pagination.as_json()})
 
 
 class JobHandler(BaseHandler):

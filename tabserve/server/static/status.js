@@ -311,6 +311,11 @@ function renderMetrics(text) {
   const workers = total(samples, "tabserve_workers");
   $("m-workers").textContent = has(samples, "tabserve_workers_busy") ? `${total(samples, "tabserve_workers_busy")} / ${workers}` : "–";
 
+  // The share of calls with a max_age that the cache answered (merged calls count as misses).
+  const hits = total(samples, "tabserve_cache_hits_total");
+  const lookups = hits + total(samples, "tabserve_cache_misses_total");
+  $("m-cache").textContent = lookups > 0 ? `${Math.round((100 * hits) / lookups)}% of ${lookups}` : "–";
+
   const sum = total(samples, "tabserve_request_duration_seconds_sum");
   const count = total(samples, "tabserve_request_duration_seconds_count");
   if (state.previous) {
@@ -323,6 +328,33 @@ function renderMetrics(text) {
   state.previous = { sum, count };
   drawChart($("latency-chart"), state.latency);
   renderRoutes(samples);
+}
+
+const JOB_STATUS = { 1: "pending", 2: "started", 3: "success", 4: "failure", 5: "cancelled" };
+
+function renderJobs(answer) {
+  // An older server has no /jobs: the section stays hidden.
+  $("jobs-section").hidden = !answer;
+  if (!answer) return;
+  const body = $("jobs").querySelector("tbody");
+  body.replaceChildren();
+  $("no-jobs").hidden = answer.jobs.length > 0;
+  $("jobs").hidden = answer.jobs.length === 0;
+  for (const job of answer.jobs) {
+    const status = JOB_STATUS[job.status] || String(job.status);
+    const title = job.error ? `${job.error.message}: ${JSON.stringify(job.error.info)}` : "";
+    body.append(
+      element(
+        "tr",
+        { className: `job-${status}` },
+        element("td", {}, element("code", { textContent: job.id.slice(0, 12) })),
+        element("td", { textContent: job.endpoint || "/evaluate" }),
+        element("td", { textContent: status, title }),
+        element("td", { textContent: new Date(job.created_at).toLocaleTimeString() }),
+        element("td", { textContent: new Date(job.updated_at).toLocaleTimeString() }),
+      ),
+    );
+  }
 }
 
 function renderRoutes(samples) {
@@ -400,12 +432,13 @@ function showLogin(message) {
 async function refresh() {
   try {
     const info = await api("/info");
-    const [endpoints, statuses, metrics, health, readiness] = await Promise.all([
+    const [endpoints, statuses, metrics, health, readiness, jobs] = await Promise.all([
       api("/endpoints"),
       api("/status"),
       api("/metrics", { optional: true }),
       api("/health/live", { optional: true }),
       readinessReport(),
+      api("/jobs?page_size=10", { optional: true }),
     ]);
     $("login").hidden = true;
     $("content").hidden = false;
@@ -414,6 +447,7 @@ async function refresh() {
     renderUptime(health, metrics);
     renderEndpoints(endpoints, statuses);
     renderMetrics(metrics);
+    renderJobs(jobs);
     $("refreshed").textContent = `updated ${new Date().toLocaleTimeString()}`;
     document.body.dataset.refreshes = String(Number(document.body.dataset.refreshes || 0) + 1);
   } catch (error) {
