@@ -308,6 +308,42 @@ def test_calls_without_valid_credentials_are_refused(secured: Server) -> None:
         list(forged.list_flights(b"", bearer))
 
 
+def test_api_keys_over_flight_user_keys_act_as_their_user_endpoint_keys_are_refused(
+    secured: Server,
+) -> None:
+    import cloudpickle
+
+    def ident(x: list[int]) -> list[int]:
+        return x
+
+    archive = base64.b64encode(cloudpickle.dumps(ident)).decode()
+    deployed = secured.post(
+        "/endpoints", json={"name": "ident", "type": "model", "archive": archive}
+    )
+    assert deployed.status_code == 201, deployed.text
+    keys = {}
+    for whose in ({"user": "bob"}, {"endpoint": "ident"}):
+        created = secured.post("/keys", json=whose)
+        assert created.status_code == 201, created.text
+        keys[next(iter(whose))] = created.json()["key"]["secret"]
+    client = fl.connect(f"grpc+tcp://localhost:{secured.flight_port}")  # type: ignore[attr-defined]
+    try:
+        as_bob = fl.FlightCallOptions(headers=[(b"authorization", f"Key {keys['user']}".encode())])
+        path = list(client.do_action(fl.Action("getUniquePath", b""), as_bob))[0].body
+        writer, _ = client.do_put(
+            fl.FlightDescriptor.for_path(path.to_pybytes().decode()), sample(3).schema, as_bob
+        )
+        writer.write_table(sample(3))
+        writer.close()
+        endpoint = fl.FlightCallOptions(
+            headers=[(b"authorization", f"Key {keys['endpoint']}".encode())]
+        )
+        with pytest.raises(fl.FlightUnauthorizedError, match="An endpoint key reaches"):
+            list(client.do_action(fl.Action("getUniquePath", b""), endpoint))
+    finally:
+        client.close()
+
+
 def test_uploading_needs_the_evaluate_permission(secured: Server) -> None:
     quentin = Flight(secured, QUENTIN)
     with pytest.raises(fl.FlightUnauthorizedError, match="evaluate"):

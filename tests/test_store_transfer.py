@@ -81,3 +81,37 @@ def test_export_of_a_state_directory_store_keeps_its_users(tmp_path: Path) -> No
     assert read_contents(str(tmp_path / "dest"), tmp_path / "c3").users == {
         "carol": UserRecord("carol", "scrypt$x", frozenset({"query"}))
     }
+
+
+def test_api_keys_move_with_a_copy_as_their_hashes(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    """A state directory's keys into PostgreSQL and back out: the same rows, revoked ones
+    revoked, so a key created before a move still works after it."""
+    from tabserve.store.api_keys import key_hash, new_key
+    from tabserve.store.backends import ApiKeyRecord
+
+    source = tmp_path / "src"
+    copy_store(str(FIXTURES / "tabpy_state"), str(source), tmp_path / "c1")
+    store = open_store(source)
+    ident, key = new_key()
+    kept = [
+        ApiKeyRecord(ident, key_hash(key), "carol", None, 1000.0, last_used=1001.0),
+        ApiKeyRecord("00000000000000ff", "0" * 64, "", "scale", 1002.0, revoked=1003.0),
+    ]
+    for record in kept:
+        store.add_api_key(record)
+    store.close()
+    url = postgres.fresh_database("keys_transfer")
+    assert copy_store(str(source), url, tmp_path / "c2").keys == kept
+    database = open_store(url, cache=tmp_path / "c3")
+    try:
+        assert database.api_keys() == kept
+        assert database.api_key(ident) == kept[0]
+    finally:
+        database.close()
+    copy_store(url, str(tmp_path / "back"), tmp_path / "c4")
+    assert read_contents(str(tmp_path / "back"), tmp_path / "c5").keys == kept
+    # Copying them in again would make two rows of one key: refused, nothing written.
+    with pytest.raises(StoreError, match="API keys"):
+        copy_store(str(source), str(tmp_path / "back"), tmp_path / "c6")

@@ -8,7 +8,7 @@ without a notification: a replica re-reads at most one row per active key that o
 
 ``last_used`` is written when a key is read and the stored time is older than
 :data:`TOUCH_SECONDS` (or unset), so busy keys cost one small write a minute, not one a
-request.
+request; in the background, since a write may wait for the store's write lock.
 
 Every store call blocks and runs in a thread; nothing here knows HTTP.
 """
@@ -67,6 +67,8 @@ class ApiKeys:
         self._remembered: OrderedDict[str, _Remembered] = OrderedDict()
         # Concurrent first uses of one key share one read.
         self._reading: dict[str, asyncio.Future[ApiKeyRecord | None]] = {}
+        self._touching: set[str] = set()  # keys whose last use is being written
+        self._tasks: set[asyncio.Future[None]] = set()  # held: the loop keeps only weak refs
 
     # -- checking ----------------------------------------------------------------------------
 
@@ -107,22 +109,31 @@ class ApiKeys:
         pending = self._reading.get(ident)
         if pending is not None:
             return await asyncio.shield(pending)
-        future = asyncio.ensure_future(asyncio.to_thread(self._read_and_touch, ident))
+        future = asyncio.ensure_future(asyncio.to_thread(self.store.api_key, ident))
         self._reading[ident] = future
         future.add_done_callback(lambda _: self._reading.pop(ident, None))
-        return await asyncio.shield(future)
-
-    def _read_and_touch(self, ident: str) -> ApiKeyRecord | None:
-        record = self.store.api_key(ident)
-        if record is None or not record.usable(self._wall()):
-            return record
+        record = await asyncio.shield(future)
         now = self._wall()
-        if record.last_used is None or now - record.last_used >= TOUCH_SECONDS:
-            try:
-                self.store.touch_api_key(ident, now)
-            except StoreUnavailable as exc:  # only a record lost: the key is still good
-                log.warning("API key %s: last use not recorded: %s", ident, exc.info)
+        if (
+            record is not None
+            and record.usable(now)
+            and (record.last_used is None or now - record.last_used >= TOUCH_SECONDS)
+            and ident not in self._touching
+        ):
+            # In the background: a write may wait for the store's write lock (a deploy, a
+            # CLI), and the request must not.
+            self._touching.add(ident)
+            task = asyncio.ensure_future(asyncio.to_thread(self._touch, ident, now))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda _: self._touching.discard(ident))
         return record
+
+    def _touch(self, ident: str, now: float) -> None:
+        try:
+            self.store.touch_api_key(ident, now)
+        except StoreUnavailable as exc:  # only a record lost: the key is still good
+            log.warning("API key %s: last use not recorded: %s", ident, exc.info)
 
     def _remember(self, digest: str, record: ApiKeyRecord, now: float) -> None:
         self._remembered[digest] = _Remembered(record, now + RECHECK_SECONDS)

@@ -1,5 +1,5 @@
-"""``tabserve store import`` / ``export``: copy endpoints, archives, users and service info
-from one store to another.
+"""``tabserve store import`` / ``export``: copy endpoints, archives, users, API keys (their
+hashes) and service info from one store to another.
 
 The source is read and never written: a state directory is read as files (state.ini, the
 archive files, and tabserve.db opened read-only if it is there), so importing from a TabPy
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .archives import ARCHIVE_DIR_NAME, ARCHIVE_FILE
 from .backends import Store, StoreError, is_store_url, open_store
-from .records import EndpointRecord, UserRecord
+from .records import ApiKeyRecord, EndpointRecord, UserRecord
 from .state_dir import (
     DATABASE_FILE,
     SERVICE_INFO,
@@ -36,11 +36,12 @@ class Contents:
     archives: dict[tuple[str, int], bytes]
     users: dict[str, UserRecord]
     service: dict[str, str] = field(default_factory=dict)
+    keys: list[ApiKeyRecord] = field(default_factory=list)  # revoked ones too
 
     def summary(self) -> str:
         return (
             f"{len(self.endpoints)} endpoints, {len(self.archives)} archive versions, "
-            f"{len(self.users)} users"
+            f"{len(self.users)} users, {len(self.keys)} API keys"
         )
 
 
@@ -58,7 +59,9 @@ def read_contents(location: str, cache: Path) -> Contents:
                     data = store.archive(endpoint.name, version) if version > 0 else None
                     if data is not None:
                         archives[(endpoint.name, version)] = data
-            return Contents(snapshot.endpoints, archives, store.users(), snapshot.service)
+            return Contents(
+                snapshot.endpoints, archives, store.users(), snapshot.service, store.api_keys()
+            )
         finally:
             store.close()
     return _read_state_dir(Path(location))
@@ -83,23 +86,38 @@ def _read_state_dir(path: Path) -> Contents:
                 f"{path}: endpoint {endpoint.name} version {endpoint.version} has no archive "
                 f"({ARCHIVE_DIR_NAME}/{endpoint.name}/{endpoint.version}/{ARCHIVE_FILE})"
             )
-    return Contents(endpoints, archives, _read_users_read_only(path / DATABASE_FILE), service)
+    database = path / DATABASE_FILE
+    users = _read_users_read_only(database)
+    return Contents(endpoints, archives, users, service, _read_keys_read_only(database))
+
+
+def _read_rows_read_only(database: Path, query: str) -> list[tuple[object, ...]]:
+    if not database.is_file():
+        return []
+    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return conn.execute(query).fetchall()
+    except sqlite3.OperationalError:  # no such table: an older or foreign file
+        return []
+    finally:
+        conn.close()
 
 
 def _read_users_read_only(database: Path) -> dict[str, UserRecord]:
-    if not database.is_file():
-        return {}
-    conn = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        rows = conn.execute("SELECT name, password_hash, permissions FROM users").fetchall()
-    except sqlite3.OperationalError:  # no users table: an older or foreign file
-        return {}
-    finally:
-        conn.close()
+    rows = _read_rows_read_only(database, "SELECT name, password_hash, permissions FROM users")
     return {
         name: UserRecord(name, hashed, None if perms is None else frozenset(perms.split(",")))
-        for name, hashed, perms in rows
+        for name, hashed, perms in rows  # type: ignore[misc]
     }
+
+
+def _read_keys_read_only(database: Path) -> list[ApiKeyRecord]:
+    rows = _read_rows_read_only(
+        database,
+        "SELECT id, secret_hash, user_name, endpoint, created, expires, revoked, last_used "
+        "FROM api_keys ORDER BY created, id",
+    )
+    return [ApiKeyRecord(*row) for row in rows]  # type: ignore[arg-type]
 
 
 def users_from_password_file(path: Path) -> dict[str, UserRecord]:
@@ -124,10 +142,12 @@ def open_destination(location: str, cache: Path) -> Store:
 def write_contents(store: Store, contents: Contents) -> None:
     """Add everything in ``contents`` to ``store``; refuses names it already has."""
     existing_users = store.users()
+    existing_keys = {key.id for key in store.api_keys()}
     with store.change() as change:
         taken = sorted(set(change.endpoints) & set(contents.endpoints))
         clashing_users = sorted(set(existing_users) & set(contents.users))
-        if taken or clashing_users:
+        clashing_keys = sorted(existing_keys & {key.id for key in contents.keys})
+        if taken or clashing_users or clashing_keys:
             raise StoreError(
                 f"{store.shown} already has "
                 + "; ".join(
@@ -135,6 +155,7 @@ def write_contents(store: Store, contents: Contents) -> None:
                     for part in (
                         f"endpoints {', '.join(taken)}" if taken else "",
                         f"users {', '.join(clashing_users)}" if clashing_users else "",
+                        f"API keys {', '.join(clashing_keys)}" if clashing_keys else "",
                     )
                     if part
                 )
@@ -146,6 +167,8 @@ def write_contents(store: Store, contents: Contents) -> None:
             change.keep_archive(name, version, data)
     for user in contents.users.values():
         store.put_user(user, create=True)
+    for key in contents.keys:
+        store.add_api_key(key)
     if contents.service:
         store.put_service(contents.service)
 
