@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+import requests
 
 import tabserve
 from helpers import Server, ServerFactory
@@ -228,8 +229,6 @@ def test_bad_paging_is_a_clear_400(paged: tabserve.Server) -> None:
 
 
 def test_endpoints_without_paging_parameters_answer_as_tabpy(paged: tabserve.Server) -> None:
-    import requests
-
     url = paged.server_address
     plain = requests.get(url + "endpoints", timeout=30)
     assert plain.status_code == 200

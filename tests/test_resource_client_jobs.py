@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+import requests
 
 import tabserve
 from helpers import Server, ServerFactory
@@ -27,7 +28,9 @@ from tabserve import (
     JobStatus,
     KeyItem,
     NotFound,
+    Pager,
     PublishMode,
+    RequestOptions,
     ResultItem,
     ScriptError,
     Unauthorized,
@@ -223,3 +226,26 @@ def test_max_age_on_publish_and_query_and_submit_still_makes_a_job(
     assert admin.jobs.wait_for_job(job, timeout=60).status is JobStatus.SUCCESS
     with pytest.raises(ValueError, match="max_age"):
         admin.endpoints.query("cached_add", [1], [2], max_age=-1)
+
+
+def test_jobs_and_keys_lists_page_and_filter(admin: tabserve.Server, served: Server) -> None:
+    failed = admin.endpoints.submit("fails", 1)
+    with pytest.raises(JobFailed):
+        admin.jobs.wait_for_job(failed, timeout=60)
+    jobs, pagination = admin.jobs.get(RequestOptions(pagesize=2))
+    assert len(jobs) == 2 and pagination.total_available >= 2
+    assert all(isinstance(job, JobItem) for job in jobs)
+    failures = list(admin.jobs.filter(status=JobStatus.FAILURE, endpoint="fails"))
+    assert failed.id in {job.id for job in failures}
+    assert {job.status for job in failures} == {JobStatus.FAILURE}
+    everyone = [job.id for job in Pager(admin.jobs, RequestOptions(pagesize=1))]
+    assert len(everyone) == len(set(everyone)) == pagination.total_available
+
+    made = [admin.keys.create(endpoint="add")[0] for _ in range(3)]
+    endpoint_keys = admin.keys.filter(kind="endpoint", endpoint="add")
+    assert {key.id for key in made} <= {key.id for key in endpoint_keys}
+    page, paged = admin.keys.get(RequestOptions(pagesize=2))
+    assert len(page) == 2 and paged.total_available == len(list(Pager(admin.keys)))
+    # Without paging parameters, /keys answers as before: every key, no pagination.
+    plain = requests.get(served.url + "/keys", auth=ADMIN, timeout=30).json()
+    assert "pagination" not in plain and len(plain["keys"]) == paged.total_available

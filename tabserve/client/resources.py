@@ -312,6 +312,10 @@ class Jobs(_Resource):
         jobs, pagination = self._page("jobs", "jobs", req_options)
         return [JobItem.from_json(job) for job in jobs], pagination
 
+    def filter(self, **conditions: Any) -> QuerySet[JobItem]:
+        """``server.jobs.filter(status=JobStatus.FAILURE, endpoint="add")``."""
+        return QuerySet(self).filter(**conditions)
+
     def get_by_id(self, job_id: str) -> JobItem:
         return JobItem.from_json(self._transport.call("GET", f"jobs/{quote_name(str(job_id))}"))
 
@@ -389,6 +393,10 @@ class Keys(_Resource):
     ) -> tuple[list[KeyItem], PaginationItem]:
         keys, pagination = self._page("keys", "keys", req_options)
         return [KeyItem.from_json(key) for key in keys], pagination
+
+    def filter(self, **conditions: Any) -> QuerySet[KeyItem]:
+        """``server.keys.filter(kind="endpoint", endpoint="add")``."""
+        return QuerySet(self).filter(**conditions)
 
     def create(
         self, *, user: str | None = None, endpoint: str | None = None

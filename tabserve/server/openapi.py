@@ -717,9 +717,11 @@ def _operations() -> dict[str, dict[str, Any]]:
         },
         "/keys": {
             "get": _operation(
-                "Every API key, revoked ones too, without secrets",
+                "Every API key, revoked ones too, without secrets; with paging parameters, "
+                "one page of them and the pagination",
                 {"200": _json(keys_list, "The keys")},
-                (403, 404, 503),
+                (400, 403, 404, 503),
+                parameters=_PAGING,
             ),
             "post": _operation(
                 "Create an API key; the answer holds the key, shown this once",
