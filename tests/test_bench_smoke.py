@@ -43,6 +43,8 @@ EXPECTED = {
     "workers_4": ("rps",),
     "cache_fresh": ("rps", "p50_ms", "p99_ms"),
     "cache_hit": ("rps", "p50_ms", "p99_ms"),
+    "cache_hit_scalar": ("rps", "p50_ms", "p99_ms"),
+    "info_c8": ("rps", "p50_ms", "p99_ms"),
 }
 
 

@@ -139,6 +139,11 @@ def test_cancelling_a_running_job_kills_its_worker_and_a_pending_one_never_runs(
     jobs_server: Server, tmp_path: Path
 ) -> None:
     server = jobs_server
+    # Earlier tests' timeouts killed workers: wait for their replacements to be up.
+    deadline = time.monotonic() + 60
+    while server.metric("tabserve_workers") < 2 or server.metric("tabserve_workers_busy") > 0:
+        assert time.monotonic() < deadline, "the pool never healed"
+        time.sleep(0.1)
     first = submit(server, spinner(tmp_path / "first.pid"))
     pid = wait_pid(tmp_path / "first.pid")
     assert wait_status(server, first, {2})["status"] == 2

@@ -61,6 +61,11 @@ class JobTables:
     def claim_job(self, replica: str) -> JobRecord | None:
         """The oldest pending job, now STARTED and claimed by ``replica``; None if none."""
         now = time.time()
+        # A read first: polling finds nothing most of the time, and must not queue on the
+        # write lock (PostgreSQL's is every replica's) for that.
+        with self._database().read() as tx:
+            if not tx.execute("SELECT 1 FROM jobs WHERE status = ? LIMIT 1", (PENDING,)):
+                return None
         with self._database().write() as tx:
             rows = tx.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = ? ORDER BY created LIMIT 1",
@@ -129,11 +134,14 @@ class JobTables:
         """End FAILURE every started job whose runner is gone (``orphaned(claimed_by,
         heartbeat)`` says so): the server running it stopped. Returns their ids."""
         now = time.time()
-        with self._database().write() as tx:
+        with self._database().read() as tx:
             rows = tx.execute(
                 "SELECT id, claimed_by, heartbeat FROM jobs WHERE status = ?", (STARTED,)
             )
-            ids = [str(r[0]) for r in rows if orphaned(r[1], r[2])]
+        ids = [str(r[0]) for r in rows if orphaned(r[1], r[2])]
+        if not ids:
+            return []
+        with self._database().write() as tx:
             for job_id in ids:
                 tx.execute(
                     "UPDATE jobs SET status = ?, finished = ?, error = ? "
