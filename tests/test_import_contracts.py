@@ -103,3 +103,36 @@ def test_both_clients_load_no_server_module_tornado_numpy_or_pandas() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.split("\n")[:2] == ["[]", "['tabserve.errors']"], done.stdout
+
+
+def test_only_the_transport_talks_http_and_maps_errors() -> None:
+    """Both clients send through client/transport.py, the one place an answer becomes a
+    TabserveError: no other client module imports requests at run time or builds errors from
+    a status."""
+    import ast
+
+    client_dir = ROOT / "tabserve" / "client"
+    for path in sorted(client_dir.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+            for node in ast.walk(block)
+        }
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import) and id(node) not in typing_only
+            for alias in node.names
+        }
+        called = {
+            node.func.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        }
+        if path.name == "transport.py":
+            assert "requests" in imported and "from_wire" in called
+            continue
+        assert "requests" not in imported, path.name
+        assert not called & {"from_wire", "request", "urlopen"}, path.name

@@ -30,9 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol, TypedDict, cast
-
-import requests
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 from ..errors import BadRequest, TabserveError
 from .items import JobStatus
@@ -46,6 +44,9 @@ from .transport import (
     decode,
     quote_name,
 )
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = [
     "Client",
