@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import loadgen, report, servers
 from bench.servers import Server, ServerOptions
-from bench.workloads import Settings, Workload, catalogue, python_candidates, tabpy_client_python
+from bench.workloads import Settings, Workload, catalogue, python_candidates
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "docs" / "benchmarks"
@@ -294,11 +294,12 @@ def main(argv: list[str] | None = None) -> int:
                 version=args.tabpy_version
             )
             meta["tabpy_version"] = servers.tabpy_version(runner.tabpy_venv)
-        # w6 deploys with TabPy's own client: the TabPy venv if there is one (also reused in
-        # smoke mode when already cached), else this interpreter if it has tabpy installed.
+        # w6 deploys with TabPy's own client: from the server's own interpreter if it has
+        # tabpy, else the TabPy venv (also reused in smoke mode when already cached) or this
+        # interpreter, whichever has the server's Python version.
         cached = servers.DEFAULT_CACHE / "tabpy-venv"
         venv = runner.tabpy_venv or (cached if (cached / "bin" / "python").exists() else None)
-        settings.deploy_python = tabpy_client_python(python_candidates(venv))
+        settings.deploy_pythons = python_candidates(venv)
         runner.run(items)
     except KeyboardInterrupt:
         log("interrupted; writing what was measured")

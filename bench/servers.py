@@ -120,6 +120,7 @@ class Server:
     options: ServerOptions
     log_path: Path
     extra: dict[str, str] = field(default_factory=dict)
+    python: str = ""  # the interpreter it runs on: pickles deployed to it must match
 
     @property
     def host(self) -> str:
@@ -253,7 +254,9 @@ def start_tabpy(venv: Path, opts: ServerOptions, root: Path) -> Server:
     extra: dict[str, str] = {}
     conf = _write_config(workdir, port, opts, _arrow_lines(opts, extra), tail)
     cmd = [str(venv / "bin" / "tabpy"), f"--config={conf}", "--disable-auth-warning"]
-    return _spawn("tabpy", cmd, workdir, port, opts, extra)
+    server = _spawn("tabpy", cmd, workdir, port, opts, extra)
+    server.python = str(venv / "bin" / "python")
+    return server
 
 
 def start_tabserve(python: str, opts: ServerOptions, root: Path) -> Server:
@@ -264,7 +267,9 @@ def start_tabserve(python: str, opts: ServerOptions, root: Path) -> Server:
     extra: dict[str, str] = {}
     conf = _write_config(workdir, port, opts, lines + _arrow_lines(opts, extra))
     cmd = [python, "-m", "tabserve", "--config", str(conf)]
-    return _spawn("tabserve", cmd, workdir, port, opts, extra)
+    server = _spawn("tabserve", cmd, workdir, port, opts, extra)
+    server.python = python
+    return server
 
 
 def tree_rss_bytes(pid: int) -> int:

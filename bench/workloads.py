@@ -59,7 +59,9 @@ class Settings:
     tool: str = "auto"  # load generator: auto | wrk | asyncio
     cpu_count: int = 2
     busy_seconds: float = 5.0  # length of the CPU-bound script in w8
-    deploy_python: str | None = None  # python with the TabPy client, for w6
+    # Interpreters that may have the TabPy client, for w6; each server gets one of its own
+    # Python version, since cloudpickled code only loads under the version that wrote it.
+    deploy_pythons: list[str] = field(default_factory=list)
     max_requests_per_s: int = 100_000  # request budget = this x duration (safety bound)
 
 
@@ -516,9 +518,11 @@ class QueryAdd2(Throughput):
     """w6: /query/add2 of a function deployed with the real TabPy client."""
 
     def setup(self, server: Server, s: Settings) -> None:
-        python = s.deploy_python
+        python = tabpy_client_python([server.python, *s.deploy_pythons], like=server.python)
         if python is None:
-            raise RuntimeError("no python with tabpy.tabpy_tools installed to deploy add2")
+            raise RuntimeError(
+                f"no Python like {server.python} with tabpy.tabpy_tools installed to deploy add2"
+            )
         proc = subprocess.run(
             [python, str(DEPLOY_SCRIPT), server.url],
             capture_output=True,
@@ -532,13 +536,18 @@ class QueryAdd2(Throughput):
         super().setup(server, s)
 
 
-def tabpy_client_python(candidates: list[str]) -> str | None:
-    """The first interpreter that can import the unmodified TabPy client."""
-    for python in candidates:
+def tabpy_client_python(candidates: list[str], like: str) -> str | None:
+    """The first interpreter that can import the unmodified TabPy client and has the same
+    Python version as ``like``."""
+    version = "import sys; print(sys.version_info[:2])"
+    wanted = subprocess.run([like, "-c", version], capture_output=True, text=True).stdout
+    for python in dict.fromkeys(candidates):
         probe = subprocess.run(
-            [python, "-c", "import tabpy.tabpy_tools.client"], capture_output=True
+            [python, "-c", f"import tabpy.tabpy_tools.client; {version}"],
+            capture_output=True,
+            text=True,
         )
-        if probe.returncode == 0:
+        if probe.returncode == 0 and probe.stdout == wanted:
             return python
     return None
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,3 +67,27 @@ def app_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppFactory
 def app(app_factory: AppFactory) -> InProcessServer:
     """A shared in-process server with TabPy's defaults."""
     return app_factory()
+
+
+@pytest.fixture(scope="session")
+def tabpy_fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real TabPy's fixtures (tests/fixtures/README.md), with pickles this Python can load.
+
+    The committed one (tests/fixtures/tabpy_state) was written under the Python minor version
+    its meta file names; cloudpickled code objects do not load under another one, for TabPy
+    as for tabserve. Under another Python (the CI matrix), the same generator runs the real
+    TabPy installed in this environment, so the tests still read what TabPy itself wrote
+    (and its recorded exchanges, whose endpoint timestamps come from that same run).
+    """
+    fixtures = Path(__file__).parent / "fixtures"
+    recorded = json.loads((fixtures / "tabpy_fixture_meta.json").read_text())["versions"]
+    if recorded["python"].rsplit(".", 1)[0] == "{}.{}".format(*sys.version_info[:2]):
+        return fixtures
+    out = tmp_path_factory.mktemp("tabpy_fixtures")
+    subprocess.run(
+        [sys.executable, str(fixtures / "make_tabpy_state.py"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=240,
+    )
+    return out

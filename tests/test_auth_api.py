@@ -17,10 +17,14 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import requests
+from pg import PostgresServer
 from tabpy.tabpy_tools.client import Client
 
 from helpers import AppFactory, InProcessServer, Server, ServerFactory
+from tabserve.store.backends import open_store
 from tabserve.store.passwords import hash_password
+from tabserve.store.state_dir import ensure_state_dir
+from tabserve.store.transfer import users_from_password_file
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -60,12 +64,45 @@ def password_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_password_file(tmp_path_factory.mktemp("auth") / "passwords.txt")
 
 
-@pytest.fixture(scope="module")
-def auth_server(app_factory: AppFactory, password_file: Path) -> InProcessServer:
+def users_in_a_store(
+    kind: str, password_file: Path, workdir: Path, request: pytest.FixtureRequest
+) -> dict[str, str]:
+    """The password file's users, hashes and permissions as they are, put into a store of
+    ``kind``; the settings that make a server take its users from there."""
+    if kind == "statedir":
+        location = str(workdir / "state")
+        ensure_state_dir(Path(location))
+        config = {"TABPY_STATE_PATH": location}
+    else:
+        pg: PostgresServer = request.getfixturevalue("postgres")
+        location = pg.fresh_database(f"auth_api_{workdir.name[-8:].lower()}")
+        config = {"TABSERVE_STORE": location}
+    store = open_store(location, cache=workdir / "cache")
+    try:
+        store.migrate()
+        for user in users_from_password_file(password_file).values():
+            store.put_user(user, create=True)
+    finally:
+        store.close()
+    return {**config, "TABSERVE_USERS": "store"}
+
+
+# The same matrix and permission tests whichever way users are kept: TabPy's password file,
+# or a store (issue 11): the state directory's tabserve.db, or PostgreSQL.
+@pytest.fixture(scope="module", params=["file", "statedir", "postgresql"])
+def auth_server(
+    app_factory: AppFactory,
+    password_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> InProcessServer:
+    if request.param == "file":
+        users = {"TABPY_PWD_FILE": str(password_file)}
+    else:
+        workdir = tmp_path_factory.mktemp(f"users_{request.param}")
+        users = users_in_a_store(request.param, password_file, workdir, request)
     # No slow-down here: the matrix fails on purpose many times from one address.
-    server = app_factory(
-        TABPY_PWD_FILE=str(password_file), TABSERVE_AUTH_MAX_DELAY="0", TABPY_EVALUATE_TIMEOUT="20"
-    )
+    server = app_factory(**users, TABSERVE_AUTH_MAX_DELAY="0", TABPY_EVALUATE_TIMEOUT="20")
     answer = server.post(
         "/endpoints",
         json={"name": "add", "type": "model", "archive": pickled(add)},
@@ -210,9 +247,10 @@ def test_query_only_user(auth_server: InProcessServer) -> None:
     assert answer.status_code == 200 and answer.json()["response"] == [3]
     refused = auth_server.post("/evaluate", json=EVALUATE_BODY, auth=user)
     assert refused.status_code == 403
+    source = "the store" if auth_server.settings.users == "store" else "the password file"
     assert refused.json() == {
         "message": "User 'queryuser' is not allowed to run ad-hoc scripts (/evaluate).",
-        "info": "This needs the 'evaluate' permission; the password file grants this user: query.",
+        "info": f"This needs the 'evaluate' permission; {source} grants this user: query.",
     }
     # Tableau's Test Connection runs no user code and is allowed to every user.
     tested = auth_server.post("/evaluate", json=CONNECTION_TEST_BODY, auth=user)

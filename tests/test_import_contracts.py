@@ -1,6 +1,6 @@
 """The process boundaries hold: the server never loads worker code, numpy, pandas or pyarrow;
 a worker never loads server code; the Flight process never loads numpy, pandas or server code;
-the client imports only ``errors``.
+the client imports only ``errors``; and docs/architecture.md's module table is the layout.
 
 The contracts live in pyproject.toml ([tool.importlinter]); import-linter reads every import
 statement of tabserve, those inside functions included. It cannot see inside other packages,
@@ -10,6 +10,7 @@ so a second test imports the server's modules for real and looks at what got loa
 from __future__ import annotations
 
 import pkgutil
+import re
 import subprocess
 import sys
 import textwrap
@@ -136,3 +137,19 @@ def test_only_the_transport_talks_http_and_maps_errors() -> None:
             continue
         assert "requests" not in imported, path.name
         assert not called & {"from_wire", "request", "urlopen"}, path.name
+
+
+def test_the_architecture_module_table_names_every_module() -> None:
+    """docs/architecture.md's module table has one row per module of the package, and no row
+    for a module that is gone, so the layout it describes is the code's."""
+    table = (ROOT / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\| `([\w/]+\.py)` \|", table, flags=re.MULTILINE)
+    package = Path(tabserve.__file__).parent
+    modules = {
+        path.relative_to(package).as_posix()
+        for path in package.rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py")
+    }
+    assert len(rows) == len(set(rows)), "a module has two rows"
+    assert sorted(modules - set(rows)) == [], "modules without a row in docs/architecture.md"
+    assert sorted(set(rows) - modules) == [], "rows for modules that do not exist"

@@ -10,15 +10,13 @@ import pytest
 
 from helpers import Server, ServerFactory
 
-FIXTURE = Path(__file__).parent / "fixtures" / "tabpy_state"
-
 
 @pytest.fixture(scope="module")
 def tabpy_state_server(
-    server_factory: ServerFactory, tmp_path_factory: pytest.TempPathFactory
+    server_factory: ServerFactory, tmp_path_factory: pytest.TempPathFactory, tabpy_fixtures: Path
 ) -> Server:
     state = tmp_path_factory.mktemp("tabpy") / "state"
-    shutil.copytree(FIXTURE, state)
+    shutil.copytree(tabpy_fixtures / "tabpy_state", state)
     server = server_factory(TABSERVE_WORKERS="1", TABPY_STATE_PATH=str(state))
     deadline = time.monotonic() + 30
     while "LoadInProgress" in {s["status"] for s in server.get("/status").json().values()}:

@@ -294,10 +294,12 @@ class Authenticator:
         log.warning(
             "Permission denied: user %s lacks %r (has %s)", _shown(user.name), permission, granted
         )
+        # Name where the permissions come from, so the operator knows what to edit.
+        from_store = self.cache is not None and not self.uses_password_file
+        source = "the store" if from_store else "the password file"
         raise Forbidden(
             f"User '{user.name}' is not allowed to {_ALLOWS.get(permission, permission)}.",
-            f"This needs the '{permission}' permission; the password file grants this user: "
-            f"{granted}.",
+            f"This needs the '{permission}' permission; {source} grants this user: {granted}.",
         )
 
     def authorize_route(self, user: User, access: str | None, name: str | None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 import textwrap
 import traceback
 from collections.abc import Callable
@@ -43,6 +44,11 @@ def compile_script(script: str, arg_names: tuple[str, ...]) -> CodeType:
     indented = "\n".join(" " + line for line in body.split("\n"))
     source = f"def {FUNCTION_NAME}({params}):\n{indented}"
     try:
+        if sys.version_info < (3, 11):
+            # Python 3.10 turns a parse tree into ast objects without a depth guard, so a
+            # 200,000-term sum crashes the worker in ast.parse. Compiling the text first
+            # meets the compiler's own depth check (a RecursionError) long before that.
+            compile(source, SCRIPT_FILENAME, "exec")
         tree = ast.parse(source, SCRIPT_FILENAME)
         ast.increment_lineno(tree, -1)  # user line 1 is source line 2
         return compile(tree, SCRIPT_FILENAME, "exec")

@@ -1,4 +1,4 @@
-"""Request parsing and result encoding (worker side)."""
+"""Request bodies in, JSON results out: worker/bodies.py (the worker side of HTTP bodies)."""
 
 from __future__ import annotations
 
