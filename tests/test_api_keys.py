@@ -358,3 +358,45 @@ def test_with_authentication_off_keys_are_refused_like_basic_credentials(
         assert answer.status_code == 404, (method, path, answer.text)
         assert set(answer.json()) == {"message", "info"}
     assert server.get("/info", auth=None).status_code == 200  # nothing else changed
+
+
+def _job_done(server: Server, job_id: str, **kwargs: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        answer = server.request("GET", f"/jobs/{job_id}", **kwargs)
+        assert answer.status_code == 200, answer.text
+        job: dict[str, Any] = answer.json()["job"]
+        if job["status"] >= 3:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+
+
+def test_an_endpoint_key_reads_only_its_endpoints_jobs_and_results(replicas: Replicas) -> None:
+    secret = _create(replicas.a, endpoint="triple")["secret"]
+    asynchronous = {"Prefer": "respond-async", **_key(secret)}
+    answer = replicas.a.request("POST", "/query/triple", auth=None, headers=asynchronous, **QUERY)
+    assert answer.status_code == 202, answer.text
+    own = answer.json()["job"]["id"]
+    for server in (replicas.a, replicas.b):
+        job = _job_done(server, own, auth=None, headers=_key(secret))
+        assert job["status"] == 3, job
+        result = job["query_result_id"]
+        data = _with_key(server, "GET", f"/query_results/{result}", secret)
+        assert data.json()["query_result"]["data"] == [3, 6]
+        # A download link carries the key in the URL.
+        link = server.request("GET", f"/query_results/{result}.csv?api_key={secret}", auth=None)
+        assert link.status_code == 200 and link.text.splitlines() == ["value", "3", "6"]
+    listed = _with_key(replicas.a, "GET", "/jobs", secret).json()["jobs"]
+    assert [job["id"] for job in listed] == [own]
+    # Reading only: no cancelling, not even its own.
+    assert _with_key(replicas.a, "DELETE", f"/jobs/{own}", secret).status_code == 403
+    # Another endpoint's job, or another caller's on its endpoint: as if it did not exist.
+    for name in ("double", "triple"):
+        other = replicas.a.post(f"/query/{name}", headers={"Prefer": "respond-async"}, **QUERY)
+        other_id = other.json()["job"]["id"]
+        done = _job_done(replicas.a, other_id)
+        assert _with_key(replicas.a, "GET", f"/jobs/{other_id}", secret).status_code == 404
+        path = f"/query_results/{done['query_result_id']}"
+        assert _with_key(replicas.a, "GET", path, secret).status_code == 404
+        assert replicas.a.get(path).status_code == 200  # the manager sees it

@@ -212,3 +212,17 @@ def test_a_cached_result_is_never_a_way_around_authorization(
     answer = app.post("/evaluate", json=body, auth=scorer)
     assert answer.text == "99" and "Age" not in answer.headers
     assert runs(app) == before + 1
+
+
+def test_a_large_body_gives_its_max_age_before_or_after_its_data(
+    cache_app: InProcessServer,
+) -> None:
+    rows = list(range(40_000))  # about 240 kB of JSON
+    before = runs(cache_app)
+    for order in ("after", "before", "after"):
+        data = {"_arg1": rows}
+        body = ({"script": "return len(_arg1)", "data": data, "max_age": 60} if order == "after"
+                else {"max_age": 60, "script": "return len(_arg1)", "data": data})  # fmt: skip
+        answer = cache_app.post("/evaluate", json=body)
+        assert answer.text == "40000"
+    assert runs(cache_app) == before + 1  # the two later calls were hits

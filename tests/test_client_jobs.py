@@ -67,3 +67,7 @@ def test_submit_wait_cancel_and_cached_queries(server_factory: ServerFactory,
             client.wait(running)
         with pytest.raises(ValueError, match="max_age"):
             client.query("count", x=[1], max_age=-1)
+        script = "import random\nreturn random.random()"
+        drawn = client.evaluate(script, max_age=60)
+        assert client.evaluate(script, max_age=60) == drawn  # the cached answer
+        assert client.evaluate(script, max_age=0) != drawn  # run again

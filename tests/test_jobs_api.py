@@ -209,6 +209,18 @@ def test_results_expire(result_app: InProcessServer) -> None:
     assert expired.json()["message"] == "Unknown query result"
 
 
+def test_results_are_capped_in_total_size(app_factory: Any) -> None:
+    app = app_factory(TABSERVE_RESULT_MAX_MB="1")
+    ids = []
+    for n in range(3):  # three results of 400 kB in 1 MiB: the oldest goes
+        job = wait_status(app, submit(app, f"return 'x' * 400000 + '{n}'"), {3, 4, 5})
+        assert job["status"] == 3
+        ids.append(job["query_result_id"])
+    assert app.get(f"/query_results/{ids[0]}").status_code == 404
+    for result_id in ids[1:]:
+        assert app.get(f"/query_results/{result_id}").status_code == 200
+
+
 def test_csv_of_records_and_scalars(app: InProcessServer) -> None:
     records = wait_status(app, submit(app, "return [{'a': 1, 'b': 2}, {'a': 3, 'c': [4]}]"),
                           {3})  # fmt: skip
@@ -315,3 +327,28 @@ def test_only_the_creator_or_a_manager_sees_a_job(
     assert server.get("/jobs?filter=status:eq:4", auth=ALICE).json()["jobs"] == []
     assert server.get("/jobs?filter=owner:eq:x", auth=ALICE).status_code == 400
     assert server.get(f"/jobs/{job_id}", auth=None).status_code == 401
+
+
+def test_replicas_share_jobs_and_cancel_through_each_other(
+    server_factory: ServerFactory, postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Two replicas on one PostgreSQL store: a job submitted to one is read and cancelled
+    through the other, and whichever runs it kills its worker."""
+    url = postgres.fresh_database(f"jobrep_{tmp_path.name[-12:].lower()}")
+    replicas = []
+    for name in ("a", "b"):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        replicas.append(server_factory(workdir=workdir, TABSERVE_STORE=url))
+    a, b = replicas
+    job_id = submit(a, spinner(tmp_path / "spin.pid"))
+    pid = wait_pid(tmp_path / "spin.pid")
+    assert wait_status(b, job_id, {2})["status"] == 2
+    cancelled = b.request("DELETE", f"/jobs/{job_id}")
+    assert cancelled.status_code == 200 and cancelled.json()["job"]["status"] == 5
+    # The replica running it hears of it at its next heartbeat (every 2 s).
+    assert cpu_stops(pid, within=6.0), "the job's worker kept running"
+    assert a.get(f"/jobs/{job_id}").json()["job"]["status"] == 5
+    done = wait_status(a, submit(b, "return 'either replica'"), {3, 4, 5})
+    result = a.get(f"/query_results/{done['query_result_id']}").json()["query_result"]
+    assert result["data"] == "either replica"

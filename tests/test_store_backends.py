@@ -16,12 +16,15 @@ from pg import PostgresServer
 
 from tabserve.store.backends import (
     EndpointRecord,
+    JobRecord,
+    ResultRecord,
     StoreError,
     StoreUnavailable,
     UserRecord,
     open_store,
 )
 from tabserve.store.database import Database, redact, sqlite_url
+from tabserve.store.records import CANCELLED, FAILURE, PENDING, STARTED, SUCCESS
 from tabserve.store.schema import LATEST, MIGRATIONS, check_numbers
 from tabserve.store.sql import SqlStore
 from tabserve.store.state_dir import ensure_state_dir
@@ -279,3 +282,50 @@ def test_the_job_and_result_tables_hold_a_job_through_its_life(store) -> None:  
             "WHERE j.id = 'job1'"
         )
     assert [(int(s), bytes(b)) for s, b in rows] == [(3, b"[3]")]
+
+
+def _job(job_id: str, created: float, owner: str = "alice") -> JobRecord:
+    return JobRecord(job_id, "evaluate", None, owner, PENDING, b'{"script": "return 1"}', "",
+                     created)  # fmt: skip
+
+
+def test_jobs_are_claimed_once_oldest_first_and_finish_with_their_result(store) -> None:  # type: ignore[no-untyped-def]
+    store.put_job(_job("late", 20.0))
+    store.put_job(_job("early", 10.0, owner="bob"))
+    first = store.claim_job("replica-1")
+    assert (first.id, first.status, first.claimed_by) == ("early", STARTED, "replica-1")
+    assert store.claim_job("replica-2").id == "late"
+    assert store.claim_job("replica-2") is None  # nothing pending is left
+    assert store.job("early").request == b'{"script": "return 1"}'
+    result = ResultRecord("r1", None, None, b"[1, 2]", time.time())
+    assert store.finish_job("early", SUCCESS, None, result) == SUCCESS
+    stored = store.result("r1")
+    assert (stored.body, stored.owner) == (b"[1, 2]", "bob") and stored.runtime_ms >= 0
+    # A cancelled job stays cancelled: its late outcome is not recorded.
+    assert store.cancel_job("late").status == CANCELLED
+    assert store.finish_job("late", SUCCESS, None, ResultRecord("r2", None, None, b"1", 1.0)) \
+        == CANCELLED  # fmt: skip
+    assert store.result("r2") is None
+    assert store.cancel_job("early").status == SUCCESS  # finished: unchanged
+    assert [job.id for job in store.recent_jobs("bob", 10)] == ["early"]
+    assert [job.id for job in store.recent_jobs(None, 10)] == ["late", "early"]
+
+
+def test_orphans_fail_and_results_are_pruned(store) -> None:  # type: ignore[no-untyped-def]
+    store.put_job(_job("lost", 1.0))
+    store.put_job(_job("kept", 2.0))
+    store.claim_job("gone")
+    store.claim_job("alive")
+    failed = store.fail_orphaned_jobs(lambda claimed_by, _: claimed_by == "gone", '{"m": 1}')
+    assert failed == ["lost"]
+    assert (store.job("lost").status, store.job("lost").error) == (FAILURE, '{"m": 1}')
+    assert store.job("kept").status == STARTED
+    now = time.time()
+    for n, age in enumerate((500, 50, 40, 30)):
+        store.put_job(_job(f"j{n}", now - age))
+        store.claim_job("alive")
+        store.finish_job(f"j{n}", SUCCESS, None, ResultRecord(f"r{n}", None, None, b"x" * 100,
+                                                              now - age))  # fmt: skip
+    # Older than 100 s: gone; then the oldest until at most 250 bytes remain.
+    assert store.prune_results(now - 100, 250) == 2
+    assert [store.result(f"r{n}") is not None for n in range(4)] == [False, False, True, True]

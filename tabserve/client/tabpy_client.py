@@ -345,18 +345,23 @@ class Client:
         """One endpoint's description; ``NotFound`` if there is none by that name."""
         return Endpoint.from_info(name, self._request("GET", f"endpoints/{quote_name(name)}"))
 
-    def evaluate(self, script: str, /, *args: Any, **kwargs: Any) -> Any:
+    def evaluate(
+        self, script: str, /, *args: Any, max_age: int | None = None, **kwargs: Any
+    ) -> Any:
         """Run an ad-hoc script as Tableau's SCRIPT_* calls do; returns the decoded result.
 
         Positional arguments become ``_arg1`` … ``_argN``; keyword arguments are sent under
-        their own names (so ``_arg1=...`` works too).
+        their own names (so ``_arg1=...`` works too). ``max_age``: as for ``query``.
         """
         data = {f"_arg{i}": value for i, value in enumerate(args, start=1)}
         clash = sorted(data.keys() & kwargs.keys())
         if clash:
             raise ValueError(f"{', '.join(clash)} given both positionally and by keyword")
         data.update(kwargs)
-        return self._request("POST", "evaluate", {"script": script, "data": data})
+        body: dict[str, Any] = {"script": script, "data": data}
+        if max_age is not None:
+            body["max_age"] = _check_max_age(max_age)
+        return self._request("POST", "evaluate", body)
 
     def submit(self, name: str, /, *args: Any, max_age: int | None = None, **kwargs: Any) -> Job:
         """Call a deployed endpoint as an asynchronous job (``Prefer: respond-async``); the

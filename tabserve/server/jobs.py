@@ -73,10 +73,9 @@ def can_see(user: User, owner: str | None, endpoint: str | None) -> bool:
     """Whether ``user`` may see (and cancel) a job, or read a result, of ``owner`` made by
     calling ``endpoint`` (None for /evaluate). The one visibility rule of jobs and results.
 
-    A caller restricted to one endpoint (an endpoint key) sees only that endpoint's.
+    An endpoint key sees only that endpoint's (and, as anyone, only what it created).
     """
-    restricted = getattr(user, "endpoint", None)
-    if restricted is not None and endpoint != restricted:
+    if user.endpoint is not None and endpoint != user.endpoint:
         return False
     return user.can("manage") or owner == user.owner
 
@@ -269,6 +268,18 @@ class JobService:
             "job %s ended %s after %.3f s", job.id, {SUCCESS: "SUCCESS", FAILURE: "FAILURE"}
             .get(final, "CANCELLED"), time.time() - started,
         )  # fmt: skip
+        if record is not None and final == SUCCESS:
+            await self._prune()  # the total size cap holds after every new result
+
+    async def _prune(self) -> None:
+        try:
+            await asyncio.to_thread(
+                self.store.prune_results,
+                time.time() - self.config.result_ttl,
+                self.config.result_max_bytes,
+            )
+        except Exception:  # the next prune retries; a result too many is no failure
+            log.exception("jobs: removing old results failed")
 
     async def _call(self, job: JobRecord) -> JobResult:
         options: dict[str, Any] = {"encoding": job.encoding}
@@ -301,11 +312,7 @@ class JobService:
                     await self._fail_orphans()
                 if time.monotonic() - last_prune > PRUNE_EVERY:
                     last_prune = time.monotonic()
-                    await asyncio.to_thread(
-                        self.store.prune_results,
-                        time.time() - self.config.result_ttl,
-                        self.config.result_max_bytes,
-                    )
+                    await self._prune()
             except StoreUnavailable as exc:
                 log.warning("jobs: store unreachable: %s", exc.info)
             except Exception:

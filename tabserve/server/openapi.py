@@ -471,11 +471,11 @@ def _operations() -> dict[str, dict[str, Any]]:
             "uuid": {"type": "string"},
         },
     }
-    accepted = {"202": _json(_JOB, "With Prefer: respond-async: the job (Location: /jobs/<id>)")}
     key_ref = {"$ref": "#/components/schemas/ApiKey"}
     keys_list = {"type": "object", "required": ["keys"], "properties": {
         "keys": {"type": "array", "items": key_ref}}}  # fmt: skip
     one_key = {"type": "object", "required": ["key"], "properties": {"key": key_ref}}
+    accepted = {"202": _json(_JOB, "With Prefer: respond-async: the job (Location: /jobs/<id>)")}
     query = _operation(
         "Call a deployed endpoint (MODEL_EXTENSION_*)",
         {

@@ -90,10 +90,6 @@ class Route:
         return tuple(verb for verb in VERBS if any(verb in cls.__dict__ for cls in own))
 
 
-# A result is read by GET alone; an endpoint key may read its own (see ROUTES).
-_RESOURCE_GET: Mapping[str, str] = MappingProxyType({"GET": "resource"})
-
-
 def _metrics_public(settings: Settings) -> bool:
     return not settings.metrics_auth
 
@@ -122,15 +118,14 @@ ROUTES: tuple[Route, ...] = (
         endpoint_keys={"GET": "name", "POST": "name"},
     ),
     # Asynchronous jobs and their results (Prefer: respond-async): any authenticated user,
-    # who sees only their own unless they may manage (jobs.can_see). An endpoint key reaches
-    # them too ("resource"): jobs.can_see, the one visibility rule, shows it only its own
-    # jobs and results of its endpoint.
-    Route("/jobs", JobsHandler, endpoint_keys=_RESOURCE_GET),
-    Route("/jobs/{id}", JobHandler, endpoint_keys={"GET": "resource", "DELETE": "resource"}),
+    # who sees only their own unless they may manage, and an endpoint key only its
+    # endpoint's (jobs.can_see: a 404 otherwise, so ids do not leak). Endpoint keys read.
+    Route("/jobs", JobsHandler, endpoint_keys={"GET": "resource"}),
+    Route("/jobs/{id}", JobHandler, endpoint_keys={"GET": "resource"}),
     # The downloads first: the plain route's {id} would match "x.csv" too.
-    Route("/query_results/{id}.json", QueryResultFileHandler, endpoint_keys=_RESOURCE_GET),
-    Route("/query_results/{id}.csv", QueryResultFileHandler, endpoint_keys=_RESOURCE_GET),
-    Route("/query_results/{id}", QueryResultHandler, endpoint_keys=_RESOURCE_GET),
+    Route("/query_results/{id}.json", QueryResultFileHandler, endpoint_keys={"GET": "resource"}),
+    Route("/query_results/{id}.csv", QueryResultFileHandler, endpoint_keys={"GET": "resource"}),
+    Route("/query_results/{id}", QueryResultHandler, endpoint_keys={"GET": "resource"}),
     # TabPy binds the deploy scope to this route; password-file users need no permission.
     Route(
         "/configurations/endpoint_upload_destination",

@@ -147,6 +147,45 @@ class EndpointChange:
         return [n for n, e in self.endpoints.items() if self.before.get(n) != e]
 
 
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key as the store holds it: never the key itself, only its hash.
+
+    A **user key** (``endpoint`` None) acts as ``user_name`` with that user's permissions
+    as they are when it is used. An **endpoint key** (``endpoint`` set) may only call that
+    endpoint; its ``user_name`` is empty, since it acts as no user.
+    """
+
+    id: str
+    secret_hash: str
+    user_name: str
+    endpoint: str | None
+    created: float
+    expires: float | None = None
+    revoked: float | None = None
+    last_used: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return "user" if self.endpoint is None else "endpoint"
+
+    def usable(self, now: float) -> bool:
+        return self.revoked is None and (self.expires is None or now < self.expires)
+
+    def public(self) -> dict[str, Any]:
+        """What lists and answers show: everything but the hash."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "user": self.user_name if self.endpoint is None else None,
+            "endpoint": self.endpoint,
+            "created": self.created,
+            "expires": self.expires,
+            "revoked": self.revoked,
+            "last_used": self.last_used,
+        }
+
+
 # -- jobs and results (issue 12) ---------------------------------------------------------------
 
 # Redash's status codes, as GET /jobs/<id> reports them.
@@ -195,42 +234,3 @@ class ResultRecord:
     @property
     def size(self) -> int:
         return len(self.body)
-
-
-@dataclass(frozen=True)
-class ApiKeyRecord:
-    """An API key as the store holds it: never the key itself, only its hash.
-
-    A **user key** (``endpoint`` None) acts as ``user_name`` with that user's permissions
-    as they are when it is used. An **endpoint key** (``endpoint`` set) may only call that
-    endpoint; its ``user_name`` is empty, since it acts as no user.
-    """
-
-    id: str
-    secret_hash: str
-    user_name: str
-    endpoint: str | None
-    created: float
-    expires: float | None = None
-    revoked: float | None = None
-    last_used: float | None = None
-
-    @property
-    def kind(self) -> str:
-        return "user" if self.endpoint is None else "endpoint"
-
-    def usable(self, now: float) -> bool:
-        return self.revoked is None and (self.expires is None or now < self.expires)
-
-    def public(self) -> dict[str, Any]:
-        """What lists and answers show: everything but the hash."""
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "user": self.user_name if self.endpoint is None else None,
-            "endpoint": self.endpoint,
-            "created": self.created,
-            "expires": self.expires,
-            "revoked": self.revoked,
-            "last_used": self.last_used,
-        }

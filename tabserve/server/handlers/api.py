@@ -134,7 +134,7 @@ class CallHandler(BaseHandler):
         """Who may share a cached answer: callers with the same permissions (and the same
         endpoint restriction, for endpoint keys)."""
         user = self.user
-        return f"{','.join(sorted(user.permissions))}|{getattr(user, 'endpoint', None) or ''}"
+        return f"{','.join(sorted(user.permissions))}|{user.endpoint or ''}"
 
     async def _max_age(self, default: int | None) -> tuple[int | None, BodyFacts | None]:
         header = cache_control_max_age(self.request.headers.get_list("Cache-Control"))
