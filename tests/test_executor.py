@@ -149,7 +149,12 @@ def test_queue_timeouts_never_lose_a_worker() -> None:
 
         outcomes = await asyncio.gather(*(attempt(i) for i in range(30)))
         assert "timeout" in outcomes and "ok" in outcomes
-        await asyncio.sleep(1)  # replacements of killed workers come up
+        # Replacements of killed workers join the pool once ready; on a loaded machine that
+        # can take more than a second, and the timing below needs both.
+        deadline = asyncio.get_running_loop().time() + 30
+        while executor.size < 2:
+            assert asyncio.get_running_loop().time() < deadline, "no replacement in 30 s"
+            await asyncio.sleep(0.05)
         assert executor.queued == 0
         loop = asyncio.get_running_loop()
         started = loop.time()
