@@ -105,6 +105,13 @@ def text(driver: webdriver.Chrome, element_id: str) -> str:
     return str(driver.find_element(By.ID, element_id).text)
 
 
+def texts(driver: webdriver.Chrome, selector: str) -> list[str]:
+    """The text of every element ``selector`` matches, read in one script: the page
+    re-renders on every refresh, and elements found one call earlier may be gone."""
+    script = "return [...document.querySelectorAll(arguments[0])].map((e) => e.innerText)"
+    return list(driver.execute_script(script, selector))
+
+
 def severe_logs(driver: webdriver.Chrome) -> list[dict[str, Any]]:
     return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
@@ -134,7 +141,7 @@ def test_page_loads_without_console_errors(browser: webdriver.Chrome, page_serve
     wait_for(lambda: refreshes(browser) >= 3)  # a few refresh cycles, not just the first
     assert text(browser, "server-name") == "tabserve"
     assert text(browser, "server-version") == page_server.get("/info").json()["server_version"]
-    features = {li.text for li in browser.find_elements(By.CSS_SELECTOR, "#features li")}
+    features = set(texts(browser, "#features li"))
     assert {"auth: off", "TLS: off", "evaluate: on", "sandbox: none: self-check passed"} <= features
     assert browser.find_element(By.ID, "login").is_displayed() is False
     assert severe_logs(browser) == []
@@ -201,9 +208,9 @@ def test_recent_jobs_and_the_cache_hit_rate_are_shown(
     body = {"script": "return 1 / 0", "data": {}}
     failed = page_server.post("/evaluate", json=body, headers={"Prefer": "respond-async"})
     job_id = failed.json()["job"]["id"]
-    row = wait_for(lambda: [r for r in browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")
-                            if job_id[:12] in r.text and "failure" in r.text])[0]  # fmt: skip
-    assert "/evaluate" in row.text
+    row = wait_for(lambda: [r for r in texts(browser, "#jobs tbody tr")
+                            if job_id[:12] in r and "failure" in r])[0]  # fmt: skip
+    assert "/evaluate" in row
     cached = {"script": "return 5", "data": {}, "max_age": 60}
     for _ in range(4):
         assert page_server.post("/evaluate", json=cached).status_code == 200
@@ -248,8 +255,7 @@ def test_with_auth_the_page_asks_for_credentials(
     wait_for(lambda: refreshes(browser) > start)
     assert browser.find_element(By.ID, "content").is_displayed()
     assert not browser.find_element(By.ID, "login").is_displayed()
-    features = {li.text for li in browser.find_elements(By.CSS_SELECTOR, "#features li")}
-    assert "auth: on" in features
+    assert "auth: on" in texts(browser, "#features li")
     # Later refreshes keep working with the credentials the page holds.
     wait_for(lambda: refreshes(browser) > start + 2)
     assert browser.find_element(By.ID, "content").is_displayed()
