@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 SERVERS = ("tabserve", "tabpy")
+# The bare Tornado reference server (bench.ceiling), run beside the small-call workloads.
+CEILING = "ceiling"
 # Metrics shown per workload kind, and whether bigger is better (for the speed-up column).
 METRICS: dict[str, list[tuple[str, bool]]] = {
     "throughput": [("rps", True), ("p50_ms", False), ("p99_ms", False)],
@@ -71,12 +73,16 @@ def _val(d: dict[str, Any] | None, key: str) -> float | None:
 
 
 def add_ratios(entry: dict[str, Any]) -> None:
-    """ratio = tabserve / TabPy for every headline metric (n/a when either side is missing)."""
+    """ratio = tabserve / TabPy for every headline metric (n/a when either side is missing);
+    ``ceiling_share`` = tabserve's req/s / the bare Tornado server's, where that one ran."""
     ts, tp = entry["servers"].get("tabserve"), entry["servers"].get("tabpy")
     ratios: dict[str, float | None] = {}
     for metric, _ in metrics_for(entry):
         a, b = _val(ts, metric), _val(tp, metric)
         ratios[metric] = round(a / b, 3) if a is not None and b else None
+    if CEILING in entry["servers"]:
+        a, c = _val(ts, "rps"), _val(entry["servers"][CEILING], "rps")
+        ratios["ceiling_share"] = round(a / c, 3) if a is not None and c else None
     entry["ratios"] = ratios
 
 
@@ -91,26 +97,42 @@ def _fmt(v: float | None) -> str:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A Markdown table: absolute figures, ratio tabserve/TabPy, and the issue's targets."""
-    head = "| workload | metric | tabserve | TabPy | tabserve ÷ TabPy | target | met |"
-    lines = [head, "|---|---|---:|---:|---:|---|---|"]
+    """A Markdown table: absolute figures, tabserve ÷ TabPy, tabserve as a share of the bare
+    Tornado ceiling (small calls only), and the issues' targets."""
+    head = (
+        "| workload | metric | tabserve | TabPy | bare Tornado | tabserve ÷ TabPy "
+        "| tabserve ÷ bare Tornado | target | met |"
+    )
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for wid, entry in results["workloads"].items():
         target = entry.get("target")
+        servers = entry["servers"]
         for i, (metric, _) in enumerate(metrics_for(entry)):
-            ts = entry["servers"].get("tabserve")
-            tp = entry["servers"].get("tabpy")
             ratio = entry.get("ratios", {}).get(metric)
             is_target = target is not None and target["metric"] == metric
             met = entry.get("target_met")
+            texts, verdicts = [], []
+            if is_target:
+                texts.append(target["text"])
+                verdicts.append(_verdict(met))
+            share = ""
+            if metric == "rps" and CEILING in servers:
+                value = entry.get("ratios", {}).get("ceiling_share")
+                share = "n/a" if value is None else f"{value:.2f}"
+                if entry.get("ceiling_target") is not None:
+                    texts.append(f"rps >= {entry['ceiling_target']:g} of bare Tornado")
+                    verdicts.append(_verdict(entry.get("ceiling_target_met")))
             lines.append(
-                "| {} | {} | {} | {} | {} | {} | {} |".format(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                     f"{wid} {entry['title']}" if i == 0 else "",
                     metric,
-                    _cell(ts, metric),
-                    _cell(tp, metric),
+                    _cell(servers.get("tabserve"), metric),
+                    _cell(servers.get("tabpy"), metric),
+                    _cell(servers.get(CEILING), metric) if CEILING in servers else "",
                     "n/a" if ratio is None else f"{ratio:.2f}",
-                    target["text"] if is_target else "",
-                    ("yes" if met else "no" if met is False else "?") if is_target else "",
+                    share,
+                    "; ".join(texts),
+                    "; ".join(verdicts),
                 )
             )
     errors = [
@@ -122,6 +144,10 @@ def format_table(results: dict[str, Any]) -> str:
     if errors:
         lines += ["", "Not measured (n/a):", *errors]
     return "\n".join(lines)
+
+
+def _verdict(met: bool | None) -> str:
+    return "yes" if met else "no" if met is False else "?"
 
 
 def _cell(d: dict[str, Any] | None, metric: str) -> str:
@@ -147,7 +173,7 @@ def write_chart(results: dict[str, Any], out_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     wl = results["workloads"]
-    colors = {"tabserve": "#1f77b4", "tabpy": "#ff7f0e"}
+    colors = {"tabserve": "#1f77b4", "tabpy": "#ff7f0e", CEILING: "#7f7f7f"}
     fig, axes = plt.subplots(2, 2, figsize=(15, 10))
     meta = results["meta"]
     fig.suptitle(
@@ -160,8 +186,9 @@ def write_chart(results: dict[str, Any], out_dir: Path) -> Path:
     # 1. Throughput per throughput workload.
     ax = axes[0][0]
     ids = [k for k, e in wl.items() if e["kind"] == "throughput" and e["group"] != "workers"]
-    _grouped_bars(ax, ids, [(s, "rps", colors[s], 1.0) for s in SERVERS], wl)
-    ax.set_title("Throughput (req/s, higher is better)")
+    shown = (*SERVERS, CEILING)
+    _grouped_bars(ax, ids, [(s, "rps", colors[s], 1.0) for s in shown], wl)
+    ax.set_title("Throughput (req/s, higher is better; grey: bare Tornado ceiling)")
     ax.set_yscale("log")
     for j, wid in enumerate(ids):
         ratio = wl[wid].get("ratios", {}).get("rps")

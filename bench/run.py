@@ -67,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure TabPy only (useful before tabserve exists)",
     )
     p.add_argument(
+        "--skip-ceiling",
+        action="store_true",
+        help="do not run the bare Tornado reference server beside the small-call workloads",
+    )
+    p.add_argument(
         "--loadgen",
         choices=("auto", "wrk", "asyncio"),
         default="auto",
@@ -127,12 +132,16 @@ class Runner:
         if name == "tabpy":
             assert self.tabpy_venv is not None
             return servers.start_tabpy(self.tabpy_venv, opts, self.root)
+        if name == "ceiling":
+            return servers.start_ceiling(sys.executable, opts, self.root)
         return servers.start_tabserve(self.args.tabserve_python, opts, self.root)
 
     def names_for(self, wl: Workload) -> list[str]:
         names = [] if self.args.skip_tabserve else ["tabserve"]
         if not (self.args.skip_tabpy or wl.tabserve_only):
             names.append("tabpy")
+        if wl.ceiling and names and not self.args.skip_ceiling:
+            names.append("ceiling")  # only beside a server it is the ceiling of
         return names
 
     def run(self, items: list[Workload]) -> None:
@@ -149,7 +158,8 @@ class Runner:
 
     def run_profile(self, profile: str, group: list[Workload]) -> None:
         opts = profile_options(profile, self.args)
-        names = sorted({n for w in group for n in self.names_for(w)}, reverse=True)
+        wanted = {n for w in group for n in self.names_for(w)}
+        names = [n for n in ("tabserve", "tabpy", "ceiling") if n in wanted]
         running: dict[str, Server] = {}
         failed: dict[str, str] = {}
         for name in names:
@@ -205,7 +215,7 @@ class Runner:
                 log(f"{wl.id} {name}: n/a ({_describe(exc)})")
         rounds: dict[str, list[dict[str, Any]]] = {n: [] for n in ready}
         for i in range(wl.rounds(s)):
-            # ABBA...: even rounds go tabserve first, odd rounds TabPy first.
+            # ABBA...: even rounds go tabserve first, odd rounds the other way round.
             order = ready if i % 2 == 0 else list(reversed(ready))
             for name in order:
                 if name not in rounds:
@@ -223,6 +233,10 @@ class Runner:
             entry["target_met"] = wl.target.met(
                 entry["servers"].get("tabserve"), entry["servers"].get("tabpy")
             )
+        if wl.ceiling_target is not None:
+            share = entry["ratios"].get("ceiling_share")
+            entry["ceiling_target"] = wl.ceiling_target
+            entry["ceiling_target_met"] = None if share is None else share >= wl.ceiling_target
         log(f"{wl.id}: " + "; ".join(f"{n}={_brief(v)}" for n, v in entry["servers"].items()))
 
     def _revive(self, name: str, running: dict[str, Server], opts: ServerOptions) -> Server:
@@ -285,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         "tabpy_version": None,
         "loadavg_start": report.load_average(),
         "skipped": [
-            n for n, skip in (("tabpy", args.skip_tabpy), ("tabserve", args.skip_tabserve)) if skip
+            n
+            for n, skip in (
+                ("tabpy", args.skip_tabpy),
+                ("tabserve", args.skip_tabserve),
+                ("ceiling", args.skip_ceiling),
+            )
+            if skip
         ],
     }
     try:

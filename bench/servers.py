@@ -288,3 +288,16 @@ def tree_rss_bytes(pid: int) -> int:
         except psutil.NoSuchProcess:
             continue
     return total
+
+
+def start_ceiling(python: str, opts: ServerOptions, root: Path) -> Server:
+    """The bare Tornado reference server (``bench.ceiling``): the one-process ceiling."""
+    workdir = Path(tempfile.mkdtemp(prefix="ceiling-", dir=root))
+    port = free_port()
+    repo = str(Path(__file__).resolve().parent.parent)
+    cmd = [python, "-c", f"import sys; sys.path.insert(0, {repo!r}); "
+           "from bench.ceiling import main; import asyncio; asyncio.run(main(int(sys.argv[1])))",
+           str(port)]  # fmt: skip
+    server = _spawn("ceiling", cmd, workdir, port, opts)
+    server.python = python
+    return server

@@ -114,6 +114,21 @@ def _parse_sandbox(raw: str) -> str:
     return value
 
 
+def _parse_worker_launch(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("fresh", "zygote"):
+        raise ValueError("expected fresh or zygote")
+    return value
+
+
+def _parse_module_list(raw: str) -> tuple[str, ...]:
+    names = _parse_name_list(raw)
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"{name!r} is not a module name")
+    return names
+
+
 def _parse_path_list(raw: str) -> tuple[Path, ...]:
     return tuple(_parse_path(item) for item in raw.split(",") if item.strip())
 
@@ -481,6 +496,23 @@ class Settings:
         "Comma-separated environment variables passed to workers; all others are removed.",
         WORKER_ENV,
         doc="`" + ",".join(WORKER_ENV) + "`",
+    )
+    worker_launch: str = setting(
+        "TABSERVE_WORKER_LAUNCH",
+        _parse_worker_launch,
+        "How workers start: `zygote` (forked from one clean process that imported numpy, "
+        "pandas and `TABSERVE_WORKER_PRELOAD` once: milliseconds per worker, shared memory) "
+        "or `fresh` (a new interpreter each: about half a second). With "
+        "`TABSERVE_SANDBOX = bubblewrap` workers always start fresh, each in its own sandbox.",
+        "zygote",
+    )
+    worker_preload: tuple[str, ...] = setting(
+        "TABSERVE_WORKER_PRELOAD",
+        _parse_module_list,
+        "Comma-separated modules every worker imports before its first request (once, in the "
+        "zygote, with `TABSERVE_WORKER_LAUNCH = zygote`), e.g. `scipy.stats,sklearn`.",
+        (),
+        doc="empty",
     )
     sandbox: str = setting(
         "TABSERVE_SANDBOX",

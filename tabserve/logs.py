@@ -13,12 +13,15 @@ This module imports nothing from tabserve, so the worker can use it.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import datetime
 import json
 import logging
 import logging.handlers
+import re
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,10 +56,16 @@ class AccessRecord:
         return " ".join(parts)
 
 
+# Characters that could split or forge a ``key=value`` text line (with ``isprintable``).
+_UNSAFE = re.compile(r'[\s"=\\]')
+
+
 def _quote(value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
     # Header values come from callers: quote anything that could split or forge a line.
-    if not text or any(c.isspace() or c in '"=\\' or not c.isprintable() for c in text):
+    # (str.isprintable and a compiled regex: a per-character Python loop showed up in
+    # profiles of the server, which writes one such line per request.)
+    if not text or not text.isprintable() or _UNSAFE.search(text):
         return json.dumps(text)
     return text
 
@@ -67,6 +76,19 @@ class TextFormatter(logging.Formatter):
     def __init__(self, tag: str = "") -> None:
         fmt = _TEXT_FORMAT if not tag else _TEXT_FORMAT.replace("%(name)s", f"{tag} %(name)s")
         super().__init__(fmt)
+        self._stamp = (-1, "")  # (second, its strftime): one tuple, so threads never mix them
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # The stdlib's format (``2026-01-02 03:04:05,678``), with strftime once a second rather
+        # than once a line: the server writes an access line per request.
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        stamp = self._stamp
+        if stamp[0] != second:
+            stamp = (second, time.strftime("%Y-%m-%d %H:%M:%S", self.converter(record.created)))
+            self._stamp = stamp
+        return f"{stamp[1]},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -109,6 +131,69 @@ class _CallIdFilter(logging.Filter):
         return True
 
 
+class _Coalescing(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines of one event-loop iteration with one write, at the end of it.
+
+    In the server every request ends with an access line; a write and a flush per line was a
+    system call per request on the event loop. Inside a running asyncio loop, lines below
+    WARNING are kept until the loop's next turn (``call_soon``), so a burst of answers costs
+    one write. Anywhere else (a worker, a thread, startup), and for WARNING and above, the line
+    is written at once, after anything still kept, so the order of lines never changes.
+    """
+
+    terminator = "\n"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kept: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._kept.append(line)
+        if record.levelno < logging.WARNING:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                if len(self._kept) == 1:
+                    loop.call_soon(self.flush)
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            kept, self._kept = self._kept, []
+            try:
+                if kept:
+                    self._write("".join(kept))
+                super().flush()
+            except Exception:
+                self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+
+
+class _CoalescingStream(_Coalescing):
+    """stderr, written as ``_Coalescing`` says."""
+
+
+class _CoalescingFile(_Coalescing, logging.handlers.WatchedFileHandler):
+    """``TABSERVE_LOG_FILE``, written as ``_Coalescing`` says; reopened when logrotate has
+    moved it away (checked per write, not per line)."""
+
+    def _write(self, text: str) -> None:
+        self.reopenIfNeeded()
+        if self.stream is None:
+            self.stream = self._open()
+        self.stream.write(text)
+
+
 def configure(level: str, fmt: str = "text", file: Path | str | None = None, tag: str = "") -> None:
     """Send every log record at ``level`` or above to ``file`` (or stderr) in ``fmt``.
 
@@ -117,9 +202,9 @@ def configure(level: str, fmt: str = "text", file: Path | str | None = None, tag
     if file:
         # Reopens the file when logrotate has moved it away; appends are line-sized writes,
         # so the server's and the workers' lines do not interleave mid-line.
-        handler: logging.Handler = logging.handlers.WatchedFileHandler(file, encoding="utf-8")
+        handler: logging.Handler = _CoalescingFile(file, encoding="utf-8")
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CoalescingStream(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(tag))
     handler.addFilter(_CallIdFilter())
     root = logging.getLogger()

@@ -156,7 +156,16 @@ class Server:
         return 0.0
 
     def worker_pids(self) -> set[int]:
-        return {child.pid for child in psutil.Process(self.process.pid).children(recursive=True)}
+        """The server's descendants but the zygote (which forks workers, and runs no job)."""
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        return {child.pid for child in children} - {self.zygote_pid()}
+
+    def zygote_pid(self) -> int | None:
+        # The server's own child: the workers it forks share its command line.
+        for child in psutil.Process(self.process.pid).children():
+            if _is_zygote(child):
+                return child.pid
+        return None
 
     def terminate(self) -> None:
         """Ask the server to shut down (SIGTERM); ``wait_stopped`` waits for it."""
@@ -177,6 +186,13 @@ class Server:
 
 
 ServerFactory = Callable[..., Server]
+
+
+def _is_zygote(process: psutil.Process) -> bool:
+    try:
+        return any("tabserve.worker.zygote" in part for part in process.cmdline())
+    except psutil.Error:
+        return False
 
 
 # -- in-process: the real app, no processes ----------------------------------------------------

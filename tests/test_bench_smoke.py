@@ -78,6 +78,13 @@ def test_smoke_run_reports_every_workload(tmp_path: Path) -> None:
             if not (isinstance(value, int | float) and math.isfinite(value)):
                 problems.append(f"{wid}.{metric} = {value!r} ({figures.get('error', '')})")
     assert not problems, "\n".join(problems)
+    # The bare Tornado ceiling runs beside the small calls, and tabserve is a share of it.
+    for wid in ("w1_c8", "w1_c64", "w6"):
+        ceiling = workloads[wid]["servers"]["ceiling"]
+        assert ceiling["rps"] > 0, ceiling
+        share = workloads[wid]["ratios"]["ceiling_share"]
+        assert share == round(workloads[wid]["servers"]["tabserve"]["rps"] / ceiling["rps"], 3)
+    assert "ceiling" not in workloads["w2"]["servers"]
 
 
 def test_smoke_run_never_writes_into_docs(tmp_path: Path) -> None:

@@ -202,6 +202,28 @@ def test_tabpy_query_inside_evaluate(ep_server: Server) -> None:
     assert "endpoint 'fails2' raised ValueError: x must not be positive, got 5 (line " in info
 
 
+def test_tabpy_query_name_is_percent_decoded_once_as_a_query_url_would_be(
+    ep_server: Server,
+) -> None:
+    # Workbooks written for TabPy say tabpy.query('Sentiment%20Analysis', ...): TabPy puts the
+    # name into a /query/<name> URL, so it arrives decoded. TabPy's own integration suite
+    # (test_deploy_and_evaluate_model_ssl) does this.
+    assert deploy_raw(ep_server, "A B", add).status_code == 201
+    for name in ("A%20B", "A B", "%41%20%42"):
+        ok = ep_server.evaluate(
+            f"return tabpy.query('{name}', _arg1, _arg2)['response']", _arg1=[1], _arg2=[2]
+        )
+        assert ok.status_code == 200, ok.text
+        assert ok.json() == [3]
+    # Decoded once only, like tabserve's /query/<name> route: %2520 means a literal "%20".
+    twice = ep_server.evaluate("return tabpy.query('A%2520B', _arg1)['response']", _arg1=[1])
+    assert twice.status_code == 500
+    assert "endpoint 'A%20B' is not deployed" in twice.json()["info"]
+    # The same name over HTTP reaches the same endpoint.
+    over_http = requests.post(ep_server.url + "/query/A%20B", json={"data": [[1], [2]]}, timeout=10)
+    assert over_http.json()["response"] == [3]
+
+
 def test_unknown_type_and_bad_bodies_are_400(ep_server: Server) -> None:
     for body, message in [
         (b"", "Input body cannot be empty"),

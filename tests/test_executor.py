@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import orjson
 import pytest
@@ -12,11 +12,24 @@ import pytest
 from tabserve.errors import BadRequest, Overloaded, ScriptError, ScriptTimeout, WorkerDied
 from tabserve.protocol import MAX_HEADER, JobKind
 from tabserve.server.executor import Executor, PoolConfig, describe_exit, worker_environment
+from tabserve.server.launcher import FRESH, ZYGOTE
+
+
+@pytest.fixture(autouse=True, params=[FRESH, ZYGOTE])
+def launch(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every pool test runs with each launcher: fresh interpreters, and forks of the zygote."""
+    global LAUNCH
+    LAUNCH = request.param
+    yield request.param
+    LAUNCH = FRESH
+
+
+LAUNCH = FRESH
 
 
 def run_with_pool(test: Callable[[Executor], Awaitable[None]], **config: object) -> None:
     async def main() -> None:
-        options = {"workers": 1, "request_limit": 1 << 20, **config}
+        options = {"workers": 1, "request_limit": 1 << 20, "launch": LAUNCH, **config}
         executor = Executor(PoolConfig(**options))  # type: ignore[arg-type]
         await executor.start()
         try:

@@ -39,9 +39,11 @@ def healed(server: Server, workers: int = 2) -> None:
         assert server.evaluate("return [sum(_arg1)]", _arg1=[1, 2]).json() == [3]
 
 
-@pytest.fixture(scope="module")
-def pool_server(server_factory: ServerFactory) -> Server:
-    return server_factory(TABPY_EVALUATE_TIMEOUT="60")
+@pytest.fixture(scope="module", params=["fresh", "zygote"])
+def pool_server(server_factory: ServerFactory, request: pytest.FixtureRequest) -> Server:
+    """One server per launch mode: workers started fresh, or forked by the zygote (which
+    ``worker_pids`` leaves out: killing it is test_zygote.py's business)."""
+    return server_factory(TABPY_EVALUATE_TIMEOUT="60", TABSERVE_WORKER_LAUNCH=request.param)
 
 
 def test_idle_workers_killed_from_outside_are_replaced(pool_server: Server) -> None:

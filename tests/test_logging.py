@@ -194,3 +194,49 @@ def test_unexpected_errors_are_summarised_with_the_call_id() -> None:
         "message": "Internal server error",
         "info": "The server failed; its log has the details under call call-77.",
     }
+
+
+def test_text_time_stamps_are_the_stdlib_format() -> None:
+    record = _record("plain")
+    mine = TextFormatter().formatTime(record)
+    assert mine == logging.Formatter().formatTime(record)
+    assert TextFormatter().formatTime(record, "%H") == logging.Formatter().formatTime(record, "%H")
+
+
+def test_lines_of_one_loop_turn_are_written_together_in_order(tmp_path: Path) -> None:
+    import asyncio
+
+    from tabserve import logs
+
+    path = tmp_path / "turn.log"
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    logs.configure("INFO", "text", path)
+    try:
+        logging.getLogger("t").info("outside a loop: at once")
+        assert path.read_text().count("\n") == 1
+
+        async def one_turn() -> tuple[str, str, str]:
+            logging.getLogger("t").info("first")
+            logging.getLogger("t").info("second")
+            kept = path.read_text()  # still kept: written at the end of this turn
+            logging.getLogger("t").warning("third")  # a warning writes everything at once
+            after_warning = path.read_text()
+            logging.getLogger("t").info("fourth")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            return kept, after_warning, path.read_text()
+
+        kept, after_warning, final = asyncio.run(one_turn())
+        assert "first" not in kept
+        assert after_warning.index("first") < after_warning.index("second")
+        assert after_warning.index("second") < after_warning.index("third")
+        assert "fourth" not in after_warning
+        assert final.rstrip().endswith("fourth")
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])

@@ -124,9 +124,29 @@ def unprotected(server_factory: ServerFactory, outside_tmp: Path) -> Case:
     )
 
 
-@pytest.fixture(params=["bubblewrap", "off"])
+@pytest.fixture(scope="module")
+def unprotected_zygote(server_factory: ServerFactory, outside_tmp: Path) -> Case:
+    """As ``unprotected``, with workers forked from the zygote: forking changes nothing of
+    what a script can reach (the zygote holds no more than a fresh worker would)."""
+    return _case(
+        server_factory,
+        outside_tmp / "unprotected-zygote",
+        False,
+        TABSERVE_SANDBOX="none",
+        TABSERVE_WORKER_LAUNCH="zygote",
+        TABSERVE_WORKER_USER="root",
+        TABSERVE_WORKER_MEMORY_MB="0",
+        TABSERVE_WORKER_PROCESSES="0",
+        TABPY_EVALUATE_TIMEOUT="20",
+    )
+
+
+_CASES = {"bubblewrap": "isolated", "off": "unprotected", "off-zygote": "unprotected_zygote"}
+
+
+@pytest.fixture(params=list(_CASES))
 def case(request: pytest.FixtureRequest) -> Case:
-    return request.getfixturevalue("isolated" if request.param == "bubblewrap" else "unprotected")
+    return request.getfixturevalue(_CASES[request.param])
 
 
 def attempt(server: Server, script: str, **data: object) -> str:
@@ -310,6 +330,15 @@ def test_a_secret_beside_what_workers_need_is_hidden_alone_with_a_warning(
     assert confined.notes[0] in findings
 
 
+def test_a_segfault_leaves_the_sandboxed_server_answering(isolated: Case) -> None:
+    """bwrap reports its child's death by a signal as an exit code: the 500 still names it."""
+    response = isolated.server.evaluate("import ctypes\nctypes.string_at(0)")
+    assert response.status_code == 500
+    assert "SIGSEGV" in response.json()["info"], response.text
+    for _ in range(3):
+        assert isolated.server.evaluate("return [_arg1 + 1]", _arg1=1).json() == [2]
+
+
 def test_sandboxed_workers_write_the_log_file(isolated: Case) -> None:
     marker = f"logged-{uuid.uuid4().hex}"
     response = isolated.server.evaluate(f"logging.getLogger('script').warning('{marker}')")
@@ -404,6 +433,8 @@ def test_none_mode_says_a_timeout_reaches_only_the_process_group() -> None:
     findings = _judge("none")
     assert any(level == "info" and "process group only" in message for level, message in findings)
     assert not any("process group only" in message for _, message in _judge("bubblewrap"))
+    # Forks of the zygote are killed with their whole process tree: nothing to say.
+    assert not any("process group only" in message for _, message in _judge("none", "zygote"))
 
 
 def test_file_size_and_open_file_limits(isolated: Case) -> None:
@@ -586,10 +617,11 @@ def _self_check_result(**overrides: object) -> dict[str, object]:
     return result
 
 
-def _judge(mode: str, **overrides: object) -> list[tuple[str, str]]:
+def _judge(mode: str, launch: str = "fresh", **overrides: object) -> list[tuple[str, str]]:
     settings = replace(
         load_settings(None, {"TABSERVE_WORKER_MEMORY_MB": "0", "TABSERVE_WORKERS": "1"}),
         sandbox=mode,
+        worker_launch=launch,
     )
     confined = sandbox.Confinement(
         mode=mode,

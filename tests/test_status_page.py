@@ -7,7 +7,9 @@ a screenshot in its pytest tmp dir.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
+import re
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from helpers import Server, ServerFactory
+from tabserve.server.handlers.pages import status_page
 from tabserve.store.passwords import add_user
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -30,6 +33,7 @@ pytestmark = pytest.mark.browser
 
 
 DOCS_SCREENSHOT = Path(__file__).parent.parent / "docs" / "images" / "status-page.png"
+STATIC = Path(__file__).parent.parent / "tabserve" / "server" / "static"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
@@ -145,6 +149,65 @@ def test_page_loads_without_console_errors(browser: webdriver.Chrome, page_serve
     assert {"auth: off", "TLS: off", "evaluate: on", "sandbox: none: self-check passed"} <= features
     assert browser.find_element(By.ID, "login").is_displayed() is False
     assert severe_logs(browser) == []
+
+
+def csp_sources(policy: str) -> dict[str, list[str]]:
+    directives = (part.split() for part in policy.split(";") if part.strip())
+    return {name: sources for name, *sources in directives}
+
+
+def test_inline_blocks_are_allowed_by_their_hashes_and_nothing_else(page_server: Server) -> None:
+    # TabPy's landing page has its CSS and script inline (TabPy's test_url.py checks for
+    # <style> and <script>); the policy allows exactly these two blocks, nothing else inline.
+    answer = page_server.get("/")
+    page = answer.text
+    styles = re.findall(r"<style>(.*?)</style>", page, re.S)
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+    assert styles == [(STATIC / "status.css").read_text()]
+    assert scripts == [(STATIC / "status.js").read_text()]
+    assert "/assets/" not in page and "<script " not in page and '<link rel="stylesheet' not in page
+
+    def source(block: str) -> str:
+        digest = base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()
+        return f"'sha256-{digest}'"
+
+    policy = csp_sources(answer.headers["Content-Security-Policy"])
+    assert policy["style-src"] == [source(styles[0])]
+    assert policy["script-src"] == [source(scripts[0])]
+    assert policy["default-src"] == ["'self'"] and policy["connect-src"] == ["'self'"]
+    assert "unsafe" not in answer.headers["Content-Security-Policy"]
+    # The separate files keep the no-inline policy.
+    asset = page_server.get("/assets/status.js")
+    assert csp_sources(asset.headers["Content-Security-Policy"])["script-src"] == ["'self'"]
+
+
+def test_a_file_that_cannot_be_inlined_stops_the_start(tmp_path: Path) -> None:
+    for name in ("index.html", "status.css", "status.js"):
+        (tmp_path / name).write_text((STATIC / name).read_text())
+    assert status_page(tmp_path).body.count(b"<script>") == 1
+    (tmp_path / "status.js").write_text("const closing = '</script>';")
+    with pytest.raises(RuntimeError, match="cannot inline status.js"):
+        status_page(tmp_path)
+
+
+def test_chromium_runs_the_inline_blocks_and_refuses_other_inline_code(
+    browser: webdriver.Chrome, page_server: Server
+) -> None:
+    open_page(browser, page_server)
+    browser.get_log("browser")  # start from a clean log
+    wait_for(lambda: refreshes(browser) >= 2)  # the inline script runs (and keeps running)
+    # The inline style sheet applies: status.css gives the body a maximum width.
+    assert browser.execute_script("return getComputedStyle(document.body).maxWidth") == "1000px"
+    assert severe_logs(browser) == []  # no Content-Security-Policy refusals of our blocks
+    # An injected inline script has no allowed hash, so Chromium refuses to run it.
+    browser.execute_script(
+        "const s = document.createElement('script');"
+        "s.textContent = 'window.injected = true;';"
+        "document.body.append(s);"
+    )
+    assert browser.execute_script("return window.injected === true") is False
+    refused = severe_logs(browser)
+    assert any("Content Security Policy" in entry["message"] for entry in refused), refused
 
 
 def test_deployed_endpoint_appears_with_snippets(

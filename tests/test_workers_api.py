@@ -33,16 +33,20 @@ def busy_processes(server: Server, interval: float = 0.5) -> list[tuple[int, flo
     return busy
 
 
-@pytest.fixture(scope="module")
-def runaway_server(server_factory: ServerFactory) -> Server:
-    return server_factory(TABPY_EVALUATE_TIMEOUT="1", TABSERVE_WORKERS="2")
+@pytest.fixture(scope="module", params=["fresh", "zygote"])
+def runaway_server(server_factory: ServerFactory, request: pytest.FixtureRequest) -> Server:
+    return server_factory(
+        TABPY_EVALUATE_TIMEOUT="1", TABSERVE_WORKERS="2", TABSERVE_WORKER_LAUNCH=request.param
+    )
 
 
-@pytest.fixture(scope="module")
-def crash_server(server_factory: ServerFactory) -> Server:
+@pytest.fixture(scope="module", params=["fresh", "zygote"])
+def crash_server(server_factory: ServerFactory, request: pytest.FixtureRequest) -> Server:
     """Crashes need no short timeout: 30 s keeps a loaded machine from turning the follow-up
     call into a 408 (a timeout is what runaway_server tests)."""
-    return server_factory(TABPY_EVALUATE_TIMEOUT="30", TABSERVE_WORKERS="2")
+    return server_factory(
+        TABPY_EVALUATE_TIMEOUT="30", TABSERVE_WORKERS="2", TABSERVE_WORKER_LAUNCH=request.param
+    )
 
 
 def wait_for_workers(server: Server, workers: int = 2) -> None:

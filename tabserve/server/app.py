@@ -14,9 +14,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from tornado.httpserver import HTTPServer
+from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
@@ -35,6 +36,7 @@ from .endpoints import EndpointService
 from .executor import Executor
 from .flight import FlightService
 from .handlers import log_request
+from .handlers.pages import status_page
 from .health import Readiness, Verdict
 from .jobs import JobConfig, JobService
 from .metrics import Metrics
@@ -123,6 +125,7 @@ def make_app(services: Services) -> Application:
         log_function=log_request,
         compress_response=False,
         openapi=openapi.document(ROUTES),  # served by OpenApiHandler; built once
+        status_page=status_page(),  # RootHandler's page and its CSP hashes, built once
     )
 
 
@@ -405,10 +408,28 @@ def _query_refusal(auth: Authenticator) -> Callable[[], str]:
     return refusal
 
 
+def _nodelay_for_good(value: bool) -> None:
+    """Stands in for ``IOStream.set_nodelay`` on our connections (see ``_HTTPServer``)."""
+
+
+class _HTTPServer(HTTPServer):
+    """Tornado's server, with Nagle's algorithm off once per connection.
+
+    Tornado turns it off to send the end of each response and back on after it: two
+    ``setsockopt`` calls per request. Our answers are written whole (one write for headers and
+    body), so there is nothing for Nagle to merge; it stays off and those calls are skipped.
+    """
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        stream.set_nodelay(True)
+        stream.set_nodelay = _nodelay_for_good  # type: ignore[method-assign]
+        super().handle_stream(stream, address)
+
+
 def make_http_server(services: Services, ssl_options: ssl.SSLContext | None = None) -> HTTPServer:
     """The HTTP server for ``make_app(services)``, with the body handling handlers rely on."""
     settings = services.settings
-    return HTTPServer(
+    return _HTTPServer(
         make_app(services),
         # Tornado's defaults: an hour idle or for the headers, and no limit on the body.
         idle_connection_timeout=settings.idle_timeout,

@@ -1,10 +1,12 @@
 """The executor: a pool of long-lived worker processes that run user code.
 
 Jobs are bytes in, bytes out: the server hands a worker the raw request body and writes the
-worker's answer to the client without parsing either. A job that outlives its deadline gets
-its worker's whole process group killed (a child that left the group with setsid survives
-that, except in bubblewrap mode, whose PID namespace ends with the worker), and a fresh
-worker takes its place; so does a worker that crashes. The queue in front of the pool is
+worker's answer to the client without parsing either. Workers come from a launcher
+(``launcher.py``: fresh interpreters, forks of the zygote, bubblewrap sandboxes), which the
+pool does not tell apart. A job that outlives its deadline gets its worker killed with what
+its script started (a fresh worker's process group; a zygote's worker's whole process tree;
+a bubblewrap worker's PID namespace), and a new worker takes its place; so does a worker
+that crashes. The queue in front of the pool is
 bounded: when it is full, callers get ``Overloaded`` at once instead of waiting behind a
 backlog.
 
@@ -19,10 +21,9 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,15 @@ from ..protocol import (
     decode_prefix,
     encode_prefix,
 )
+from .launcher import (
+    FRESH,
+    ZYGOTE,
+    BubblewrapLauncher,
+    FreshLauncher,
+    Launched,
+    Launcher,
+    ZygoteLauncher,
+)
 
 log = logging.getLogger("tabserve.executor")
 
@@ -54,14 +64,8 @@ SINGLE_THREADED = {
     "NUMEXPR_NUM_THREADS": "1",
 }
 
-# The worker imports tabserve from wherever this server imported it, even when the server
-# runs from a source tree, without putting that path into the environment scripts can see.
-_BOOTSTRAP = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from tabserve.worker.main import main; sys.exit(main())"
-)
-# The directory holding the tabserve package (this file is tabserve/server/executor.py).
-PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# How many bytes one read of a worker's socket takes at most.
+_READ_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ class PoolConfig:
     log_file: str | None = None  # None: the server's stderr
     start_timeout: float = 60.0
     command_prefix: Sequence[str] = ()  # e.g. a sandbox launcher put in front of python
+    launch: str = FRESH  # FRESH or ZYGOTE (a command_prefix always launches fresh)
+    preload: Sequence[str] = ()  # modules workers import before they say they are ready
+    gc_freeze: bool = True  # the zygote freezes its heap before forking (shared pages)
     # Applied by the worker itself before it says it is ready (see worker.main.confine):
     drop_to: tuple[int, int] | None = None  # (uid, gid) to switch to; None keeps the user
     limits: Mapping[str, int] = field(default_factory=dict)  # fsize (MiB), nofile, nproc
@@ -105,6 +112,35 @@ class PoolStats:
     crashes: int = 0  # workers that died by themselves, busy or idle
     kills: int = 0  # workers retired for a running job's timeout or a crash
     rejected: int = 0  # jobs refused because the queue was full
+
+
+def worker_config(config: PoolConfig) -> dict[str, Any]:
+    """What a worker process is told at start (its argv, or the zygote's): no secrets."""
+    return {
+        "memory_mb": config.memory_mb,
+        "cpu_seconds": config.cpu_seconds,
+        "limits": dict(config.limits),
+        "drop_to": config.drop_to,
+        "archive_dir": config.archive_dir,
+        "request_limit": config.request_limit,
+        "gzip_enabled": config.gzip_enabled,
+        "log_level": config.log_level,
+        "log_format": config.log_format,
+        "log_file": config.log_file,
+        "preload": list(config.preload),
+        "gc_freeze": config.gc_freeze,
+    }
+
+
+def make_launcher(config: PoolConfig, env: Mapping[str, str]) -> Launcher:
+    """The launcher ``config`` asks for. Bubblewrap workers are always fresh interpreters,
+    each in a sandbox of its own (docs/architecture.md says why)."""
+    settings = worker_config(config)
+    if config.command_prefix:
+        return BubblewrapLauncher(settings, env, config.command_prefix)
+    if config.launch == ZYGOTE:
+        return ZygoteLauncher(settings, env, config.start_timeout)
+    return FreshLauncher(settings, env)
 
 
 def job_header(kind: JobKind, options: Mapping[str, Any] | None) -> JobHeader:
@@ -159,29 +195,75 @@ def describe_exit(returncode: int | None, launcher: bool = False) -> str:
     return f"exited with code {returncode}"
 
 
-class _FrameProtocol(asyncio.SubprocessProtocol):
-    """Turns the worker's stdout into whole frames as bytes arrive.
+class WorkerProcess:
+    """One worker, as a launcher started it, and the frames on its socket.
 
-    A protocol rather than a StreamReader: one callback per chunk and one future per reply
-    is measurably cheaper per request than three awaited ``readexactly`` calls.
+    The socket is driven with ``loop.add_reader``: one callback per chunk turns bytes into
+    whole frames, and one future per reply waits for the next; writes go out with one
+    ``sendmsg`` (the rest, if the socket is full, when it becomes writable).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self, launched: Launched) -> None:
+        self.launched = launched
+        self.pid: int = launched.pid
+        self.channel = launched.channel
+        # Tables (sealed memfds) go to and come back from the worker over this socket pair,
+        # beside the frames; each batch is tagged with its job's number (fdpass.py).
+        self.fd_channel = launched.fd_channel
+        self.exited = launched.exited
+        self.context_generation = -1
+        self.busy = False
+        self._fd_seq = 0
+        self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
         self._frames: deque[tuple[dict[str, Any], bytes]] = deque()
         self._waiter: asyncio.Future[tuple[dict[str, Any], bytes]] | None = None
         self._failure: Exception | None = None
-        self.exited: asyncio.Future[None] = loop.create_future()
+        self._unsent: deque[memoryview] = deque()
+        self._open = True
+        self._loop.add_reader(self.channel, self._readable)
+        self.exited.add_done_callback(self._on_exit)
 
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
+    @classmethod
+    async def spawn(cls, launcher: Launcher, start_timeout: float) -> WorkerProcess:
+        worker = cls(await launcher.launch())
+        try:
+            header, _ = await asyncio.wait_for(worker.next_frame(), start_timeout)
+        except (asyncio.TimeoutError, ProtocolError) as exc:
+            worker.kill()
+            code = await worker.wait()
+            raise RuntimeError(
+                f"worker failed to start: it {describe_exit(code, launcher.wrapped)}"
+            ) from exc
+        except BaseException:
+            worker.kill()  # cancelled while starting (shutdown): leave no orphan behind
+            raise
+        if not header.get("ready"):
+            worker.kill()
+            raise RuntimeError(f"worker sent an unexpected greeting: {header}")
+        return worker
+
+    # -- the frames ------------------------------------------------------------------------
+
+    def _readable(self) -> bool:
+        """Read what the socket holds; False when there was nothing (or it ended)."""
+        try:
+            data = self.channel.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self._fail(ProtocolError(f"the worker's socket failed: {exc}"))
+            return False
+        if not data:
+            self._fail(ProtocolError("the worker closed its socket"))
+            return False
         self._buffer += data
         try:
             while len(self._buffer) >= PREFIX.size:
                 header_length, payload_length = decode_prefix(self._buffer[: PREFIX.size])
                 end = PREFIX.size + header_length + payload_length
                 if len(self._buffer) < end:
-                    return
+                    break
                 header = decode_header(self._buffer[PREFIX.size : PREFIX.size + header_length])
                 payload = bytes(self._buffer[PREFIX.size + header_length : end])
                 del self._buffer[:end]
@@ -189,19 +271,20 @@ class _FrameProtocol(asyncio.SubprocessProtocol):
                 self._wake()
         except (ProtocolError, ValueError) as exc:
             self._fail(ProtocolError(f"worker sent a malformed frame: {exc}"))
+            return False
+        return True
 
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd == 1:
-            self._fail(ProtocolError("the worker closed its pipe"))
-
-    def process_exited(self) -> None:
+    def _on_exit(self, _: object) -> None:
+        # Whatever it wrote before it exited is in the socket by now: read that first, so a
+        # reply sent just before a recycling exit is not lost.
+        while self._open and self._readable():
+            pass
         self._fail(ProtocolError("the worker exited"))
-        if not self.exited.done():
-            self.exited.set_result(None)
 
     def _fail(self, error: Exception) -> None:
         if self._failure is None:
             self._failure = error
+        self._stop_io()
         self._wake()
 
     def _wake(self) -> None:
@@ -218,83 +301,51 @@ class _FrameProtocol(asyncio.SubprocessProtocol):
         self._wake()
         return self._waiter
 
-
-class WorkerProcess:
-    """One worker: a child interpreter in its own process group, talking over two pipes."""
-
-    def __init__(
-        self,
-        transport: asyncio.SubprocessTransport,
-        protocol: _FrameProtocol,
-        fd_channel: socket.socket,
-    ) -> None:
-        self.transport = transport
-        self.protocol = protocol
-        self.pid: int = transport.get_pid()
-        self.context_generation = -1
-        self.busy = False
-        # Tables (sealed memfds) go to and come back from the worker over this socket pair,
-        # beside the pipes; each batch is tagged with its job's number (fdpass.py).
-        self.fd_channel = fd_channel
-        self._fd_seq = 0
-
-    @classmethod
-    async def spawn(cls, config: PoolConfig, env: Mapping[str, str]) -> WorkerProcess:
-        worker_config = {
-            "memory_mb": config.memory_mb,
-            "cpu_seconds": config.cpu_seconds,
-            "limits": dict(config.limits),
-            "drop_to": config.drop_to,
-            "archive_dir": config.archive_dir,
-            "request_limit": config.request_limit,
-            "gzip_enabled": config.gzip_enabled,
-            "log_level": config.log_level,
-            "log_format": config.log_format,
-            "log_file": config.log_file,
-        }
-        ours, theirs = fdpass.socket_pair()
-        ours.setblocking(False)
-        worker_config["fd_channel"] = theirs.fileno()
-        argv = [
-            *config.command_prefix,
-            sys.executable,
-            "-c",
-            _BOOTSTRAP,
-            PACKAGE_PARENT,
-            orjson.dumps(worker_config).decode(),
-        ]
-        loop = asyncio.get_running_loop()
+    def _write(self, parts: list[bytes]) -> None:
+        if self._failure is not None:
+            return  # the reply's future fails with it
+        if self._unsent:
+            self._unsent.extend(memoryview(part) for part in parts)
+            return
         try:
-            transport, protocol = await loop.subprocess_exec(
-                lambda: _FrameProtocol(loop),
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=None,
-                env=dict(env),
-                # Its own process group: a kill also takes the children that stay in it.
-                start_new_session=True,
-                pass_fds=(theirs.fileno(),),
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        worker = cls(transport, protocol, ours)
+            sent = self.channel.sendmsg(parts)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._fail(ProtocolError(f"cannot write to the worker: {exc}"))
+            return
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+                continue
+            self._unsent.append(memoryview(part)[sent:])
+            sent = 0
+        if self._unsent:
+            self._loop.add_writer(self.channel, self._writable)
+
+    def _writable(self) -> None:
         try:
-            header, _ = await asyncio.wait_for(protocol.next_frame(), config.start_timeout)
-        except (asyncio.TimeoutError, ProtocolError) as exc:
-            worker.kill()
-            code = await worker.wait()
-            raise RuntimeError(f"worker failed to start: it {describe_exit(code)}") from exc
-        except BaseException:
-            worker.kill()  # cancelled while starting (shutdown): leave no orphan behind
-            raise
-        if not header.get("ready"):
-            worker.kill()
-            raise RuntimeError(f"worker sent an unexpected greeting: {header}")
-        return worker
+            sent = self.channel.sendmsg(list(self._unsent))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(ProtocolError(f"cannot write to the worker: {exc}"))
+            return
+        while self._unsent and sent >= len(self._unsent[0]):
+            sent -= len(self._unsent.popleft())
+        if self._unsent and sent:
+            self._unsent[0] = self._unsent[0][sent:]
+        if not self._unsent:
+            self._loop.remove_writer(self.channel)
+
+    def _stop_io(self) -> None:
+        if self._open:
+            self._open = False
+            self._loop.remove_reader(self.channel)
+            self._loop.remove_writer(self.channel)
+            self._unsent.clear()
+
+    # -- jobs --------------------------------------------------------------------------------
 
     async def call(
         self,
@@ -310,8 +361,6 @@ class WorkerProcess:
         ``fds`` go with the job (the worker gets duplicates); the descriptors the worker sends
         back are returned, owned by the caller.
         """
-        stdin = self.transport.get_pipe_transport(0)
-        assert isinstance(stdin, asyncio.WriteTransport)
         self._fd_seq += 1
         header["fd_seq"] = self._fd_seq  # the worker tags descriptors it sends back with it
         if fds:
@@ -321,15 +370,15 @@ class WorkerProcess:
                 fdpass.send_message(self.fd_channel, {"seq": self._fd_seq}, fds)
             except OSError as exc:
                 raise ProtocolError(f"cannot pass descriptors to the worker: {exc}") from exc
-        reply = self.protocol.next_frame()
+        reply = self.next_frame()
         # A timer on the reply future, rather than wait_for, which costs a task per job.
-        timer = asyncio.get_running_loop().call_at(deadline, _expire, reply)
+        timer = self._loop.call_at(deadline, _expire, reply)
         try:
+            parts = []
             if context is not None:
-                stdin.write(encode_prefix({"kind": JobKind.CONTEXT}, len(context)))
-                stdin.write(context)
-            stdin.write(encode_prefix(header, len(payload)))
-            stdin.write(payload)
+                parts += [encode_prefix({"kind": JobKind.CONTEXT}, len(context)), context]
+            parts += [encode_prefix(header, len(payload)), payload]
+            self._write(parts)
             answer, body = await reply
         finally:
             timer.cancel()
@@ -358,25 +407,29 @@ class WorkerProcess:
                 return fds
             fdpass.close_all(fds)
 
+    # -- life and death ----------------------------------------------------------------------
+
     @property
     def alive(self) -> bool:
-        return self.transport.get_returncode() is None
+        return not self.exited.done()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.exited.result() if self.exited.done() else None
 
     async def wait(self) -> int | None:
-        await asyncio.shield(self.protocol.exited)
-        return self.transport.get_returncode()
+        return await asyncio.shield(self.exited)
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self.transport.close()
+        self.launched.kill()
+        self._fail(ProtocolError("the worker was killed"))
+        self.channel.close()
         self.fd_channel.close()  # descriptors still queued in it are released with it
 
     async def stop(self, grace: float = 2.0) -> None:
-        """Close the pipe (the worker exits by itself), then kill whatever is left."""
-        stdin = self.transport.get_pipe_transport(0)
-        if stdin is not None:
-            stdin.close()
+        """End its input (the worker exits by itself), then kill whatever is left."""
+        with contextlib.suppress(OSError):
+            self.channel.shutdown(socket.SHUT_WR)
         try:
             await asyncio.wait_for(self.wait(), grace)
         except asyncio.TimeoutError:
@@ -395,9 +448,15 @@ def _expire(future: asyncio.Future[Any]) -> None:
 class Executor:
     """The pool. ``await start()``, then ``await run(...)`` from any coroutine."""
 
-    def __init__(self, config: PoolConfig, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: PoolConfig,
+        environ: Mapping[str, str] | None = None,
+        launcher: Launcher | None = None,
+    ) -> None:
         self.config = config
         self.env = worker_environment(config.env_allow, os.environ if environ is None else environ)
+        self.launcher = launcher or make_launcher(config, self.env)
         self.stats = PoolStats()
         # Idle workers, and callers waiting for one (oldest first). A plain deque of futures,
         # not asyncio.Queue + wait_for, whose timeout can race a get() and lose a worker.
@@ -442,8 +501,9 @@ class Executor:
 
     async def start(self) -> None:
         """Start every worker and wait until each has said it is ready."""
+        await self.launcher.start()
         workers = await asyncio.gather(
-            *(WorkerProcess.spawn(self.config, self.env) for _ in range(self.config.workers)),
+            *(self._spawn() for _ in range(self.config.workers)),
             return_exceptions=True,
         )
         failures = [w for w in workers if isinstance(w, BaseException)]
@@ -454,12 +514,15 @@ class Executor:
             await self.close()
             raise failures[0]
 
+    def _spawn(self) -> Awaitable[WorkerProcess]:
+        return WorkerProcess.spawn(self.launcher, self.config.start_timeout)
+
     def _adopt(self, worker: WorkerProcess) -> None:
         self.stats.started += 1
         self._workers.add(worker)
         # A callback, not a task per worker: replace it if it dies while idle, so the pool
         # heals (and readiness recovers) without waiting for a job to find the corpse.
-        worker.protocol.exited.add_done_callback(lambda _: self._exited(worker))
+        worker.exited.add_done_callback(lambda _: self._exited(worker))
         self._release(worker)
 
     def _exited(self, worker: WorkerProcess) -> None:
@@ -467,8 +530,9 @@ class Executor:
             return  # shutting down, or already handled by run() or _retire
         self.stats.crashes += 1
         self.stats.kills += 1
-        code = worker.transport.get_returncode()
-        log.error("idle worker %d %s; replacing it", worker.pid, describe_exit(code))
+        code = worker.returncode
+        reason = describe_exit(code, self.launcher.wrapped)
+        log.error("idle worker %d %s; replacing it", worker.pid, reason)
         self._retire(worker)
 
     def _release(self, worker: WorkerProcess) -> None:
@@ -518,7 +582,7 @@ class Executor:
             self.stats.kills += 1
             code = await self._exit_code(worker)
             self._retire(worker)
-            reason = describe_exit(code, bool(self.config.command_prefix))
+            reason = describe_exit(code, self.launcher.wrapped)
             log.error("worker %d %s while running a job", worker.pid, reason)
             raise WorkerDied(info=f"The worker process running this request {reason}.") from exc
         except BaseException:
@@ -586,7 +650,7 @@ class Executor:
         delay = 0.1
         while not self._closing:
             try:
-                worker = await WorkerProcess.spawn(self.config, self.env)
+                worker = await self._spawn()
             except (RuntimeError, OSError) as exc:
                 log.error("could not start a replacement worker: %s; retrying", exc)
                 await asyncio.sleep(delay)
@@ -611,3 +675,4 @@ class Executor:
         workers = list(self._workers)
         self._workers.clear()
         await asyncio.gather(*(w.stop(grace) for w in workers), return_exceptions=True)
+        await self.launcher.close()

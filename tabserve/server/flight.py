@@ -39,8 +39,9 @@ from ..errors import BadRequest, FlightUnavailable, ScriptError, TabserveError
 from ..protocol import JobKind
 from .auth import Authenticator
 from .credentials import User
-from .executor import PACKAGE_PARENT, Executor, JobResult
+from .executor import Executor, JobResult
 from .health import Verdict
+from .launcher import PACKAGE_PARENT
 
 log = logging.getLogger("tabserve.flight")
 

@@ -138,6 +138,9 @@ class Metrics:
         self.bytes_out = Counter(
             "tabserve_response_bytes_total", "Response body bytes sent.", registry=registry
         )
+        self._counted: dict[tuple[str, str, int], Any] = {}
+        self._timed: dict[str, Any] = {}
+        self._per_endpoint: dict[str, Any] = {}
         registry.register(_PoolCollector(executor, in_flight, cache))
         # This process's start (dashboards and the status page compute uptime from
         # process_start_time_seconds), CPU, memory and open files; from /proc, so Linux only.
@@ -156,10 +159,24 @@ class Metrics:
     ) -> None:
         if method not in _KNOWN_METHODS:
             method = "other"  # answered 405 before authentication: any client can make these up
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_duration.labels(route).observe(seconds)
+        # The labelled children, looked up once per label set: ``labels()`` takes a lock and
+        # validates the labels on every call, once per request on the event loop. Every label
+        # is bounded (routes, known methods, statuses, deployed names), so are these dicts.
+        counted = self._counted.get((route, method, status))
+        if counted is None:
+            counted = self.requests.labels(route, method, str(status))
+            self._counted[(route, method, status)] = counted
+        counted.inc()
+        timed = self._timed.get(route)
+        if timed is None:
+            timed = self._timed[route] = self.request_duration.labels(route)
+        timed.observe(seconds)
         if endpoint is not None:
-            self.endpoint_duration.labels(endpoint).observe(seconds)
+            per_endpoint = self._per_endpoint.get(endpoint)
+            if per_endpoint is None:
+                per_endpoint = self.endpoint_duration.labels(endpoint)
+                self._per_endpoint[endpoint] = per_endpoint
+            per_endpoint.observe(seconds)
         rows_in = meta.get("rows_in")
         if rows_in:
             self.rows_in.inc(rows_in)

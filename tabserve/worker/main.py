@@ -1,9 +1,10 @@
 """The worker process: receives jobs over a pipe, runs user code, answers with JSON bytes.
 
-Started by ``server.executor.WorkerProcess`` as a fresh interpreter (never forked from the server,
-so it holds none of the server's memory or secrets), in its own process group so that a
-timeout can kill it together with anything it spawned in that group (a child in a new
-session escapes, except in bubblewrap's PID namespace). It knows nothing of HTTP.
+Started by a ``server.launcher`` launcher: as a fresh interpreter, or forked from the zygote
+(``worker/zygote.py``), never from the server, so it holds none of the server's memory or
+secrets. It runs in its own session and process group, so that a timeout can kill it together
+with anything it spawned in that group; the zygote, and bubblewrap's PID namespace, also reach
+a child that started a session of its own. It knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import builtins
 import datetime
 import hashlib
+import importlib
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy
 import orjson
@@ -293,9 +296,19 @@ class Worker:
     def query_from_script(
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> dict[str, Any]:
-        """``tabpy.query`` inside a script: the deployed function, called in this process."""
+        """``tabpy.query`` inside a script: the deployed function, called in this process.
+
+        TabPy sends the name through a ``/query/<name>`` URL, which the server path-decodes,
+        so workbooks written for it say ``tabpy.query('Sentiment%20Analysis', ...)``. The
+        name is decoded once here, as tabserve's own ``/query/<name>`` route decodes it
+        (docs/api.md: TabPy decodes that path twice; tabserve once, everywhere).
+        """
         if self.query_refusal is not None:
             raise EndpointError(self.query_refusal)
+        if isinstance(name, str):
+            # plus=False semantics, as in a URL path: '+' stays '+'; bad UTF-8 cannot match a
+            # deployable (ASCII) name, so replacing it only shapes the "not deployed" message.
+            name = unquote(name, errors="replace")
         try:
             return self.call_endpoint(name, args, kwargs)
         except EndpointUnavailable as failure:
@@ -458,23 +471,46 @@ def _claim_protocol_fds() -> BlockingChannel:
     return BlockingChannel(read_fd, write_fd)
 
 
+def preload(names: Sequence[str]) -> None:
+    """Import what ``TABSERVE_WORKER_PRELOAD`` names, before any user code runs."""
+    for name in names:
+        importlib.import_module(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a worker process; ``argv`` is ``[CONFIG_JSON]``.
 
-    ``server.executor`` starts ``python -c <bootstrap> <dir holding tabserve> CONFIG_JSON``:
+    ``server.launcher`` starts ``python -c <bootstrap> <dir holding tabserve> CONFIG_JSON``:
     the bootstrap puts that directory first on ``sys.path`` (without an environment variable
     scripts could see), removes it from ``sys.argv`` and calls this.
     """
     args = sys.argv[1:] if argv is None else argv
     config: dict[str, Any] = orjson.loads(args[0]) if args else {"request_limit": 100 * 1024 * 1024}
+    return serve(config)
+
+
+def serve(config: dict[str, Any]) -> int:
+    """Confine this process, greet the server and run jobs until it closes the channel.
+
+    Called by ``main`` in a fresh interpreter, and by the zygote in a freshly forked child.
+    ``config["channel"]`` is the socket frames travel on (without it: stdin and stdout).
+    """
     logs.configure(
         config.get("log_level", "INFO"),
         config.get("log_format", "text"),
         config.get("log_file"),
         tag=f"worker[{os.getpid()}]",
     )
-    channel = _claim_protocol_fds()
+    if "channel" in config:
+        # Not inherited by what a script executes: only the worker speaks on it.
+        os.set_inheritable(config["channel"], False)
+        channel = BlockingChannel(config["channel"], config["channel"])
+    else:
+        channel = _claim_protocol_fds()
     tables = fdpass.BlockingFdChannel(config["fd_channel"]) if "fd_channel" in config else None
+    if tables is not None:
+        os.set_inheritable(config["fd_channel"], False)
+    preload(config.get("preload", ()))
     worker = Worker(config)
     confine(worker, config)
     # User code yields the CPU to the server's event loop, so /info and health checks stay
@@ -502,7 +538,10 @@ def main(argv: list[str] | None = None) -> int:
             reply.update(fds=len(worker.outgoing_fds), fd_seq=header.get("fd_seq", 0))
         fdpass.close_all(worker.outgoing_fds)
         worker.outgoing_fds = []
-        channel.send(reply, body)
+        try:
+            channel.send(reply, body)
+        except OSError:
+            return 0  # the server went away (or killed us) while the job ran
         if reply.get("recycle"):
             return 0
 

@@ -230,7 +230,7 @@ class EndpointsHandler(BaseHandler):
 
     async def post(self) -> None:
         """Deploy a new endpoint (version 1)."""
-        endpoint = await self.services.endpoints.add(self.json_body())
+        endpoint = await self.services.endpoints.add(await self.json_body())
         self.write_json({endpoint.name: endpoint.info()}, status=201)
 
 
@@ -243,7 +243,7 @@ class EndpointHandler(BaseHandler):
 
     async def put(self, name: str) -> None:
         """Update an endpoint; a new version when ``should_update_version`` is true."""
-        endpoint = await self.services.endpoints.update(name, self.json_body())
+        endpoint = await self.services.endpoints.update(name, await self.json_body())
         self.write_json({endpoint.name: endpoint.info()})
 
     async def delete(self, name: str) -> None:
@@ -305,7 +305,7 @@ class UsersHandler(_UsersBase):
 
     async def post(self) -> None:
         """Add a user: ``{"name", "password", "permissions"}``."""
-        self.write_json({"user": await self.users.add(self.json_body())}, status=201)
+        self.write_json({"user": await self.users.add(await self.json_body())}, status=201)
 
 
 class UserHandler(_UsersBase):
@@ -314,7 +314,7 @@ class UserHandler(_UsersBase):
 
     async def put(self, name: str) -> None:
         """Change a user's password, permissions or both."""
-        self.write_json({"user": await self.users.update(name, self.json_body())})
+        self.write_json({"user": await self.users.update(name, await self.json_body())})
 
     async def delete(self, name: str) -> None:
         await self.users.delete(name)

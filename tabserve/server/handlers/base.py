@@ -10,16 +10,20 @@ TabPy's 413 on every route), errors are rendered in one place as TabPy's
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import itertools
 import json
 import logging
+import os
 import re
-import uuid
+import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tornado.escape import utf8
+from tornado.httputil import HTTPHeaders, format_timestamp, responses
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler, stream_request_body
 
@@ -46,6 +50,29 @@ access_log = logging.getLogger("tabserve.access")
 # An incoming X-Request-Id is reused as the call id only if it is short and plain: it is
 # echoed in a header and written to the log.
 _CALL_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+# A call id we make is 32 hex digits: a random per-process prefix and a counter. As unique as
+# a uuid4 across processes and restarts, without a urandom system call per request.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def new_call_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
+
+
+class _DateHeader:
+    """The ``Date`` header, formatted once a second instead of once a response."""
+
+    second = -1
+    text = ""
+
+    @classmethod
+    def now(cls) -> str:
+        now = time.time()
+        if int(now) != cls.second:
+            cls.second, cls.text = int(now), format_timestamp(now)
+        return cls.text
+
 
 # An oversized body is read and thrown away (so the client, still sending, can read our 413)
 # up to this much past the limit; beyond it the connection is closed instead.
@@ -108,17 +135,24 @@ class BaseHandler(RequestHandler):
 
     @functools.cached_property
     def call_id(self) -> str:
-        incoming = self.request.headers.get("X-Request-Id", "")
-        return incoming if _CALL_ID.fullmatch(incoming) else uuid.uuid4().hex
+        incoming = self.request.headers.get("X-Request-Id")
+        return incoming if incoming and _CALL_ID.fullmatch(incoming) else new_call_id()
 
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.clear_header("Server")
-        # Here rather than in prepare: error responses start again from the default headers.
-        self.set_header("X-Request-Id", self.call_id)
+    def clear(self) -> None:
+        """The default headers (JSON, no ``Server``, the call id), set directly: Tornado's
+        version builds three headers to have ours replace two of them, on every request.
+        Error responses start again from here, so the call id is set here, not in prepare."""
+        headers = HTTPHeaders()
+        headers["Content-Type"] = "application/json"
+        headers["Date"] = _DateHeader.now()
+        headers["X-Request-Id"] = self.call_id
         services = getattr(self, "services", None)  # None in the first call, from __init__
         if services is not None and services.requests.draining:
-            self.set_header("Connection", "close")
+            headers["Connection"] = "close"
+        self._headers = headers
+        self._write_buffer: list[bytes] = []
+        self._status_code = 200
+        self._reason = responses[200]
 
     def _declared_size(self) -> str:
         return self.request.headers.get("Content-Length") or str(self._received)
@@ -205,19 +239,17 @@ class BaseHandler(RequestHandler):
             self._chunks = [b"".join(self._chunks)]
         return self._chunks[0]
 
-    def json_body(self) -> dict[str, Any]:
-        """A small JSON object body (management routes); TabPy's 400 messages when it is not."""
-        if not self.body.strip():
-            raise BadRequest("Input body cannot be empty")
-        try:
-            value = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise BadRequest(
-                "Failed to decode input body", str(exc) or "nested too deeply"
-            ) from None
-        if not isinstance(value, dict):
-            raise BadRequest("Input body must be a JSON object")
-        return value
+    async def json_body(self) -> dict[str, Any]:
+        """A JSON object body (management routes); TabPy's 400 messages when it is not.
+
+        A small body is parsed here; a larger one in a thread, in a way that lets the event
+        loop run meanwhile (see ``_parse_object``), so that a 40 MB deploy does not hold up
+        ``/info`` or the small calls beside it.
+        """
+        if self._received <= PARSE_INLINE_MAX:
+            return _parse_object(self.body)
+        chunks, self._chunks = self._chunks, []  # the thread joins them: no 40 MB copy here
+        return await asyncio.to_thread(_parse_object, chunks)
 
     def list_query(self) -> dict[str, str]:
         """A list route's paging parameters (``server.paging``). A repeated ``filter`` or
@@ -313,6 +345,50 @@ class BaseHandler(RequestHandler):
         )  # fmt: skip
 
 
+# Management bodies up to this size are parsed on the event loop (well under a millisecond);
+# larger ones in a thread.
+PARSE_INLINE_MAX = 64 * 1024
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    return dict(pairs)
+
+
+def _float(text: str) -> float:
+    return float(text)
+
+
+def _int(text: str) -> int:
+    return int(text)
+
+
+def _parse_object(body: bytes | list[bytes]) -> dict[str, Any]:
+    """Parse a management body; ``chunks`` (a list) are joined first, and parsed with hooks.
+
+    The stdlib parser is one C call that holds the GIL until the whole document is built, so
+    a thread alone would not free the event loop. With a Python hook per object and number,
+    the parser runs Python code at every value, where the interpreter hands the GIL to the
+    event loop when it asks (every 5 ms): slower in the thread, but the loop keeps serving.
+    What still holds the GIL in one piece is one long string value (about 2 ms per MB) and,
+    on the loop, freeing the document. The result is what ``json.loads`` gives.
+    """
+    threaded = isinstance(body, list)
+    if threaded:
+        body = b"".join(body)
+    if not body.strip():
+        raise BadRequest("Input body cannot be empty")
+    try:
+        if threaded:
+            value = json.loads(body, object_pairs_hook=_object, parse_float=_float, parse_int=_int)
+        else:
+            value = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest("Failed to decode input body", str(exc) or "nested too deeply") from None
+    if not isinstance(value, dict):
+        raise BadRequest("Input body must be a JSON object")
+    return value
+
+
 def _as_tabserve_error(status_code: int, exc_info: Any, call_id: str) -> TabserveError:
     value = exc_info[1] if exc_info else None
     if isinstance(value, TabserveError):
@@ -380,4 +456,10 @@ def log_request(handler: RequestHandler) -> None:
         # TABPY_OAUTH_LOG_USER (otherwise a token's caller stays unnamed).
         fields["auth_user"] = handler.user.name or None
     summary = f"{request.method} {request.path} {status} {fields['duration_ms']}ms"
-    access_log.log(level, logs.AccessRecord(summary, fields))
+    # The record is made directly: Logger.log would walk the stack for a caller's file and
+    # line on every request, which no access line shows.
+    access_log.handle(
+        access_log.makeRecord(
+            access_log.name, level, __file__, 0, logs.AccessRecord(summary, fields), (), None
+        )
+    )

@@ -46,7 +46,7 @@ class KeysHandler(_KeysBase):
     async def post(self) -> None:
         """Create a key: ``{"user": NAME}`` or ``{"endpoint": NAME}``."""
         keys = self.keys()
-        body = self.json_body()
+        body = await self.json_body()
         unknown = sorted(set(body) - {"user", "endpoint"})
         if unknown:
             raise BadRequest("Unknown fields", f"Not understood: {', '.join(unknown)}")

@@ -182,13 +182,14 @@ def assess(settings: Settings, confined: Confinement, result: dict[str, Any]) ->
         )
     else:
         findings.append(Finding(INFO, "scripts can open network connections"))
-    if not strict:
+    if not strict and settings.worker_launch != "zygote":
+        # The zygote kills a worker's whole process tree, setsid children included.
         findings.append(
             Finding(
                 INFO,
                 "a timeout kills the worker's process group only: a process a script starts "
                 "in a new session (os.setsid, start_new_session=True) outlives it; "
-                "TABSERVE_SANDBOX = bubblewrap kills it too (its own PID namespace)",
+                "TABSERVE_WORKER_LAUNCH = zygote or TABSERVE_SANDBOX = bubblewrap kill it too",
             )
         )
     add(

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ...config import ConfigError, Settings
 from ...store.archives import archive_dir
-from ..executor import PACKAGE_PARENT, PoolConfig
+from ..executor import PoolConfig
 from ..findings import WARNING, Finding
+from ..launcher import PACKAGE_PARENT
 
 NONE = "none"
 BUBBLEWRAP = "bubblewrap"
@@ -296,4 +297,6 @@ def pool_config(settings: Settings, confined: Confinement, workers: int = 0) -> 
         limits=confined.limits,
         cpu_seconds=settings.worker_cpu_seconds,
         archive_dir=confined.archive_dir,
+        launch=settings.worker_launch,
+        preload=settings.worker_preload,
     )
