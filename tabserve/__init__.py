@@ -1,8 +1,8 @@
 """tabserve: a TabPy-compatible server for Tableau Analytics Extensions.
 
 Importing the package is cheap: it loads the error classes (which import nothing) and
-loads the client, with ``requests`` and ``cloudpickle``, only when ``Client`` or one of its
-types is first used. Server modules are never imported from here.
+loads the client, with ``requests`` and ``cloudpickle``, only when ``Client``, ``Server`` or
+one of their types is first used. Server modules are never imported from here.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from .errors import (
     EndpointNotFound,
     EvaluateDisabled,
     Forbidden,
+    JobCancelled,
+    JobFailed,
     MethodNotAllowed,
     NotAcceptable,
     NotFound,
@@ -28,36 +30,87 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .client import Client, Endpoint, EndpointExists, EndpointStatus, QueryResponse
+    from .client import (
+        APIKeyAuth,
+        BasicAuth,
+        Client,
+        Direction,
+        Endpoint,
+        EndpointExists,
+        EndpointItem,
+        EndpointStatus,
+        Field,
+        Filter,
+        JobItem,
+        JobStatus,
+        KeyItem,
+        Operator,
+        Pager,
+        PaginationItem,
+        PublishMode,
+        QueryResponse,
+        RequestOptions,
+        ResultItem,
+        Server,
+        ServerInfoItem,
+        Sort,
+        UserItem,
+    )
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "APIKeyAuth",
     "BadRequest",
+    "BasicAuth",
     "Client",
+    "Direction",
     "Endpoint",
     "EndpointExists",
+    "EndpointItem",
     "EndpointNotFound",
     "EndpointStatus",
     "EvaluateDisabled",
+    "Field",
+    "Filter",
     "Forbidden",
+    "JobCancelled",
+    "JobFailed",
+    "JobItem",
+    "JobStatus",
+    "KeyItem",
     "MethodNotAllowed",
     "NotAcceptable",
     "NotFound",
+    "Operator",
     "Overloaded",
+    "Pager",
+    "PaginationItem",
     "PayloadTooLarge",
+    "PublishMode",
     "QueryResponse",
+    "RequestOptions",
+    "ResultItem",
     "ScriptError",
     "ScriptTimeout",
+    "Server",
+    "ServerInfoItem",
+    "Sort",
     "TabserveError",
     "Unauthorized",
     "UnsupportedEncoding",
+    "UserItem",
     "WorkerDied",
 ]
 
 _CLIENT_NAMES = frozenset(
-    {"Client", "Endpoint", "EndpointExists", "EndpointStatus", "QueryResponse"}
-)
+    {
+        "APIKeyAuth", "BasicAuth", "Client", "Direction", "Endpoint", "EndpointExists",
+        "EndpointItem", "EndpointStatus", "Field", "Filter", "JobItem", "JobStatus", "KeyItem",
+        "Operator", "Pager", "PaginationItem", "PublishMode", "QueryResponse", "RequestOptions",
+        "ResultItem", "Server", "ServerInfoItem", "Sort", "UserItem",
+    }
+)  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:

@@ -25,7 +25,9 @@ responses.
     ├── SandboxUnavailable (503)
     ├── FlightUnavailable (503)
     ├── StoreUnavailable (503)
-    └── InsufficientStorage (507)
+    ├── InsufficientStorage (507)
+    ├── JobFailed (500, raised by the client: an asynchronous job ended FAILURE)
+    └── JobCancelled (409, raised by the client: an asynchronous job ended CANCELLED)
 
 This module imports nothing from tabserve, so the client and the worker can use it.
 """
@@ -263,6 +265,29 @@ class InsufficientStorage(TabserveError):
 
     status = 507
     default_message = "Not enough space to store the change"
+
+
+class JobFailed(TabserveError):
+    """The job ended FAILURE; ``message`` is the server's, what a synchronous call would
+    have raised. Raised by the client's ``wait_for_job``, never sent by the server."""
+
+    status = 500
+    default_message = "The job failed"
+
+    def __init__(self, message: str | None = None, info: Info | None = None, job: Any = None):
+        super().__init__(message, info)
+        self.job = job  # the JobItem as last seen
+
+
+class JobCancelled(TabserveError):
+    """The job ended CANCELLED (``DELETE /jobs/<id>``). Raised by ``wait_for_job``."""
+
+    status = 409
+    default_message = "The job was cancelled"
+
+    def __init__(self, message: str | None = None, info: Info | None = None, job: Any = None):
+        super().__init__(message, info)
+        self.job = job
 
 
 _BY_STATUS: dict[int, type[TabserveError]] = {

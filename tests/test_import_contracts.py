@@ -73,6 +73,72 @@ def test_loading_the_whole_server_loads_no_worker_code_numpy_or_pandas() -> None
     assert done.stdout.strip() == "[]"
 
 
+def test_both_clients_load_no_server_module_tornado_numpy_or_pandas() -> None:
+    """Every module of tabserve.client, both entry points built and their options used: none
+    of it loads the server, the store, tornado, numpy, pandas or orjson (the client's only
+    tabserve import is ``errors``; import-linter checks the statements, this the result)."""
+    code = textwrap.dedent(
+        """
+        import importlib, pkgutil, sys
+        import tabserve.client
+        for module in pkgutil.walk_packages(tabserve.client.__path__, "tabserve.client."):
+            importlib.import_module(module.name)
+        from tabserve import (APIKeyAuth, Client, Field, Filter, Operator, Pager,
+                              RequestOptions, Server)
+        server = Server("http://127.0.0.1:9004")
+        server.auth, server.endpoints, server.jobs, server.results, server.keys, server.users
+        options = RequestOptions(pagesize=5)
+        options.filter.add(Filter(Field.Name, Operator.In, ["a,b", "c"]))
+        options.parameters(), server.endpoints.filter(type="model").order_by("-name")
+        Pager(server.endpoints, options), APIKeyAuth("k").header()
+        Client("http://127.0.0.1:9004")
+        heavy = ("tornado", "numpy", "pandas", "pyarrow", "orjson", "prometheus_client", "jwt",
+                 "tabserve.server", "tabserve.worker", "tabserve.store", "tabserve.config",
+                 "tabserve.flight", "tabserve.protocol", "tabserve.logs", "tabserve.commands")
+        print(sorted(m for m in heavy if m in sys.modules))
+        print(sorted(m for m in sys.modules if m.startswith("tabserve.")
+                     and not m.startswith("tabserve.client")))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split("\n")[:2] == ["[]", "['tabserve.errors']"], done.stdout
+
+
+def test_only_the_transport_talks_http_and_maps_errors() -> None:
+    """Both clients send through client/transport.py, the one place an answer becomes a
+    TabserveError: no other client module imports requests at run time or builds errors from
+    a status."""
+    import ast
+
+    client_dir = ROOT / "tabserve" / "client"
+    for path in sorted(client_dir.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+            for node in ast.walk(block)
+        }
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import) and id(node) not in typing_only
+            for alias in node.names
+        }
+        called = {
+            node.func.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        }
+        if path.name == "transport.py":
+            assert "requests" in imported and "from_wire" in called
+            continue
+        assert "requests" not in imported, path.name
+        assert not called & {"from_wire", "request", "urlopen"}, path.name
+
+
 def test_the_architecture_module_table_names_every_module() -> None:
     """docs/architecture.md's module table has one row per module of the package, and no row
     for a module that is gone, so the layout it describes is the code's."""

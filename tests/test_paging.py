@@ -67,3 +67,15 @@ def test_asked_only_when_a_paging_parameter_is_present() -> None:
     assert not asked({})
     assert not asked({"other": "1"})
     assert asked({"page_size": "5"})
+
+
+def test_a_filter_value_may_hold_a_comma_a_pipe_or_a_backslash() -> None:
+    items = [{"name": "a,b", "version": 1, "public": True},
+             {"name": "a", "version": 2, "public": True},
+             {"name": "b|c\\d", "version": 3, "public": False}]  # fmt: skip
+    page, _ = paginate(items, {"filter": r"name:eq:a\,b"}, FIELDS)
+    assert [item["name"] for item in page] == ["a,b"]
+    page, _ = paginate(items, {"filter": r"name:in:a\,b|b\|c\\d"}, FIELDS)
+    assert [item["name"] for item in page] == ["a,b", "b|c\\d"]
+    page, _ = paginate(items, {"filter": r"name:has:\,,version:lt:3"}, FIELDS)
+    assert [item["name"] for item in page] == ["a,b"]

@@ -25,24 +25,28 @@ pandas. See ``docs/client.md``.
 
 from __future__ import annotations
 
-import base64
-import inspect
-import json
-import math
-import platform
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from enum import IntEnum
+from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol, TypedDict, cast
-from urllib.parse import quote, urlsplit
-
-import cloudpickle
-import requests
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 from ..errors import BadRequest, TabserveError
+from .items import JobStatus
+from .transport import (
+    Transport,
+    archive_fields,
+    as_bool,
+    as_datetime,
+    as_time,
+    check_name,
+    decode,
+    quote_name,
+)
+
+if TYPE_CHECKING:
+    import requests
 
 __all__ = [
     "Client",
@@ -52,10 +56,6 @@ __all__ = [
     "QueryObject",
     "QueryResponse",
 ]
-
-# Longest non-JSON error body kept in an exception message: a proxy's HTML error page can be
-# large, and the start of it is what says what went wrong.
-_MAX_ERROR_TEXT = 2000
 
 
 class EndpointExists(BadRequest, RuntimeError):
@@ -140,24 +140,14 @@ class Endpoint:
             target=info.get("target"),
             dependencies=list(info.get("dependencies") or []),
             schema=info.get("schema"),
-            is_public=_as_bool(info.get("is_public", False)),
-            creation_time=_as_datetime(info.get("creation_time")),
-            last_modified_time=_as_datetime(info.get("last_modified_time")),
+            is_public=as_bool(info.get("is_public", False)),
+            creation_time=as_datetime(info.get("creation_time")),
+            last_modified_time=as_datetime(info.get("last_modified_time")),
             python_version=info.get("python_version"),
             cloudpickle_version=info.get("cloudpickle_version"),
             signature=info.get("signature"),
             extra={k: v for k, v in info.items() if k not in known},
         )
-
-
-class JobStatus(IntEnum):
-    """A job's status, as ``GET /jobs/<id>`` reports it (Redash's codes)."""
-
-    PENDING = 1
-    STARTED = 2
-    SUCCESS = 3
-    FAILURE = 4
-    CANCELLED = 5
 
 
 @dataclass
@@ -185,8 +175,8 @@ class Job:
             status=status,
             error=job.get("error"),
             query_result_id=job.get("query_result_id"),
-            created_at=_iso_datetime(job.get("created_at")),
-            updated_at=_iso_datetime(job.get("updated_at")),
+            created_at=as_time(job.get("created_at")),
+            updated_at=as_time(job.get("updated_at")),
             done=status >= JobStatus.SUCCESS,
         )
 
@@ -214,31 +204,31 @@ class Client:
         *,
         verify: bool | str = True,
     ) -> None:
-        self._endpoint = _base_url(endpoint)
-        self._query_timeout = _check_timeout(query_timeout)
-        self._session = requests.Session()
-        self._session.verify = verify
-        # Also given with each request: requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE in
-        # the environment override a session's verify, but not a request's.
-        self._verify = verify
-        self._closed = False
+        # The same transport as tabserve.Server's: one session, one error mapping.
+        self._transport = Transport(
+            endpoint,
+            timeout=query_timeout,
+            verify=verify,
+            owner="Client",
+            timeout_name="query_timeout",
+        )
 
     # -- TabPy's API -----------------------------------------------------------------------
 
     @property
     def endpoint(self) -> str:
         """The server's base URL, always ending with ``/``."""
-        return self._endpoint
+        return self._transport.base_url
 
     @property
     def query_timeout(self) -> float:
         """Seconds each request may take before ``requests.Timeout`` is raised."""
-        return self._query_timeout
+        return self._transport.timeout
 
     @query_timeout.setter
     def query_timeout(self, value: float) -> None:
         # TabPy's setter silently ignores bad values; failing loudly is kinder.
-        self._query_timeout = _check_timeout(value)
+        self._transport.timeout = value
 
     def get_status(self) -> dict[str, EndpointStatus]:
         """Every endpoint's version, type and load status (``GET /status``)."""
@@ -256,7 +246,7 @@ class Client:
         function parameter called ``max_age`` must therefore be passed positionally.)
         """
         body = _query_body(args, kwargs, max_age)
-        return cast("QueryResponse", self._request("POST", f"query/{_quote(name)}", body))
+        return cast("QueryResponse", self._request("POST", f"query/{quote_name(name)}", body))
 
     def get_endpoints(self, type: str | None = None) -> dict[str, Endpoint]:
         """Deployed endpoints by name; ``type`` ("model" or "alias") keeps only that kind.
@@ -292,7 +282,7 @@ class Client:
         Raises ``EndpointExists`` when the name is taken and ``override`` is false, and a
         ``TabserveError`` with the server's reason when the server cannot load ``obj``.
         """
-        _check_name(name)
+        check_name(name)
         if not (callable(obj) or callable(getattr(obj, "query", None))):
             raise TypeError(f"cannot deploy a {type(obj).__name__}: it is not callable")
         exists = name in self._endpoint_infos()
@@ -307,7 +297,7 @@ class Client:
             "is_public": is_public,
             "dependencies": [],
             "methods": [{"method": "query"}],
-            **_archive_fields(obj),
+            **archive_fields(obj),
         }
         if max_age is not None:
             body["max_age"] = _check_max_age(max_age)
@@ -315,7 +305,7 @@ class Client:
 
     def remove(self, name: str) -> None:
         """Delete an endpoint (``DELETE /endpoints/<name>``); it stops answering at once."""
-        self._request("DELETE", f"endpoints/{_quote(name)}")
+        self._request("DELETE", f"endpoints/{quote_name(name)}")
 
     def update_endpoint_info(
         self,
@@ -337,13 +327,13 @@ class Client:
         if not body:
             return self.get_endpoint(name)  # nothing to change; still checks it exists
         answer = self._request(
-            "PUT", f"endpoints/{_quote(name)}", {**body, "should_update_version": False}
+            "PUT", f"endpoints/{quote_name(name)}", {**body, "should_update_version": False}
         )
         return _single_endpoint(answer, name)
 
     def set_credentials(self, username: str, password: str) -> None:
         """Send HTTP basic-auth credentials with every later request."""
-        self._session.auth = (username, password)
+        self._transport.session.auth = (username, password)
 
     # -- tabserve extras -------------------------------------------------------------------
 
@@ -353,7 +343,7 @@ class Client:
 
     def get_endpoint(self, name: str) -> Endpoint:
         """One endpoint's description; ``NotFound`` if there is none by that name."""
-        return Endpoint.from_info(name, self._request("GET", f"endpoints/{_quote(name)}"))
+        return Endpoint.from_info(name, self._request("GET", f"endpoints/{quote_name(name)}"))
 
     def evaluate(
         self, script: str, /, *args: Any, max_age: int | None = None, **kwargs: Any
@@ -378,7 +368,9 @@ class Client:
         job comes back at once, ``wait`` waits for its result. With ``max_age`` a fresh
         enough cached result is a job already done."""
         body = _query_body(args, kwargs, max_age)
-        response = self._send("POST", f"query/{_quote(name)}", body, {"Prefer": "respond-async"})
+        response = self._send(
+            "POST", f"query/{quote_name(name)}", body, {"Prefer": "respond-async"}
+        )
         answer = self._decode(response, "POST")
         if response.status_code == 202:
             return Job.from_answer(answer["job"])
@@ -391,12 +383,12 @@ class Client:
         if isinstance(job, Job) and not job.id:
             return job
         job_id = job.id if isinstance(job, Job) else job
-        return Job.from_answer(self._request("GET", f"jobs/{_quote(job_id)}")["job"])
+        return Job.from_answer(self._request("GET", f"jobs/{quote_name(job_id)}")["job"])
 
     def cancel(self, job: Job | str) -> Job:
         """Cancel a job: a pending one never starts, a running one's worker is killed."""
         job_id = job.id if isinstance(job, Job) else job
-        return Job.from_answer(self._request("DELETE", f"jobs/{_quote(job_id)}")["job"])
+        return Job.from_answer(self._request("DELETE", f"jobs/{quote_name(job_id)}")["job"])
 
     def wait(self, job: Job | str, timeout: float | None = None, interval: float = 0.5) -> Any:
         """Wait for ``job`` to finish and return its result's data (what the function
@@ -413,7 +405,7 @@ class Client:
         if current.status == JobStatus.SUCCESS:
             if not current.id:
                 return current.data
-            result = self._request("GET", f"query_results/{_quote(current.query_result_id)}")
+            result = self._request("GET", f"query_results/{quote_name(current.query_result_id)}")
             return result["query_result"]["data"]
         if current.status == JobStatus.FAILURE:
             error = current.error or {}
@@ -424,7 +416,7 @@ class Client:
         self, name: str, target: str, description: str = "", override: bool = False
     ) -> Endpoint:
         """Make ``name`` another name for endpoint ``target`` (``override`` re-points it)."""
-        _check_name(name)
+        check_name(name)
         exists = name in self._endpoint_infos()
         if exists and not override:
             raise EndpointExists(name)
@@ -433,8 +425,7 @@ class Client:
 
     def close(self) -> None:
         """Close the connection pool; later calls raise ``RuntimeError``."""
-        self._closed = True
-        self._session.close()
+        self._transport.close()
 
     def __enter__(self) -> Client:
         return self
@@ -448,7 +439,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Client({self._endpoint!r})"
+        return f"Client({self._transport.base_url!r})"
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -459,7 +450,7 @@ class Client:
         """POST a new endpoint or PUT a new version of an existing one."""
         if exists:
             body["should_update_version"] = True
-            answer = self._request("PUT", f"endpoints/{_quote(name)}", body)
+            answer = self._request("PUT", f"endpoints/{quote_name(name)}", body)
         else:
             answer = self._request("POST", "endpoints", body)
         if answer is None:  # a server that answers with no body: ask for the result
@@ -468,41 +459,15 @@ class Client:
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         """Send one request; return the decoded JSON (None for an empty body) or raise."""
-        return self._decode(self._send(method, path, body), method)
+        return self._transport.call(method, path, body)
 
     def _send(
         self, method: str, path: str, body: Any = None, extra: Mapping[str, str] | None = None
     ) -> requests.Response:
-        if self._closed:
-            raise RuntimeError("this tabserve Client has been closed")
-        url = self._endpoint + path
-        headers = {"Accept": "application/json", **(extra or {})}
-        data = None
-        if body is not None:
-            data = _encode_json(body)
-            headers["Content-Type"] = "application/json"
-        response = self._session.request(
-            method,
-            url,
-            data=data,
-            headers=headers,
-            timeout=self._query_timeout,
-            verify=self._verify,
-        )
-        if not 200 <= response.status_code < 300:
-            raise _error_from(response)
-        return response
+        return self._transport.send(method, path, body, headers=extra)
 
     def _decode(self, response: requests.Response, method: str) -> Any:
-        if not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            raise TabserveError(
-                f"{method} {response.url} answered {response.status_code} with a body that is "
-                f"not JSON: {_excerpt(response.text)}"
-            ) from None
+        return decode(response)
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -529,114 +494,6 @@ def _check_max_age(value: Any) -> int:
     return value
 
 
-def _base_url(endpoint: str) -> str:
-    """Normalise the server address to ``scheme://host[:port][/prefix]/``.
-
-    TabPy's client turned ``http://h:9004`` (no trailing slash) into ``http://h:9004info``;
-    here a trailing slash is optional, and a path prefix (behind a proxy) is kept.
-    """
-    if not isinstance(endpoint, str):
-        raise TypeError(f"endpoint must be a str, not {type(endpoint).__name__}")
-    parts = urlsplit(endpoint.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"endpoint must look like http://host:9004/, got {endpoint!r}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"endpoint must not have a query or fragment: {endpoint!r}")
-    try:
-        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
-    except ValueError as exc:
-        raise ValueError(f"endpoint has an invalid port: {endpoint!r}") from exc
-    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
-
-
-def _check_timeout(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"query_timeout must be a positive number of seconds, got {value!r}")
-    return float(value)
-
-
-def _check_name(name: Any) -> None:
-    # The server checks the characters; a non-string would only fail later and obscurely.
-    if not isinstance(name, str) or not name:
-        raise TypeError("endpoint name must be a non-empty str")
-
-
-def _quote(name: str) -> str:
-    # Endpoint names may hold spaces ("Sentiment Analysis"); '/' must not split the path.
-    return quote(name, safe="")
-
-
-def _archive_fields(obj: Any) -> dict[str, Any]:
-    """The pickle and the fingerprint the server checks before loading it."""
-    # What the server calls: the object itself, or the query method of a TabPy-style object.
-    called = obj if callable(obj) else obj.query
-    try:
-        signature: str | None = str(inspect.signature(called))
-    except (TypeError, ValueError):  # builtins and some C callables have none
-        signature = None
-    return {
-        "archive": base64.b64encode(cloudpickle.dumps(obj)).decode("ascii"),
-        "archive_format": "cloudpickle",
-        # Pickled bytecode loads only on the same minor version; the server says so early.
-        "python_version": platform.python_version(),
-        "cloudpickle_version": cloudpickle.__version__,
-        "signature": signature,
-    }
-
-
-def _encode_json(body: Any) -> bytes:
-    """JSON for the server, which (like Tableau) has no NaN: NaN and ±Inf become null.
-
-    numpy arrays and pandas Series are sent as lists through their ``tolist`` method, so
-    the client never has to import either library.
-    """
-    try:
-        return json.dumps(body, allow_nan=False, default=_tolist).encode("utf-8")
-    except ValueError:  # a NaN or an infinity somewhere: take the slower, cleaning path
-        return json.dumps(_finite(body), allow_nan=False, default=_tolist).encode("utf-8")
-
-
-def _tolist(value: Any) -> Any:
-    tolist = getattr(value, "tolist", None)
-    if callable(tolist):
-        return tolist()
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    if callable(getattr(value, "tolist", None)):
-        return _finite(value.tolist())
-    return value
-
-
-def _error_from(response: requests.Response) -> TabserveError:
-    """The TabserveError for a non-2xx answer; any body, JSON or not, still gives one."""
-    message: str | None = None
-    info: Any = None
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        message, info = body["message"], body.get("info")
-    else:
-        message = _excerpt(response.text) or response.reason or f"HTTP {response.status_code}"
-    return TabserveError.from_wire(
-        {"status": response.status_code, "message": message, "info": info}
-    )
-
-
-def _excerpt(text: str) -> str:
-    text = text.strip()
-    return text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + " …"
-
-
 def _single_endpoint(answer: Any, name: str) -> Endpoint:
     """POST and PUT answer ``{name: info}``; older servers may answer a bare info object."""
     if isinstance(answer, dict) and isinstance(answer.get(name), dict):
@@ -644,23 +501,3 @@ def _single_endpoint(answer: Any, name: str) -> Endpoint:
     if isinstance(answer, dict):
         return Endpoint.from_info(name, answer)
     raise TabserveError(f"unexpected answer for endpoint {name}: {answer!r}")
-
-
-def _as_bool(value: Any) -> bool:
-    # state.ini files written by TabPy may hold "True"/"False" strings.
-    if isinstance(value, str):
-        return value.strip().lower() in ("true", "1", "yes")
-    return bool(value)
-
-
-def _iso_datetime(value: Any) -> datetime | None:
-    try:
-        return datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
-
-
-def _as_datetime(value: Any) -> datetime | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, tz=timezone.utc)
-    return None

@@ -25,7 +25,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import TabserveError
 from ..store.backends import Store, open_store
-from ..store.passwords import PasswordEntry, remove_stale_temps_for
+from ..store.passwords import remove_stale_temps_for
 from ..store.state_dir import ServiceInfo, ensure_state_dir, service_info_from
 from . import openapi
 from .api_keys import ApiKeys
@@ -45,6 +45,7 @@ from .registry import EndpointRegistry
 from .routes import ROUTES, UNMATCHED
 from .sandbox import SandboxReport, start_pool
 from .tls import check_tls_files, make_server_context
+from .users import UserService, store_entries
 
 log = logging.getLogger("tabserve")
 
@@ -93,6 +94,7 @@ class Services:
     jobs: JobService
     cache: ResultCache
     flight: FlightService | None = None  # when TABPY_ARROW_ENABLE is true
+    users: UserService | None = None  # when TABSERVE_USERS is store: /users edits them
 
     async def close(self) -> None:
         """Stop what the services run beside the pool (the pool is closed by its owner)."""
@@ -196,14 +198,6 @@ def open_configured_store(settings: Settings) -> Store:
         raise
     log.info("store: %s", store.shown)
     return store
-
-
-def store_entries(store: Store) -> dict[str, PasswordEntry]:
-    """The store's users as password-file entries (blocking)."""
-    return {
-        name: PasswordEntry(name, user.password_hash, user.permissions)
-        for name, user in store.users().items()
-    }
 
 
 def _methods(settings: Settings) -> str:
@@ -400,6 +394,7 @@ async def build_services(
         jobs=jobs,
         cache=cache,
         flight=flight,
+        users=UserService(store, auth) if settings.users == "store" else None,
     )
 
 

@@ -270,6 +270,77 @@ _NAME = {
 }
 
 
+# The list routes' paging parameters (``server.paging``).
+_PAGING = [
+    {
+        "name": "page_number",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1},
+        "description": "1-based page number",
+    },
+    {
+        "name": "page_size",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "description": "items per page (100 unless given)",
+    },
+    {
+        "name": "filter",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "field:operator:value clauses joined by ',' (eq, ne, gt, gte, lt, lte, "
+        "in with values joined by '|', has); a backslash makes the next character literal",
+        "example": "type:eq:model",
+    },
+    {
+        "name": "sort",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "field:asc or field:desc clauses joined by ','",
+        "example": "last_modified_time:desc",
+    },
+]
+_PAGINATION = {
+    "type": "object",
+    "required": ["page_number", "page_size", "total_available"],
+    "properties": {
+        "page_number": {"type": "integer"},
+        "page_size": {"type": "integer"},
+        "total_available": {"type": "integer"},
+    },
+}
+_USER = {
+    "type": "object",
+    "required": ["name", "permissions"],
+    "properties": {
+        "name": {"type": "string"},
+        "permissions": {"type": "string", "description": "e.g. evaluate,query,manage"},
+    },
+}
+_USER_BODY = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "password": {"type": "string"},
+        "permissions": {
+            "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
+        },
+    },
+}
+
+
+def _page_of(key: str, item: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["pagination", key],
+        "properties": {"pagination": _PAGINATION, key: {"type": "array", "items": item}},
+    }
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {JSON: {"schema": schema}}}
 
@@ -527,7 +598,16 @@ def _operations() -> dict[str, dict[str, Any]]:
         },
         "/endpoints": {
             "get": _operation(
-                "Every deployed endpoint", {"200": _json(endpoints_map, "By name")}, ()
+                "Every deployed endpoint; with paging parameters, one page of them",
+                {
+                    "200": _json(
+                        {"anyOf": [endpoints_map, _page_of("endpoints", endpoint_ref)]},
+                        "By name (TabPy's answer), or with paging parameters a page: "
+                        "{pagination, endpoints: [...]}, each with its name",
+                    )
+                },
+                (400,),
+                parameters=_PAGING,
             ),
             "post": _operation(
                 "Deploy an endpoint (version 1)",
@@ -605,11 +685,43 @@ def _operations() -> dict[str, dict[str, Any]]:
                 (403,),  # a bearer token without the deploy scope
             )
         },
+        # 404 throughout when the users are not in the store (TABSERVE_USERS = file).
+        "/users": {
+            "get": _operation(
+                "The store's users (manage), one page at a time",
+                {"200": _json(_page_of("users", _USER), "{pagination, users: [...]}")},
+                (400, 403, 404, 503),
+                parameters=_PAGING,
+            ),
+            "post": _operation(
+                "Add a user to the store (manage)",
+                {"201": _json({"type": "object", "required": ["user"]}, "The new user")},
+                (400, 403, 404, 503, 507),
+                requestBody=_body(_USER_BODY, "name, password, permissions (all if absent)"),
+            ),
+        },
+        "/users/{name}": {
+            "parameters": [_NAME],
+            "get": _operation(
+                "One user (manage)", {"200": _json({"type": "object"}, "{user}")}, (403, 404)
+            ),
+            "put": _operation(
+                "Change a user's password or permissions (manage)",
+                {"200": _json({"type": "object", "required": ["user"]}, "{user}")},
+                (400, 403, 404, 503, 507),
+                requestBody=_body(_USER_BODY, "password and/or permissions"),
+            ),
+            "delete": _operation(
+                "Remove a user (manage)", {"204": {"description": "Removed"}}, (403, 404, 503, 507)
+            ),
+        },
         "/keys": {
             "get": _operation(
-                "Every API key, revoked ones too, without secrets",
+                "Every API key, revoked ones too, without secrets; with paging parameters, "
+                "one page of them and the pagination",
                 {"200": _json(keys_list, "The keys")},
-                (403, 404, 503),
+                (400, 403, 404, 503),
+                parameters=_PAGING,
             ),
             "post": _operation(
                 "Create an API key; the answer holds the key, shown this once",

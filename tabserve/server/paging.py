@@ -1,4 +1,4 @@
-"""Paging, filtering and sorting of the list routes (``/endpoints``, ``/jobs``, ``/keys``,
+r"""Paging, filtering and sorting of the list routes (``/endpoints``, ``/jobs``, ``/keys``,
 ``/users``), from query parameters in the manner of Tableau Server's REST API.
 
 ``page_number`` (1-based), ``page_size`` (1..1000), ``filter=field:op:value`` (several joined
@@ -6,12 +6,18 @@ by ``,``) and ``sort=field:asc|desc`` (several joined by ``,``). A list route de
 fields may be filtered and sorted, and their types; anything else is a 400 that names the
 allowed fields, so a typo never silently returns the whole list.
 
+A filter value may hold any character: a backslash makes the next character literal, so
+``name:eq:a\,b`` matches the name ``a,b`` (``\|`` is a literal ``|`` in an ``in`` list, ``\\``
+a backslash). The ``filter`` and ``sort`` parameters may also be repeated, each holding one or
+more clauses: ``?filter=type:eq:model&filter=name:has:add``.
+
 Pure functions on lists of dicts: the lists are small (endpoints, a caller's jobs, keys, users)
 and already in memory, and keeping SQL out of it lets every store backend page the same way.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,11 +125,12 @@ def _filters(
     if not raw:
         return []
     parsed = []
-    for clause in raw.split(","):
+    for clause in split_escaped(raw, ","):
         parts = clause.split(":", 2)
         if len(parts) != 3:
-            raise BadRequest("filter takes field:operator:value", {"given": clause})
+            raise BadRequest("filter takes field:operator:value", {"given": unescape(clause)})
         field, operator, value = parts
+        field, operator = unescape(field), unescape(operator)
         kind = _field(field, fields, "filter")
         if operator not in _OPERATORS:
             raise BadRequest(
@@ -131,20 +138,44 @@ def _filters(
                 {"operators": list(_OPERATORS), "given": operator},
             )
         if operator == "in":
-            want: Any = {_convert(v, kind, field) for v in value.split("|")}
+            want: Any = {_convert(unescape(v), kind, field) for v in split_escaped(value, "|")}
         elif operator == "has":
-            want = value
+            want = unescape(value)
         else:
-            want = _convert(value, kind, field)
+            want = _convert(unescape(value), kind, field)
         parsed.append((field, _OPERATORS[operator], want))
     return parsed
+
+
+def split_escaped(text: str, separator: str) -> list[str]:
+    """``text`` cut at each ``separator`` not preceded by a backslash; the pieces keep their
+    escapes (``unescape`` removes them once a piece is cut to the end)."""
+    pieces: list[str] = []
+    start = index = 0
+    while index < len(text):
+        char = text[index]
+        if char == "\\":
+            index += 2  # the escaped character is never a separator
+            continue
+        if char == separator:
+            pieces.append(text[start:index])
+            start = index + 1
+        index += 1
+    pieces.append(text[start:])
+    return pieces
+
+
+def unescape(text: str) -> str:
+    """Drop each escaping backslash; a lone backslash at the end stays as it is."""
+    return re.sub(r"\\(.)", r"\1", text, flags=re.DOTALL)
 
 
 def _sorts(raw: str | None, fields: Mapping[str, type]) -> list[tuple[str, bool]]:
     if not raw:
         return []
     parsed = []
-    for clause in raw.split(","):
+    for clause in split_escaped(raw, ","):
+        clause = unescape(clause)
         field, _, direction = clause.partition(":")
         _field(field, fields, "sort")
         if direction.lower() not in ("", "asc", "desc"):

@@ -36,6 +36,8 @@ from .handlers import (
     RootHandler,
     StatusHandler,
     UploadDestinationHandler,
+    UserHandler,
+    UsersHandler,
 )
 
 # The verbs a route can implement; BaseHandler answers the others (405, and CORS preflights).
@@ -130,6 +132,9 @@ ROUTES: tuple[Route, ...] = (
         UploadDestinationHandler,
         token_permissions={"GET": "manage"},
     ),
+    # The store's users (TABSERVE_USERS = store; 404 otherwise), for manage users only.
+    Route("/users", UsersHandler, {"GET": "manage", "POST": "manage"}),
+    Route("/users/{name}", UserHandler, {"GET": "manage", "PUT": "manage", "DELETE": "manage"}),
     # API keys: 404 while authentication is off (keys would be refused anyway).
     Route("/keys", KeysHandler, {"GET": "manage", "POST": "manage"}),
     Route("/keys/{key_id}", KeyHandler, {"GET": "manage", "DELETE": "manage"}),

@@ -15,6 +15,8 @@ from .api import (
     QueryHandler,
     StatusHandler,
     UploadDestinationHandler,
+    UserHandler,
+    UsersHandler,
 )
 from .base import (
     DRAIN_LIMIT,
@@ -50,5 +52,7 @@ __all__ = [
     "RootHandler",
     "StatusHandler",
     "UploadDestinationHandler",
+    "UserHandler",
+    "UsersHandler",
     "log_request",
 ]

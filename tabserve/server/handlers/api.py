@@ -3,19 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ...errors import (
     EvaluateDisabled,
+    NotFound,
 )
 from ...protocol import JobKind
 from ...store.records import JobRecord
+from .. import paging
 from ..cache import BodyFacts, cache_key, check_max_age, mentions_max_age
 from ..executor import JobResult
 from ..flight import data_path
 from ..jobs import KIND_EVALUATE, KIND_EVALUATE_NO_QUERY, KIND_QUERY, job_document
 from .base import BaseHandler
+
+if TYPE_CHECKING:
+    from ..users import UserService
+
+# What ``GET /endpoints`` may filter and sort on (``server.paging``).
+ENDPOINT_FIELDS: dict[str, type] = {
+    "name": str,
+    "type": str,
+    "version": int,
+    "description": str,
+    "target": str,
+    "is_public": bool,
+    "creation_time": int,
+    "last_modified_time": int,
+}
+# And ``GET /users``: permissions is the comma-separated list, so ``permissions:has:manage``.
+USER_FIELDS: dict[str, type] = {"name": str, "permissions": str}
 
 
 class InfoHandler(BaseHandler):
@@ -196,10 +215,18 @@ class StatusHandler(BaseHandler):
 
 class EndpointsHandler(BaseHandler):
     async def get(self) -> None:
-        """Every deployed endpoint's description, keyed by name."""
+        """Every deployed endpoint's description, keyed by name, as TabPy answers; with paging
+        parameters, one page of them as a list, in the pagination envelope."""
         self.add_cors_headers()
         await self.services.endpoints.ensure_fresh()
-        self.write_json(self.services.endpoints.infos())
+        infos = self.services.endpoints.infos()
+        query = self.list_query()
+        if not paging.asked(query):
+            self.write_json(infos)
+            return
+        items = [{"name": name, **info} for name, info in infos.items()]
+        page, pagination = paging.paginate(items, query, ENDPOINT_FIELDS)
+        self.write_json({"pagination": pagination.as_json(), "endpoints": page})
 
     async def post(self) -> None:
         """Deploy a new endpoint (version 1)."""
@@ -254,3 +281,42 @@ class QueryHandler(CallHandler):
         await self.answer(run, submit, target, KIND_QUERY, model.max_age)
 
     get = post
+
+
+class _UsersBase(BaseHandler):
+    @property
+    def users(self) -> UserService:
+        users = self.services.users
+        if users is None:
+            raise NotFound(
+                "Users are not kept in the store",
+                "TABSERVE_USERS is not store: users come from the password file, edited with "
+                "`tabserve user`",
+            )
+        return users
+
+
+class UsersHandler(_UsersBase):
+    async def get(self) -> None:
+        """The store's users (names and permissions), one page at a time."""
+        users = await self.users.list()
+        page, pagination = paging.paginate(users, self.list_query(), USER_FIELDS)
+        self.write_json({"pagination": pagination.as_json(), "users": page})
+
+    async def post(self) -> None:
+        """Add a user: ``{"name", "password", "permissions"}``."""
+        self.write_json({"user": await self.users.add(await self.json_body())}, status=201)
+
+
+class UserHandler(_UsersBase):
+    async def get(self, name: str) -> None:
+        self.write_json({"user": await self.users.get(name)})
+
+    async def put(self, name: str) -> None:
+        """Change a user's password, permissions or both."""
+        self.write_json({"user": await self.users.update(name, await self.json_body())})
+
+    async def delete(self, name: str) -> None:
+        await self.users.delete(name)
+        self.set_status(204)
+        self.finish()

@@ -38,6 +38,7 @@ from ...errors import (
 )
 from ..auth import ANONYMOUS
 from ..credentials import User
+from ..paging import PARAMETERS as PAGING_PARAMETERS
 
 if TYPE_CHECKING:
     from ..app import Services
@@ -249,6 +250,16 @@ class BaseHandler(RequestHandler):
             return _parse_object(self.body)
         chunks, self._chunks = self._chunks, []  # the thread joins them: no 40 MB copy here
         return await asyncio.to_thread(_parse_object, chunks)
+
+    def list_query(self) -> dict[str, str]:
+        """A list route's paging parameters (``server.paging``). A repeated ``filter`` or
+        ``sort`` adds its clauses to the others; a repeated page parameter keeps the last."""
+        query: dict[str, str] = {}
+        for name in PAGING_PARAMETERS:
+            values = self.get_query_arguments(name)
+            if values:
+                query[name] = ",".join(values) if name in ("filter", "sort") else values[-1]
+        return query
 
     @property
     def content_encoding(self) -> str:

@@ -19,8 +19,7 @@ class JobsHandler(BaseHandler):
         """The newest jobs the caller may see (their own; everyone's for a manager)."""
         jobs = await self.services.jobs.recent(self.user, limit=1000)
         items = [{**job_document(job), "endpoint": job.endpoint} for job in jobs]
-        query = {k: self.get_query_argument(k) for k in self.request.query_arguments}
-        page, pagination = paginate(items, query, _JOB_FIELDS)
+        page, pagination = paginate(items, self.list_query(), _JOB_FIELDS)
         self.write_json({"jobs": page, "pagination": pagination.as_json()})
 
 

@@ -5,8 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import BadRequest, NotFound
+from .. import paging
 from ..api_keys import ApiKeys
 from .base import BaseHandler
+
+# What ``GET /keys`` may filter and sort on (``server.paging``); times are epoch seconds.
+KEY_FIELDS: dict[str, type] = {
+    "id": str,
+    "kind": str,
+    "user": str,
+    "endpoint": str,
+    "created": float,
+    "expires": float,
+    "revoked": float,
+    "last_used": float,
+}
 
 
 class _KeysBase(BaseHandler):
@@ -19,9 +32,16 @@ class _KeysBase(BaseHandler):
 
 class KeysHandler(_KeysBase):
     async def get(self) -> None:
-        """Every key (revoked ones too), without secrets."""
+        """Every key (revoked ones too), without secrets; with paging parameters, one page
+        of them and the pagination."""
         records = await self.keys().records()
-        self.write_json({"keys": [record.public() for record in records]})
+        keys = [record.public() for record in records]
+        query = self.list_query()
+        if not paging.asked(query):
+            self.write_json({"keys": keys})
+            return
+        page, pagination = paging.paginate(keys, query, KEY_FIELDS)
+        self.write_json({"keys": page, "pagination": pagination.as_json()})
 
     async def post(self) -> None:
         """Create a key: ``{"user": NAME}`` or ``{"endpoint": NAME}``."""
