@@ -11,6 +11,7 @@ Tests import from here (``from helpers import Server``); conftest.py only holds 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -113,7 +114,15 @@ class Server:
                 env={**os.environ, **env},
                 start_new_session=True,
             )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            # Nobody holds this server yet to stop it at the end of the session: a server
+            # that never became ready (a TLS check refused, say) would outlive the tests.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+            raise
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 60
