@@ -106,6 +106,17 @@ def test_a_bad_max_age_is_a_400(cache_app: InProcessServer) -> None:
         assert answer.status_code == 400, header
 
 
+def test_a_huge_cache_control_max_age_counts_as_two_to_the_31(cache_app: InProcessServer) -> None:
+    body = {"script": "return 40 + 3", "data": {}}
+    for digits in ("9" * 11, "9" * 5000):  # over 4,300 digits int() itself refuses
+        answer = cache_app.post(
+            "/evaluate", json=body, headers={"Cache-Control": f"max-age={digits}"}
+        )
+        assert (answer.status_code, answer.text) == (200, "43")
+    # The second call was a hit on the first's result: any age up to 2^31 s is accepted.
+    assert "Age" in answer.headers
+
+
 def test_async_calls_with_a_fresh_result_get_it_at_once(cache_app: InProcessServer) -> None:
     body = {"script": "return 41 + 1", "data": {}, "max_age": 60}
     cache_app.post("/evaluate", json=body)

@@ -81,6 +81,9 @@ def prefers_async(values: list[str]) -> bool:
     return False
 
 
+_MAX_DELTA_SECONDS = 2**31
+
+
 def cache_control_max_age(values: list[str]) -> int | None:
     """The ``max-age`` directive of ``Cache-Control`` request headers, or None; 400 when it
     is not a non-negative whole number."""
@@ -89,8 +92,11 @@ def cache_control_max_age(values: list[str]) -> int | None:
             name, _, argument = directive.partition("=")
             if name.strip().lower() == "max-age":
                 text = argument.strip().strip('"')
-                number = int(text) if text.isdigit() and text.isascii() else text
-                return check_max_age(number, "Cache-Control: max-age")
+                if not (text.isdigit() and text.isascii()):
+                    return check_max_age(text, "Cache-Control: max-age")
+                # RFC 9111 §1.2.2: a delta-seconds too large to hold counts as 2^31 (and int()
+                # refuses over 4,300 digits, which would be a 500).
+                return _MAX_DELTA_SECONDS if len(text) > 10 else min(int(text), _MAX_DELTA_SECONDS)
     return None
 
 
