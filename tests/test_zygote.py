@@ -21,7 +21,7 @@ import orjson
 import psutil
 import pytest
 
-from helpers import Server, ServerFactory
+from helpers import Server, ServerFactory, _is_zygote
 from tabserve import fdpass
 from tabserve.protocol import JobKind
 from tabserve.server.executor import Executor, PoolConfig
@@ -302,6 +302,35 @@ def test_forked_workers_switch_to_the_worker_user() -> None:
             body = orjson.dumps({"script": script, "data": {}})
             result = await executor.run(JobKind.EVALUATE, body, 10)
             assert orjson.loads(result.body) == [65534, 65534, []]
+        finally:
+            await executor.close()
+
+    assert os.geteuid() == 0, "run as root (the root marker)"
+    asyncio.run(main())
+
+
+@pytest.mark.root
+def test_a_busy_worker_that_gave_up_root_still_dies_with_its_zygote() -> None:
+    """setuid clears the parent-death signal (prctl(2)): a worker that switched user must
+    ask for it again, or a killed zygote would leave a runaway script running. (An idle
+    worker would exit anyway: the server closes its channel.)"""
+
+    async def main() -> None:
+        config = PoolConfig(
+            workers=1, request_limit=1 << 20, launch="zygote", drop_to=(65534, 65534)
+        )
+        executor = Executor(config)
+        await executor.start()
+        try:
+            zygote = next(p for p in psutil.Process().children() if _is_zygote(p))
+            (worker,) = zygote.children()
+            body = orjson.dumps({"script": "while True: pass", "data": {}})
+            runaway = asyncio.create_task(executor.run(JobKind.EVALUATE, body, 60))
+            await asyncio.sleep(0.5)
+            assert worker.uids().real == 65534 and worker.status() == psutil.STATUS_RUNNING
+            zygote.kill()
+            await asyncio.to_thread(worker.wait, 10)  # psutil.TimeoutExpired if it lives on
+            runaway.cancel()
         finally:
             await executor.close()
 

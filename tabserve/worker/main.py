@@ -457,6 +457,11 @@ def confine(worker: Worker, config: dict[str, Any]) -> None:
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)  # also clears every capability: there is no way back
+        if config.get("die_with"):
+            # setuid cleared the parent-death signal a zygote's worker asked for.
+            from .zygote import die_with_parent
+
+            die_with_parent(config["die_with"])
     # Counted per user (per user namespace): the server decides when that is meaningful.
     _set_limit(resource.RLIMIT_NPROC, limits.get("nproc", 0))
 

@@ -47,6 +47,14 @@ _PR_SET_CHILD_SUBREAPER = 36
 _KILL_ROUNDS = 50
 
 
+def die_with_parent(parent: int) -> None:
+    """Be killed when ``parent`` dies; exit now if it already has. A change of user or group
+    clears this (prctl(2)), so a worker that gives up root asks again afterwards."""
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)  # it died before the line above took effect
+
+
 def _prctl(option: int, value: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:
@@ -243,13 +251,12 @@ class Zygote:
             self.control.close()
             os.close(self._wake_read)
             os.close(self._wake_write)
-            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # no worker outlives its zygote
-            if os.getppid() != self.pid:
-                os._exit(1)  # the zygote died before the line above took effect
+            die_with_parent(self.pid)  # no worker outlives its zygote
             _reseed()
             from .main import serve
 
-            code = serve({**self.config, "channel": fds[0], "fd_channel": fds[1]})
+            channels = {"channel": fds[0], "fd_channel": fds[1]}
+            code = serve({**self.config, **channels, "die_with": self.pid})
         except BaseException:
             traceback.print_exc()
         finally:
