@@ -611,7 +611,7 @@ class Settings:
     store: str = setting(
         "TABSERVE_STORE",
         _parse_store,
-        "Where endpoints, users and (later) jobs are kept. Unset: the state directory "
+        "Where endpoints, users, jobs, results and API keys are kept. Unset: the state directory "
         "(`state.ini` and `query_objects/` as TabPy writes them, plus `tabserve.db`). "
         "`postgresql://user:password@host:port/dbname`: everything in PostgreSQL, shared by "
         "replicas; `TABPY_STATE_PATH` then only caches archives. See docs/scaling.md.",
