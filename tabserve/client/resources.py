@@ -39,7 +39,7 @@ from .items import (
     UserItem,
 )
 from .options import QuerySet, RequestOptions
-from .transport import Transport, archive_fields, check_name, quote_name
+from .transport import Transport, archive_fields, check_name, quote_name, script_data
 
 # wait_for_job's polling: quick at first (most jobs are short), then no more than once every
 # few seconds, so that a long job costs the server little.
@@ -452,11 +452,7 @@ class Server:
         """Run an ad-hoc script as Tableau's SCRIPT_* calls do; returns the decoded result.
         Positional arguments become ``_arg1`` … ``_argN``; keyword arguments keep their
         names."""
-        data = {f"_arg{i}": value for i, value in enumerate(args, start=1)}
-        clash = sorted(data.keys() & kwargs.keys())
-        if clash:
-            raise ValueError(f"{', '.join(clash)} given both positionally and by keyword")
-        data.update(kwargs)
+        data = script_data(args, kwargs)
         return self._transport.call("POST", "evaluate", {"script": script, "data": data})
 
     def close(self) -> None:

@@ -43,6 +43,7 @@ from .transport import (
     check_name,
     decode,
     quote_name,
+    script_data,
 )
 
 if TYPE_CHECKING:
@@ -353,11 +354,7 @@ class Client:
         Positional arguments become ``_arg1`` … ``_argN``; keyword arguments are sent under
         their own names (so ``_arg1=...`` works too). ``max_age``: as for ``query``.
         """
-        data = {f"_arg{i}": value for i, value in enumerate(args, start=1)}
-        clash = sorted(data.keys() & kwargs.keys())
-        if clash:
-            raise ValueError(f"{', '.join(clash)} given both positionally and by keyword")
-        data.update(kwargs)
+        data = script_data(args, kwargs)
         body: dict[str, Any] = {"script": script, "data": data}
         if max_age is not None:
             body["max_age"] = _check_max_age(max_age)

@@ -260,3 +260,14 @@ def as_time(value: Any) -> datetime | None:
             return None
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
     return as_datetime(value)
+
+
+def script_data(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """An ad-hoc script's ``data``: positional arguments as ``_arg1`` … ``_argN``, keyword
+    arguments under their own names; a name given both ways is the caller's mistake."""
+    data = {f"_arg{i}": value for i, value in enumerate(args, start=1)}
+    clash = sorted(data.keys() & kwargs.keys())
+    if clash:
+        raise ValueError(f"{', '.join(clash)} given both positionally and by keyword")
+    data.update(kwargs)
+    return data
