@@ -32,6 +32,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -297,6 +298,20 @@ def _reseed() -> None:
         numpy.random.seed()
 
 
+def _require_one_thread() -> None:
+    """A fork copies only the thread that calls it: a lock another Python thread held at that
+    moment (a logging handler's, an import's) stays held forever in every worker. A preloaded
+    module that starts threads therefore stops the start instead of risking hung workers.
+    (Native pools that register fork handlers, such as OpenBLAS's, are not Python threads.)"""
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if others:
+        raise RuntimeError(
+            f"after preloading, the zygote runs {len(others)} other thread(s) "
+            f"({', '.join(sorted(others))}), which a fork would leave behind holding their "
+            "locks; preload modules that start no threads, or set TABSERVE_WORKER_LAUNCH = fresh"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     config: dict[str, Any] = orjson.loads(args[0])
@@ -316,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import main as worker_main  # numpy, pandas and the worker's code
 
         worker_main.preload(config.get("preload", ()))
+        _require_one_thread()
     except Exception as exc:
         fdpass.send_message(control, {"error": f"TABSERVE_WORKER_PRELOAD: {exc}"})
         return 1
