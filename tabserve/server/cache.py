@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from ..errors import BadRequest
+from ..store.records import JobRecord
 from .executor import JobResult
 
 # Bodies larger than this are parsed in a thread, off the event loop; larger than
@@ -93,6 +94,31 @@ def _sha256(body: bytes) -> bytes:
 
 def cache_key(scope: str, target: str, digest: str) -> str:
     return hashlib.sha256(f"{scope}\0{target}\0{digest}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Call:
+    """One /evaluate or /query call, as the cache decides it: what it runs and who asks."""
+
+    scope: str  # who may share its cached answer (permissions, endpoint restriction)
+    target: str  # what it runs: the script kind, or the endpoint's name and version
+    body: bytes
+    encoding: str  # Content-Encoding
+    header_max_age: int | None  # Cache-Control: max-age
+    default_max_age: int | None  # the endpoint's, or TABSERVE_EVALUATE_MAX_AGE
+    asynchronous: bool  # Prefer: respond-async
+    run: Callable[[], Awaitable[JobResult]]
+    submit: Callable[[], Awaitable[JobRecord]]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The outcome of a call: a result (with its age in seconds when it came from the
+    cache), or the asynchronous job it became."""
+
+    result: JobResult | None = None
+    age: float | None = None
+    job: JobRecord | None = None
 
 
 @dataclass
@@ -199,3 +225,38 @@ class ResultCache:
         future.set_result(result)
         self.store(key, result)
         return result, None
+
+    async def answer(self, call: Call) -> Answer:
+        """Run ``call`` at once, from the cache, or as an asynchronous job.
+
+        Without any ``max_age`` (the body's, the header's, or a default) the call runs
+        exactly as in TabPy, and its body is not even parsed. An asynchronous call is answered
+        from the cache when it may be (no job then), and otherwise becomes a job; a job's
+        result does not fill the cache.
+        """
+        max_age, facts = await self._max_age(call)
+        if max_age is None or facts is None or self.max_bytes <= 0:
+            if call.asynchronous:
+                return Answer(job=await call.submit())
+            return Answer(result=await call.run())
+        key = cache_key(call.scope, call.target, facts.digest)
+        if call.asynchronous:
+            entry = self.lookup(key, max_age)
+            if entry is None:
+                self.stats.misses += 1
+                return Answer(job=await call.submit())
+            return Answer(result=entry.result, age=self.clock() - entry.retrieved_at)
+        result, age = await self.run(key, max_age, call.run)
+        return Answer(result=result, age=age)
+
+    async def _max_age(self, call: Call) -> tuple[int | None, BodyFacts | None]:
+        """The call's ``max_age`` (the body's first, then the header's, then the default)
+        and its body's facts; (None, None) without a parse when nothing can give one."""
+        header, default = call.header_max_age, call.default_max_age
+        if header is None and default is None and not mentions_max_age(call.body):
+            return None, None
+        facts = await self.inspect(call.body, call.encoding)
+        for value in (facts.max_age, header, default):
+            if value is not None:
+                return value, facts
+        return None, facts

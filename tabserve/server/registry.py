@@ -34,6 +34,7 @@ from ..store.backends import Store
 from ..store.records import FINGERPRINT as _FINGERPRINT
 from ..store.records import OPTIONS as _OPTIONS
 from ..store.records import EndpointRecord
+from .cache import check_max_age
 
 log = logging.getLogger("tabserve.registry")
 
@@ -300,11 +301,8 @@ def _clean(changes: dict[str, Any]) -> dict[str, Any]:
     for key in _FINGERPRINT:
         if changes.get(key) is not None and not isinstance(changes[key], str):
             raise BadRequest(f"{key} must be a string", f"got {changes[key]!r}")
-    max_age = changes.get("max_age")
-    if max_age is not None and (
-        isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0
-    ):
-        raise BadRequest("max_age must be a non-negative integer", f"got {max_age!r}")
+    if changes.get("max_age") is not None:
+        check_max_age(changes["max_age"], "the endpoint's max_age")
     return changes
 
 

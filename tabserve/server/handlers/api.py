@@ -13,7 +13,7 @@ from ...errors import (
 from ...protocol import JobKind
 from ...store.records import JobRecord
 from .. import paging
-from ..cache import BodyFacts, cache_key, check_max_age, mentions_max_age
+from ..cache import Call, check_max_age
 from ..executor import JobResult
 from ..flight import data_path
 from ..jobs import KIND_EVALUATE, KIND_EVALUATE_NO_QUERY, KIND_QUERY, job_document
@@ -101,11 +101,8 @@ def cache_control_max_age(values: list[str]) -> int | None:
 
 
 class CallHandler(BaseHandler):
-    """/evaluate and /query: answered at once, from the cache, or as an asynchronous job.
-
-    Without ``Prefer: respond-async`` and without any ``max_age`` (the body's, the
-    ``Cache-Control`` header's, or a default), the call runs exactly as in TabPy.
-    """
+    """/evaluate and /query: answered at once, from the cache, or as an asynchronous job
+    (``ResultCache.answer`` decides which)."""
 
     async def answer(
         self,
@@ -115,42 +112,31 @@ class CallHandler(BaseHandler):
         scope: str,
         default: int | None,
     ) -> None:
-        asynchronous = prefers_async(self.request.headers.get_list("Prefer"))
-        max_age, facts = await self._max_age(default)
-        if max_age is None or facts is None or self.services.cache.max_bytes <= 0:
-            if asynchronous:
-                self._write_job(await submit())
-            else:
-                self._write_result(await run(), None)
-            return
-        key = cache_key(f"{self._scope()}|{scope}", target, facts.digest)
-        cache = self.services.cache
-        if asynchronous:
-            entry = cache.lookup(key, max_age)
-            if entry is None:
-                cache.stats.misses += 1
-                self._write_job(await submit())
-            else:
-                self._write_result(entry.result, cache.clock() - entry.retrieved_at)
-            return
-        result, age = await cache.run(key, max_age, run)
-        self._write_result(result, age)
+        headers = self.request.headers
+        answer = await self.services.cache.answer(
+            Call(
+                scope=f"{self._scope()}|{scope}",
+                target=target,
+                body=self.body,
+                encoding=self.content_encoding,
+                header_max_age=cache_control_max_age(headers.get_list("Cache-Control")),
+                default_max_age=default,
+                asynchronous=prefers_async(headers.get_list("Prefer")),
+                run=run,
+                submit=submit,
+            )
+        )
+        if answer.job is not None:
+            self._write_job(answer.job)
+        else:
+            assert answer.result is not None
+            self._write_result(answer.result, answer.age)
 
     def _scope(self) -> str:
         """Who may share a cached answer: callers with the same permissions (and the same
         endpoint restriction, for endpoint keys)."""
         user = self.user
         return f"{','.join(sorted(user.permissions))}|{user.endpoint or ''}"
-
-    async def _max_age(self, default: int | None) -> tuple[int | None, BodyFacts | None]:
-        header = cache_control_max_age(self.request.headers.get_list("Cache-Control"))
-        if header is None and default is None and not mentions_max_age(self.body):
-            return None, None  # TabPy's path: the body is not even parsed
-        facts = await self.services.cache.inspect(self.body, self.content_encoding)
-        for value in (facts.max_age, header, default):
-            if value is not None:
-                return value, facts
-        return None, facts
 
     def _write_result(self, result: JobResult, age: float | None) -> None:
         self.meta = result.meta
