@@ -39,7 +39,14 @@ from .items import (
     UserItem,
 )
 from .options import QuerySet, RequestOptions
-from .transport import Transport, archive_fields, check_name, quote_name, script_data
+from .transport import (
+    Transport,
+    TransportOwner,
+    archive_fields,
+    check_name,
+    quote_name,
+    script_data,
+)
 
 # wait_for_job's polling: quick at first (most jobs are short), then no more than once every
 # few seconds, so that a long job costs the server little.
@@ -417,7 +424,7 @@ class Keys(_Resource):
 # -- the server ----------------------------------------------------------------------------
 
 
-class Server:
+class Server(TransportOwner):
     """One tabserve server and its resources.
 
     ``verify``: True checks TLS certificates, a path names a CA bundle, False turns checking
@@ -454,24 +461,6 @@ class Server:
         names."""
         data = script_data(args, kwargs)
         return self._transport.call("POST", "evaluate", {"script": script, "data": data})
-
-    def close(self) -> None:
-        """Close the connection pool; later calls raise ``RuntimeError``."""
-        self._transport.close()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"Server({self._transport.base_url!r})"
 
 
 # -- helpers -------------------------------------------------------------------------------

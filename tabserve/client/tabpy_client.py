@@ -29,13 +29,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 from ..errors import BadRequest, TabserveError
 from .items import JobStatus
 from .transport import (
     Transport,
+    TransportOwner,
     archive_fields,
     as_bool,
     as_datetime,
@@ -182,7 +182,7 @@ class Job:
         )
 
 
-class Client:
+class Client(TransportOwner):
     """Talks to one tabserve (or TabPy) server. Use it as a context manager to close it.
 
     ``query_timeout`` is in seconds and bounds every request (TabPy's docstring says
@@ -419,24 +419,6 @@ class Client:
             raise EndpointExists(name)
         body = {"name": name, "type": "alias", "target": target, "description": description}
         return self._save(name, body, exists)
-
-    def close(self) -> None:
-        """Close the connection pool; later calls raise ``RuntimeError``."""
-        self._transport.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"Client({self._transport.base_url!r})"
 
     # -- HTTP ------------------------------------------------------------------------------
 

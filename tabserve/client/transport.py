@@ -16,7 +16,8 @@ import math
 import platform
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import cloudpickle
@@ -114,6 +115,34 @@ class Transport:
     def close(self) -> None:
         self.closed = True
         self.session.close()
+
+
+_Owner = TypeVar("_Owner", bound="TransportOwner")
+
+
+class TransportOwner:
+    """What ``tabserve.Server`` and ``tabserve.Client`` share as owners of one transport:
+    closing it, as a context manager too, and their repr."""
+
+    _transport: Transport
+
+    def close(self) -> None:
+        """Close the connection pool; later calls raise ``RuntimeError``."""
+        self._transport.close()
+
+    def __enter__(self: _Owner) -> _Owner:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._transport.base_url!r})"
 
 
 def decode(response: requests.Response) -> Any:
