@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ..errors import JobCancelled, JobFailed, NotFound, TabserveError
 from .items import (
@@ -148,24 +148,40 @@ class _Resource:
         return items, PaginationItem(1, len(items), len(items))
 
 
+_Item = TypeVar("_Item")
+
+
+class _ListResource(_Resource, Generic[_Item]):
+    """A resource over a paged list route: ``get`` one page, ``filter`` lazily over all."""
+
+    _route: str  # the list route, which is also the key of its list in the answer
+
+    def _item(self, value: dict[str, Any]) -> _Item:
+        raise NotImplementedError
+
+    def get(self, req_options: RequestOptions | None = None) -> tuple[list[_Item], PaginationItem]:
+        values, pagination = self._page(self._route, self._route, req_options)
+        return [self._item(value) for value in values], pagination
+
+    def filter(self, **conditions: Any) -> QuerySet[_Item]:
+        """Conditions as in Tableau Server Client (``name__has="add"``): iterate the matches."""
+        return QuerySet(self).filter(**conditions)
+
+
 def _call_data(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any] | dict[str, Any]:
     if args and kwargs:
         raise ValueError("pass the function's arguments by position or by keyword, not both")
     return dict(kwargs) if kwargs else list(args)
 
 
-class Endpoints(_Resource):
-    """``server.endpoints``: deployed functions and aliases."""
+class Endpoints(_ListResource[EndpointItem]):
+    """``server.endpoints``: deployed functions and aliases.
+    Filter like ``server.endpoints.filter(type="model", name__has="add")``."""
 
-    def get(
-        self, req_options: RequestOptions | None = None
-    ) -> tuple[list[EndpointItem], PaginationItem]:
-        infos, pagination = self._page("endpoints", "endpoints", req_options)
-        return [EndpointItem.from_json(info["name"], info) for info in infos], pagination
+    _route = "endpoints"
 
-    def filter(self, **conditions: Any) -> QuerySet[EndpointItem]:
-        """``server.endpoints.filter(type="model", name__has="add")``: iterate the matches."""
-        return QuerySet(self).filter(**conditions)
+    def _item(self, value: dict[str, Any]) -> EndpointItem:
+        return EndpointItem.from_json(value["name"], value)
 
     def get_by_name(self, name: str) -> EndpointItem:
         check_name(name)
@@ -270,18 +286,14 @@ class Endpoints(_Resource):
         return _single(self._transport.call("POST", "endpoints", body), name)
 
 
-class Users(_Resource):
-    """``server.users``: the users kept in the store (``TABSERVE_USERS = store``)."""
+class Users(_ListResource[UserItem]):
+    """``server.users``: the users kept in the store (``TABSERVE_USERS = store``).
+    Filter like ``server.users.filter(permissions__has="manage")``."""
 
-    def get(
-        self, req_options: RequestOptions | None = None
-    ) -> tuple[list[UserItem], PaginationItem]:
-        users, pagination = self._page("users", "users", req_options)
-        return [UserItem.from_json(user) for user in users], pagination
+    _route = "users"
 
-    def filter(self, **conditions: Any) -> QuerySet[UserItem]:
-        """``server.users.filter(permissions__has="manage")``."""
-        return QuerySet(self).filter(**conditions)
+    def _item(self, value: dict[str, Any]) -> UserItem:
+        return UserItem.from_json(value)
 
     def get_by_name(self, name: str) -> UserItem:
         return UserItem.from_json(self._transport.call("GET", _user(name))["user"])
@@ -310,18 +322,14 @@ class ServerInfo(_Resource):
         return ServerInfoItem.from_json(self._transport.call("GET", "info"))
 
 
-class Jobs(_Resource):
-    """``server.jobs``: calls submitted with ``endpoints.submit``."""
+class Jobs(_ListResource[JobItem]):
+    """``server.jobs``: calls submitted with ``endpoints.submit``.
+    Filter like ``server.jobs.filter(status=JobStatus.FAILURE, endpoint="add")``."""
 
-    def get(
-        self, req_options: RequestOptions | None = None
-    ) -> tuple[list[JobItem], PaginationItem]:
-        jobs, pagination = self._page("jobs", "jobs", req_options)
-        return [JobItem.from_json(job) for job in jobs], pagination
+    _route = "jobs"
 
-    def filter(self, **conditions: Any) -> QuerySet[JobItem]:
-        """``server.jobs.filter(status=JobStatus.FAILURE, endpoint="add")``."""
-        return QuerySet(self).filter(**conditions)
+    def _item(self, value: dict[str, Any]) -> JobItem:
+        return JobItem.from_json(value)
 
     def get_by_id(self, job_id: str) -> JobItem:
         return JobItem.from_json(self._transport.call("GET", f"jobs/{quote_name(str(job_id))}"))
@@ -392,18 +400,14 @@ class Results(_Resource):
         return path
 
 
-class Keys(_Resource):
-    """``server.keys``: API keys (``manage`` users only)."""
+class Keys(_ListResource[KeyItem]):
+    """``server.keys``: API keys (``manage`` users only).
+    Filter like ``server.keys.filter(kind="endpoint", endpoint="add")``."""
 
-    def get(
-        self, req_options: RequestOptions | None = None
-    ) -> tuple[list[KeyItem], PaginationItem]:
-        keys, pagination = self._page("keys", "keys", req_options)
-        return [KeyItem.from_json(key) for key in keys], pagination
+    _route = "keys"
 
-    def filter(self, **conditions: Any) -> QuerySet[KeyItem]:
-        """``server.keys.filter(kind="endpoint", endpoint="add")``."""
-        return QuerySet(self).filter(**conditions)
+    def _item(self, value: dict[str, Any]) -> KeyItem:
+        return KeyItem.from_json(value)
 
     def create(
         self, *, user: str | None = None, endpoint: str | None = None
