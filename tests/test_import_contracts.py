@@ -153,3 +153,23 @@ def test_the_architecture_module_table_names_every_module() -> None:
     assert len(rows) == len(set(rows)), "a module has two rows"
     assert sorted(modules - set(rows)) == [], "modules without a row in docs/architecture.md"
     assert sorted(set(rows) - modules) == [], "rows for modules that do not exist"
+
+
+def test_a_plain_server_loads_neither_pyjwt_nor_cryptography() -> None:
+    """Idle memory: PyJWT and cryptography cost the front end about 20 MB, and only OAuth
+    (PyJWT) and TLS or doctor (cryptography) need them; they are imported on first use."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import tabserve.cli, tabserve.server.app, tabserve.server.handlers
+        import tabserve.server.oauth, tabserve.server.tls
+        print([m for m in ("jwt", "cryptography") if m in sys.modules])
+        from tabserve.server.oauth import parse_key_set
+        parse_key_set({"keys": []})
+        print("jwt" in sys.modules)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]

@@ -43,14 +43,23 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
-
-import jwt
 
 from ..config import Settings
 
 log = logging.getLogger("tabserve.oauth")
+
+
+def _jwt() -> ModuleType:
+    """PyJWT, imported on first use: with ``cryptography`` it costs the front end about 20 MB,
+    which a server without OAuth never needs (a verifier imports it when it is made, so the
+    first token does not pay for the import)."""
+    import jwt
+
+    return jwt
+
 
 LIFESPAN = 300.0  # seconds a fetched key set is fresh (PyJWKClient's and TabPy's default)
 MAX_STALE = 3600.0  # a key set older than this is not used without a successful fetch
@@ -171,6 +180,7 @@ def parse_key_set(document: Any) -> tuple[dict[str, SigningKey], list[str]]:
     """The usable signing keys of a JWKS document by kid, and why others were skipped."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError('not a JWK set (no "keys" list)')
+    jwt = _jwt()
     keys: dict[str, SigningKey] = {}
     skipped: list[str] = []
     for number, jwk in enumerate(document["keys"]):
@@ -429,6 +439,7 @@ class BearerVerifier:
     def __init__(self, config: OAuthConfig, keys: JwksCache) -> None:
         self.config = config
         self.keys = keys
+        self._jwt = _jwt()  # imported now, at start, not on the event loop by the first token
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BearerVerifier:
@@ -441,6 +452,7 @@ class BearerVerifier:
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The token's claims; raises TokenRejected with the reason."""
+        jwt = self._jwt
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:

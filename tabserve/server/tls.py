@@ -27,11 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, rsa
-
 from .findings import ERROR, INFO, OK, WARNING, Finding, Level
 
 __all__ = [
@@ -57,6 +52,11 @@ _OBSOLETE_VERSIONS = {"SSLv3", "TLSv1", "TLSv1_1", "MINIMUM_SUPPORTED"}
 
 if TYPE_CHECKING:
     from typing import TypeAlias
+
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 
     Logger: TypeAlias = logging.Logger | logging.LoggerAdapter[Any]
 
@@ -101,6 +101,19 @@ class CertificateReport:
 
 # ---------------------------------------------------------------------------------------------
 # File checks
+
+
+def _load_cryptography() -> None:
+    """Import ``cryptography`` into this module's names on first use.
+
+    It costs the front end about 15 MB, and only a server with TLS (or doctor) reads a
+    certificate: a plain-HTTP server never loads it, which keeps the process tree's idle
+    memory below TabPy's."""
+    global x509, InvalidSignature, UnsupportedAlgorithm, hashes, serialization, dsa, rsa
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 
 
 def _format_time(moment: dt.datetime) -> str:
@@ -364,6 +377,7 @@ def inspect_tls_files(
     or unreadable, holds no certificate or key, or the key needs a passphrase.
     """
     _check_parameters(cert_file, key_file)
+    _load_cryptography()
     cert_path, key_path = os.fspath(cert_file), os.fspath(key_file)  # type: ignore[arg-type]
     certs = _load_certificates(cert_path)
     key = _load_key(key_path)
