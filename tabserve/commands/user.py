@@ -22,12 +22,9 @@ import argparse
 import sys
 from typing import Any
 
-from tabserve.config import ConfigError
-from tabserve.errors import StoreUnavailable
-from tabserve.store.backends import StoreError
+from tabserve.commands import EXIT_ERROR, EXIT_OK, EXIT_USAGE, run_against_store
 from tabserve.store.passwords import (
     SCHEMES,
-    PasswordFileError,
     add_user,
     delete_user,
     generate_password,
@@ -36,10 +33,6 @@ from tabserve.store.passwords import (
     update_user,
     validate_username,
 )
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 _PERMISSIONS_HELP = (
     "comma-separated subset of evaluate,query,manage, or 'all' (the default for add; "
@@ -245,19 +238,14 @@ def _edit_store(args: argparse.Namespace, store: Any, name: str, record: Any) ->
 
 def run(args: argparse.Namespace) -> int:
     """Carry out the parsed command; return the process exit code."""
-    try:
-        return _run(args)
-    except _UsageError as exc:
-        print(f"tabserve user: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except PasswordFileError as exc:
-        print(f"tabserve user: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except (StoreError, StoreUnavailable, ConfigError) as exc:
-        print(f"tabserve user: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        # e.g. no write permission on the directory; the file itself is untouched.
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"tabserve user: error:{where} {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR
+
+    def body() -> int:
+        try:
+            return _run(args)
+        except _UsageError as exc:
+            print(f"tabserve user: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    # The password file and the store fail in the ways every store command does (an
+    # unwritable directory leaves the file itself untouched).
+    return run_against_store("user", body)
