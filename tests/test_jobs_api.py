@@ -192,6 +192,40 @@ def test_bad_input_is_a_clear_4xx(jobs_server: Server) -> None:
     assert answer.status_code == 202
 
 
+def test_queued_jobs_are_capped_in_number_and_request_bytes(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Beyond TABSERVE_JOB_MAX_PENDING jobs, or TABSERVE_JOB_MAX_REQUEST_MB of their request
+    bodies, a submission is a 503 with Retry-After; an ended job frees its place."""
+    server = server_factory(TABSERVE_JOB_MAX_PENDING="3", TABSERVE_JOB_MAX_REQUEST_MB="1")
+    running = submit(server, spinner(tmp_path / "spin.pid"))  # holds the one job slot
+    wait_pid(tmp_path / "spin.pid")
+    queued = [submit(server, "return 1"), submit(server, "return 2")]
+    full = server.post("/evaluate", json={"script": "return 3", "data": {}}, headers=ASYNC)
+    assert full.status_code == 503, full.text
+    assert full.json()["message"] == "Server is busy: too many asynchronous jobs"
+    assert "TABSERVE_JOB_MAX_PENDING (3)" in full.json()["info"]
+    assert int(full.headers["Retry-After"]) >= 1
+    # A synchronous call is not a job: it still runs.
+    assert server.post("/evaluate", json={"script": "return 4", "data": {}}).text == "4"
+    for job_id in queued:
+        assert server.request("DELETE", f"/jobs/{job_id}").json()["job"]["status"] == 5
+    # Room again, now by count; 600 kB twice is beyond 1 MiB of requests.
+    large = {"script": "return len(_arg1)", "data": {"_arg1": "x" * 600_000}}
+    first = server.post("/evaluate", json=large, headers=ASYNC)
+    assert first.status_code == 202, first.text
+    second = server.post("/evaluate", json=large, headers=ASYNC)
+    assert second.status_code == 503, second.text
+    assert "TABSERVE_JOB_MAX_REQUEST_MB" in second.json()["info"]
+    assert "Retry-After" in second.headers
+    # A single body over the whole allowance can never fit: 413, not 503.
+    huge = {"script": "return 0", "data": {"_arg1": "x" * 1_100_000}}
+    assert server.post("/evaluate", json=huge, headers=ASYNC).status_code == 413
+    server.request("DELETE", f"/jobs/{first.json()['job']['id']}")
+    assert server.post("/evaluate", json=large, headers=ASYNC).status_code == 202
+    server.request("DELETE", f"/jobs/{running}")
+
+
 @pytest.fixture
 def result_app(app_factory: Any) -> InProcessServer:
     return app_factory(TABSERVE_RESULT_TTL="1")

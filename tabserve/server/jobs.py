@@ -34,9 +34,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .. import logs
-from ..errors import NotFound, StoreUnavailable, TabserveError
+from ..errors import NotFound, Overloaded, PayloadTooLarge, StoreUnavailable, TabserveError
 from ..protocol import JobKind
 from ..store.backends import Store
+from ..store.jobs import JobLimitReached, JobLimits
 from ..store.records import (
     CANCELLED,
     FAILURE,
@@ -55,6 +56,9 @@ log = logging.getLogger("tabserve.jobs")
 HEARTBEAT = 2.0  # seconds between a running job's heartbeats (and cancellation checks)
 STALE = 30.0  # a started job of another host without a heartbeat this long is orphaned
 POLL = 1.0  # seconds between looks for pending jobs submitted elsewhere
+# When a full queue may have room again: jobs take seconds to hours, so a client told to
+# come back in one second would mostly poll the store's write lock.
+FULL_RETRY_AFTER = 5
 PRUNE_EVERY = 60.0  # seconds between removals of expired results
 
 KIND_QUERY = "query"
@@ -78,6 +82,23 @@ def can_see(user: User, owner: str | None, endpoint: str | None) -> bool:
     if user.endpoint is not None and endpoint != user.endpoint:
         return False
     return user.can("manage") or owner == user.owner
+
+
+def _queue_full(full: JobLimitReached, limits: JobLimits) -> Overloaded:
+    """The 503 for a submission beyond a limit, naming the limit and its setting."""
+    info = {
+        "pending": f"{full.current} jobs are queued or running, the most "
+        f"TABSERVE_JOB_MAX_PENDING ({limits.pending}) allows.",
+        "pending_per_owner": f"This caller has {full.current} jobs queued or running, the "
+        f"most TABSERVE_JOB_MAX_PENDING_PER_USER ({limits.pending_per_owner}) allows.",
+        "request_bytes": f"Queued and running jobs hold {full.current} bytes of requests; "
+        f"this one would take them beyond TABSERVE_JOB_MAX_REQUEST_MB "
+        f"({limits.request_bytes} bytes).",
+    }[full.limit]
+    error = Overloaded("Server is busy: too many asynchronous jobs", info + " Retry later.")
+    error.retry_after = FULL_RETRY_AFTER
+    log.warning("jobs: submission refused: %s", info)
+    return error
 
 
 def _iso(moment: float | None) -> str | None:
@@ -106,6 +127,7 @@ class JobConfig:
     cpu_seconds: int  # the worker's CPU backstop for a job (0: none)
     result_ttl: float
     result_max_bytes: int
+    limits: JobLimits  # TABSERVE_JOB_MAX_PENDING, _PENDING_PER_USER, _REQUEST_MB
 
 
 class JobService:
@@ -163,7 +185,19 @@ class JobService:
             encoding=encoding,
             created=time.time(),
         )
-        await asyncio.to_thread(self.store.put_job, job)
+        limits = self.config.limits
+        if len(job.request) > limits.request_bytes:
+            # No amount of waiting makes room for it: not a 503.
+            raise PayloadTooLarge(
+                f"Request with size {len(job.request)} exceeded limit of "
+                f"{limits.request_bytes} (bytes).",
+                "An asynchronous job's request may not be larger than "
+                "TABSERVE_JOB_MAX_REQUEST_MB.",
+            )
+        try:
+            await asyncio.to_thread(self.store.put_job, job, limits)
+        except JobLimitReached as full:
+            raise _queue_full(full, limits) from None
         self._wake.set()
         return job
 
