@@ -9,8 +9,10 @@ import csv
 import io
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,10 @@ from pg import PostgresServer
 
 from helpers import InProcessServer, Server, ServerFactory
 from tabserve.cli import main
+from tabserve.server.jobs import Replica, is_orphaned
+from tabserve.store.backends import JobRecord, open_store
+from tabserve.store.records import PENDING
+from tabserve.store.state_dir import ensure_state_dir
 
 ASYNC = {"Prefer": "respond-async"}
 
@@ -311,6 +317,71 @@ def test_jobs_survive_a_restart(
     assert done["status"] == 3, done
     result = again.get(f"/query_results/{done['query_result_id']}").json()["query_result"]
     assert result["data"] == "ran after the restart"
+
+
+def _running_job(store: Any, job_id: str, claimed_by: str) -> None:
+    """A job ``claimed_by`` is running, heartbeating a moment ago as a live replica does
+    (a minute ahead, so that no slowness of this test makes it stale)."""
+    store.put_job(JobRecord(job_id, "evaluate", None, "", PENDING, b"{}", "", time.time()))
+    assert store.claim_job(claimed_by).id == job_id
+    with store._database().write() as tx:
+        tx.execute("UPDATE jobs SET heartbeat = ? WHERE id = ?", (time.time() + 60, job_id))
+
+
+def test_a_replica_in_another_pid_namespace_keeps_its_running_job(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Replicas on one hostname (host-network containers) need not share pids: a pid that
+    is dead here may be another namespace's live replica. Only a runner of this server's
+    own host, PID namespace and boot is ended at once for a dead pid; elsewhere the
+    heartbeat decides."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid nothing here runs as
+    me = Replica.current()
+    assert me.pid_namespace and me.boot_id  # Linux: both are readable
+    state = tmp_path / "state"
+    ensure_state_dir(state)
+    store = open_store(state)
+    store.migrate()
+    try:
+        elsewhere = replace(me, pid=gone.pid, pid_namespace=str(int(me.pid_namespace) + 1))
+        _running_job(store, "other-namespace", elsewhere.claim("aaaa"))
+        rebooted = replace(me, pid=gone.pid, boot_id="00000000-0000-0000-0000-000000000000")
+        _running_job(store, "other-boot", rebooted.claim("bbbb"))
+        _running_job(store, "here", replace(me, pid=gone.pid).claim("cccc"))
+    finally:
+        store.close()
+    server = server_factory(workdir=tmp_path, TABPY_STATE_PATH=str(state))
+    # The server looked for orphans before it answered anything.
+    here = server.get("/jobs/here").json()["job"]
+    assert (here["status"], here["error"]["message"]) == (4, "Job interrupted")
+    for job_id in ("other-namespace", "other-boot"):
+        assert server.get(f"/jobs/{job_id}").json()["job"]["status"] == 2, job_id
+
+
+def test_only_a_runner_of_this_pid_space_is_judged_by_its_pid() -> None:
+    me = Replica.current()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    now = time.time()
+    fresh, stale = now - 1, now - 3600
+    here = replace(me, pid=dead.pid)
+    assert is_orphaned(me, here.claim("t"), fresh, now)  # dead here: at once
+    assert not is_orphaned(me, replace(me, pid=os.getppid()).claim("t"), fresh, now)  # alive
+    for other in (
+        replace(here, pid_namespace=str(int(me.pid_namespace) + 1)),
+        replace(here, boot_id="another-boot"),
+        replace(here, host=me.host + "-other"),
+    ):
+        assert not is_orphaned(me, other.claim("t"), fresh, now), other
+        assert is_orphaned(me, other.claim("t"), stale, now), other
+    # An older tabserve's host:pid:token, and anything else: the heartbeat decides.
+    for claimed_by in (f"{me.host}:{dead.pid}:abcd", "", None):
+        assert not is_orphaned(me, claimed_by, fresh, now)
+        assert is_orphaned(me, claimed_by, stale, now)
+    # Where /proc cannot be read nothing is known to share pids.
+    blind = replace(me, pid_namespace="", boot_id="")
+    assert not is_orphaned(blind, replace(blind, pid=dead.pid).claim("t"), fresh, now)
 
 
 def _add_users(location: dict[str, str]) -> None:

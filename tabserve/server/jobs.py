@@ -13,9 +13,10 @@ A running job's task is cancelled to cancel it: ``Executor.run`` then kills its 
 once (SIGKILL to the process group, as for a timeout) and starts a replacement. A job
 cancelled through another replica is noticed by the heartbeat that keeps the running job
 alive in the store (every ``HEARTBEAT`` seconds). A job whose runner died (the server
-stopped, or a replica vanished) is ended FAILURE by the next server that looks: at once for a
-process of this host that no longer exists, after ``STALE`` seconds without a heartbeat for
-one elsewhere.
+stopped, or a replica vanished) is ended FAILURE by the next server that looks: at once when
+its runner was a process this server can see (the same host, PID namespace and boot, see
+:class:`Replica`) that no longer exists, after ``STALE`` seconds without a heartbeat
+otherwise.
 """
 
 from __future__ import annotations
@@ -71,6 +72,76 @@ STOPPED = json.dumps(
         "info": "The server running this job stopped before the job finished.",
     }
 )
+
+
+@dataclass(frozen=True)
+class Replica:
+    """Where a server runs, as far as process ids go: a pid names one process only within
+    one PID namespace of one boot of one host.
+
+    Replicas may share a hostname without sharing pids: containers on the host's network
+    are each pid 1 in a namespace of their own. Checking another replica's pid is only
+    meaningful when all three match; ``pid_namespace`` and ``boot_id`` are empty where they
+    cannot be read (no /proc), and then nothing matches.
+    """
+
+    host: str
+    pid: int
+    pid_namespace: str  # the inode number of /proc/self/ns/pid
+    boot_id: str  # /proc/sys/kernel/random/boot_id: a new one at every boot
+
+    @classmethod
+    def current(cls) -> Replica:
+        try:
+            namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+        except OSError:
+            namespace = ""
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+                boot_id = file.read().strip()
+        except (OSError, ValueError):
+            boot_id = ""
+        return cls(socket.gethostname(), os.getpid(), namespace, boot_id)
+
+    def claim(self, token: str) -> str:
+        """The ``claimed_by`` of this server's jobs: ``host:pid:namespace:boot:token`` (a
+        hostname, an inode number and a boot id hold no ``:``)."""
+        return f"{self.host}:{self.pid}:{self.pid_namespace}:{self.boot_id}:{token}"
+
+    @classmethod
+    def of(cls, claimed_by: str | None) -> Replica | None:
+        """The replica a ``claimed_by`` names; None for another form (an older tabserve's
+        ``host:pid:token`` included)."""
+        parts = (claimed_by or "").split(":")
+        if len(parts) != 5 or not parts[1].isdigit():
+            return None
+        return cls(parts[0], int(parts[1]), parts[2], parts[3])
+
+    def sees_pids_of(self, other: Replica) -> bool:
+        """Whether ``other``'s pid names a process of this server's pid space."""
+        if not (self.pid_namespace and self.boot_id):
+            return False
+        space = (self.host, self.pid_namespace, self.boot_id)
+        return (other.host, other.pid_namespace, other.boot_id) == space
+
+
+def is_orphaned(me: Replica, claimed_by: str | None, heartbeat: float | None, now: float) -> bool:
+    """Whether a started job claimed by ``claimed_by`` lost its runner (``me`` is the server
+    asking, not the job's own runner). Its pid is only trusted in ``me``'s pid space; a
+    runner anywhere else is gone once its heartbeat is ``STALE``."""
+    stale = heartbeat is None or heartbeat < now - STALE
+    runner = Replica.of(claimed_by)
+    if runner is None or not me.sees_pids_of(runner):
+        return stale
+    if runner.pid == me.pid:
+        return True  # this process's pid, another life: a restart that reused it
+    try:
+        os.kill(runner.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, someone else's
+    return stale
 
 
 def can_see(user: User, owner: str | None, endpoint: str | None) -> bool:
@@ -148,8 +219,8 @@ class JobService:
         self.config = config
         self.evaluate_guard = evaluate_guard  # raises when scripts must not run
         self.query_refusal = query_refusal  # what tabpy.query() raises for evaluate-noquery
-        self.host = socket.gethostname()
-        self.replica = f"{self.host}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.me = Replica.current()
+        self.replica = self.me.claim(secrets.token_hex(4))
         self.slots = max(1, executor.config.workers - 1)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -191,8 +262,7 @@ class JobService:
             raise PayloadTooLarge(
                 f"Request with size {len(job.request)} exceeded limit of "
                 f"{limits.request_bytes} (bytes).",
-                "An asynchronous job's request may not be larger than "
-                "TABSERVE_JOB_MAX_REQUEST_MB.",
+                "An asynchronous job's request may not be larger than TABSERVE_JOB_MAX_REQUEST_MB.",
             )
         try:
             await asyncio.to_thread(self.store.put_job, job, limits)
@@ -361,18 +431,4 @@ class JobService:
         """Whether a started job's runner is gone (called in the store's transaction)."""
         if claimed_by == self.replica:
             return False
-        stale = heartbeat is None or heartbeat < time.time() - STALE
-        host, _, rest = (claimed_by or "").partition(":")
-        pid_text = rest.partition(":")[0]
-        if host != self.host or not pid_text.isdigit():
-            return stale
-        pid = int(pid_text)
-        if pid == os.getpid():
-            return True  # this process's pid, another life: a restart that reused it
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass  # alive, someone else's
-        return stale
+        return is_orphaned(self.me, claimed_by, heartbeat, time.time())

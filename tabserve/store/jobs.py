@@ -48,6 +48,7 @@ class JobLimitReached(Exception):
         self.limit = limit
         self.current = current
 
+
 _JOB_COLUMNS = (
     "id, kind, endpoint, owner, status, request, encoding, created, started, finished, "
     "claimed_by, heartbeat, error, result_key"
