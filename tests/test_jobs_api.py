@@ -118,6 +118,15 @@ def test_a_job_answers_202_then_succeeds_with_a_result(jobs_server: Server) -> N
     assert as_csv.headers["Content-Type"].startswith("text/csv")
     assert as_csv.headers["Content-Disposition"].endswith(f'{result_id}.csv"')
     assert list(csv.reader(io.StringIO(as_csv.text))) == [["value"], ["2"], ["4"], ["6"]]
+    # Every answer about a job or a result is the caller's: kept by no cache, and a page it
+    # opens sends no Referer (a download's URL may carry an API key).
+    for private in (answer, server.get(f"/jobs/{job['id']}"), server.get("/jobs"),
+                    server.get(f"/query_results/{result_id}"), as_json, as_csv):  # fmt: skip
+        assert private.headers["Cache-Control"] == "no-store", private.url
+        assert private.headers["Referrer-Policy"] == "no-referrer", private.url
+    head = server.request("HEAD", f"/query_results/{result_id}.csv")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["Content-Disposition"] == as_csv.headers["Content-Disposition"]
 
 
 def test_a_failed_job_carries_the_synchronous_error(jobs_server: Server) -> None:
