@@ -15,6 +15,7 @@ import pytest
 from pg import PostgresServer
 
 from tabserve.store.backends import (
+    ApiKeyRecord,
     EndpointRecord,
     JobRecord,
     ResultRecord,
@@ -196,6 +197,24 @@ def test_users_are_added_changed_and_removed(store) -> None:  # type: ignore[no-
         store.delete_user("alice")
     with pytest.raises(KeyError):
         store.put_user(alice, create=False)
+
+
+def test_deleting_a_user_revokes_their_keys(store) -> None:  # type: ignore[no-untyped-def]
+    """A key names its user by name: left active, it would act as a new user of that name."""
+    for name in ("alice", "bob"):
+        store.put_user(UserRecord(name, "scrypt$abc", None), create=True)
+    store.add_api_key(ApiKeyRecord("a" * 16, "h1", "alice", None, 1.0))
+    store.add_api_key(ApiKeyRecord("b" * 16, "h2", "bob", None, 1.0))
+    store.add_api_key(ApiKeyRecord("c" * 16, "h3", "alice", None, 1.0, revoked=5.0))
+    store.add_api_key(ApiKeyRecord("d" * 16, "h4", "", "churn", 1.0))  # an endpoint key
+    before = time.time()
+    store.delete_user("alice")
+    assert store.api_key("a" * 16).revoked >= before
+    assert store.api_key("c" * 16).revoked == 5.0  # the first revocation's time stays
+    assert store.api_key("b" * 16).revoked is None  # someone else's
+    assert store.api_key("d" * 16).revoked is None
+    store.put_user(UserRecord("alice", "scrypt$new", None), create=True)
+    assert store.api_key("a" * 16).revoked is not None  # the new alice gets none of them
 
 
 # The bare SQL store on SQLite has no watcher: the state directory's is tested instead.
