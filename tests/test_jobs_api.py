@@ -270,6 +270,24 @@ def test_results_are_capped_in_total_size(app_factory: Any) -> None:
         assert app.get(f"/query_results/{result_id}").status_code == 200
 
 
+def test_a_result_over_the_total_cap_fails_its_job(app_factory: Any) -> None:
+    """A result alone over TABSERVE_RESULT_MAX_MB would be pruned as soon as it is stored:
+    its job ends FAILURE saying so (507), and the results already kept stay."""
+    app = app_factory(TABSERVE_RESULT_MAX_MB="1")
+    kept = wait_status(app, submit(app, "return 'small'"), {3, 4, 5})
+    assert kept["status"] == 3
+    job = wait_status(app, submit(app, "return 'x' * 1_100_000"), {3, 4, 5})
+    assert (job["status"], job["query_result_id"]) == (4, None), job
+    assert job["error"]["message"] == "Result too large to store"
+    assert "507 Insufficient Storage" in job["error"]["info"]
+    assert "TABSERVE_RESULT_MAX_MB" in job["error"]["info"]
+    assert app.get(f"/query_results/{kept['query_result_id']}").status_code == 200
+    # Just under the cap still fits.
+    fits = wait_status(app, submit(app, "return 'x' * 1_000_000"), {3, 4, 5})
+    assert fits["status"] == 3, fits
+    assert app.get(f"/query_results/{fits['query_result_id']}").status_code == 200
+
+
 def test_csv_of_records_and_scalars(app: InProcessServer) -> None:
     records = wait_status(app, submit(app, "return [{'a': 1, 'b': 2}, {'a': 3, 'c': [4]}]"),
                           {3})  # fmt: skip

@@ -35,7 +35,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .. import logs
-from ..errors import NotFound, Overloaded, PayloadTooLarge, StoreUnavailable, TabserveError
+from ..errors import (
+    InsufficientStorage,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    StoreUnavailable,
+    TabserveError,
+)
 from ..protocol import JobKind
 from ..store.backends import Store
 from ..store.jobs import JobLimitReached, JobLimits
@@ -354,15 +361,7 @@ class JobService:
             fault = TabserveError("Internal server error", f"{type(exc).__name__}: {exc}")
             status, error, record = FAILURE, json.dumps(fault.envelope()), None
         else:
-            status, error = SUCCESS, None
-            version = result.meta.get("version")
-            record = ResultRecord(
-                id=uuid.uuid4().hex,
-                endpoint=job.endpoint,
-                version=int(version) if version is not None else None,
-                body=result.body,
-                retrieved_at=time.time(),
-            )
+            status, error, record = self._outcome(job, result)
         try:
             final = await asyncio.to_thread(self.store.finish_job, job.id, status, error, record)
         except Exception:
@@ -374,6 +373,32 @@ class JobService:
         )  # fmt: skip
         if record is not None and final == SUCCESS:
             await self._prune()  # the total size cap holds after every new result
+
+    def _outcome(
+        self, job: JobRecord, result: JobResult
+    ) -> tuple[int, str | None, ResultRecord | None]:
+        """A job that ran to the end: SUCCESS with its result, unless the result alone is
+        over the total size cap of results."""
+        size = len(result.body)
+        if size > self.config.result_max_bytes:
+            # Stored, it would be pruned at once to keep that cap: a SUCCESS whose result is
+            # a 404 (and every other result evicted for nothing). Say why instead.
+            too_large = InsufficientStorage(
+                "Result too large to store",
+                f"507 Insufficient Storage: the job's result is {size} bytes, and stored "
+                f"results may take at most {self.config.result_max_bytes} bytes in all "
+                "(TABSERVE_RESULT_MAX_MB). Return less, or make the call synchronously.",
+            )
+            return FAILURE, json.dumps(too_large.envelope()), None
+        version = result.meta.get("version")
+        record = ResultRecord(
+            id=uuid.uuid4().hex,
+            endpoint=job.endpoint,
+            version=int(version) if version is not None else None,
+            body=result.body,
+            retrieved_at=time.time(),
+        )
+        return SUCCESS, None, record
 
     async def _prune(self) -> None:
         try:
