@@ -325,7 +325,8 @@ class Authenticator:
         """An endpoint key's check, made for every authenticated request before the
         permission's: a route not declared for endpoint keys (``access`` None) is refused;
         ``"name"``: the path's endpoint ``name`` must be the key's; ``"resource"``: the
-        handler checks what it serves with :meth:`authorize_endpoint`."""
+        handler serves only what ``jobs.can_see`` lets the key see (a 404 otherwise, as
+        for any caller's job that is not theirs)."""
         if user.endpoint is None or access == "resource":
             return
         if access == "name" and name == user.endpoint:
@@ -335,12 +336,6 @@ class Authenticator:
             user.key_id, _shown(user.endpoint),
         )  # fmt: skip
         raise _endpoint_only(user.endpoint)
-
-    def authorize_endpoint(self, user: User, endpoint: str | None) -> None:
-        """Raise Forbidden (403) when an endpoint key asks for something (a job, a result)
-        that belongs to another endpoint, or to none (an /evaluate job)."""
-        if user.endpoint is not None and endpoint != user.endpoint:
-            raise _endpoint_only(user.endpoint)
 
     def authorize_evaluate(self, user: User, body: bytes, encoding: str) -> None:
         """Like ``authorize(user, "evaluate")``, but Tableau's connection test is allowed to

@@ -58,8 +58,8 @@ class Route:
     token_permissions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # The verbs an endpoint key may call here, and how its endpoint is checked: "name" (the
     # path's {name} must be the key's endpoint), or "resource" (the handler checks what it
-    # serves with Authenticator.authorize_endpoint). Any other verb or route refuses such
-    # a key with 403 (BaseHandler._authenticate).
+    # serves only what jobs.can_see lets the key see: a 404 otherwise). Any other verb or
+    # route refuses such a key with 403 (BaseHandler._authenticate).
     endpoint_keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # The verbs that accept an API key as ``?api_key=``: downloads a browser or spreadsheet
     # fetches by URL, which cannot send a header. Anywhere else it is a 401.
