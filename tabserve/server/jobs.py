@@ -62,7 +62,7 @@ from .executor import Executor, JobResult
 log = logging.getLogger("tabserve.jobs")
 
 HEARTBEAT = 2.0  # seconds between a running job's heartbeats (and cancellation checks)
-STALE = 30.0  # a started job of another host without a heartbeat this long is orphaned
+STALE = 30.0  # a started job of another pid space (Replica) without heartbeat this long: orphaned
 POLL = 1.0  # seconds between looks for pending jobs submitted elsewhere
 # When a full queue may have room again: jobs take seconds to hours, so a client told to
 # come back in one second would mostly poll the store's write lock.
