@@ -392,6 +392,27 @@ class Settings:
         "then its worker is killed and the job fails.",
         3600.0,
     )
+    job_max_pending: int = setting(
+        "TABSERVE_JOB_MAX_PENDING",
+        _parse_positive_int,
+        "Asynchronous jobs queued or running at once, everyone's (all replicas of a store); "
+        "a submission beyond it gets 503 with `Retry-After`.",
+        1000,
+    )
+    job_max_pending_per_user: int = setting(
+        "TABSERVE_JOB_MAX_PENDING_PER_USER",
+        _parse_positive_int,
+        "Asynchronous jobs queued or running at once for one caller (a user, a token's "
+        "subject, an endpoint key); a submission beyond it gets 503 with `Retry-After`.",
+        100,
+    )
+    job_max_request_mb: int = setting(
+        "TABSERVE_JOB_MAX_REQUEST_MB",
+        _parse_positive_int,
+        "Total size of the request bodies that queued and running jobs keep in the store, "
+        "in MiB; a submission beyond it gets 503 with `Retry-After`.",
+        1024,
+    )
     result_ttl: float = setting(
         "TABSERVE_RESULT_TTL",
         _parse_timeout,

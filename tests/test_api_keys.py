@@ -263,23 +263,49 @@ def test_keys_are_listed_without_secrets_and_record_their_last_use(replicas: Rep
         assert key["secret"].encode() not in database
 
 
-def test_a_key_in_the_query_string_works_for_download_links(replicas: Replicas) -> None:
+def test_a_key_in_the_query_string_is_for_result_downloads_only(replicas: Replicas) -> None:
+    """A key in a URL leaks into histories, proxy logs and Referer headers: it is taken
+    only where nothing else can be sent, a result download. Elsewhere it is a 401 that says
+    so, for every verb, whatever the key may do with a header."""
     key = _create(replicas.a, endpoint="triple")["secret"]
-    base = replicas.b
-    answer = base.request("POST", f"/query/triple?api_key={key}", auth=None, **QUERY)
-    assert answer.status_code == 200 and answer.json()["response"] == [3, 6]
-    assert base.request("GET", f"/info?api_key={key}", auth=None).status_code == 403
     reader = _create(replicas.a, user="reader")["secret"]
-    assert base.request("GET", f"/endpoints?api_key={reader}", auth=None).status_code == 200
+    base = replicas.b
+    for method, path, secret, extra in (
+        ("POST", "/query/triple", key, QUERY),
+        ("GET", "/query/triple", key, QUERY),
+        ("GET", "/info", key, {}),
+        ("GET", "/endpoints", reader, {}),
+        ("GET", "/jobs", reader, {}),
+        ("GET", "/jobs/0123", reader, {}),
+        ("DELETE", "/jobs/0123", reader, {}),
+        ("GET", "/query_results/0123", reader, {}),
+        ("POST", "/query_results/0123.csv", reader, {}),
+        ("DELETE", "/query_results/0123.json", reader, {}),
+    ):
+        answer = base.request(method, f"{path}?api_key={secret}", auth=None, **extra)
+        assert answer.status_code == 401, (method, path, answer.text)
+        assert answer.json()["message"] == "API keys are not accepted in the URL here"
+        assert "Authorization: Key" in answer.json()["info"]
+        assert answer.headers["WWW-Authenticate"].startswith("Basic ")
+    # The same keys in the header are fine there.
+    assert _with_key(base, "POST", "/query/triple", key, **QUERY).json()["response"] == [3, 6]
+    assert _with_key(base, "GET", "/endpoints", reader).status_code == 200
+    # On a download, the key in the URL authenticates: an unknown result is a 404, not 401.
+    for path in ("/query_results/0123.csv", "/query_results/0123.json"):
+        answer = base.request("GET", f"{path}?api_key={reader}", auth=None)
+        assert answer.status_code == 404, (path, answer.text)
     # The key is not written to the access log.
-    assert reader not in base.log()
-    twice = base.request("GET", f"/endpoints?api_key={reader}&api_key={reader}", auth=None)
+    assert reader not in base.log() and key not in base.log()
+    download = "/query_results/0123.csv"
+    twice = base.request("GET", f"{download}?api_key={reader}&api_key={reader}", auth=None)
     assert twice.status_code == 400 and twice.json()["message"] == "Credentials sent twice"
-    both = base.request("GET", f"/endpoints?api_key={reader}", auth=None, headers=_key(reader))
+    both = base.request("GET", f"{download}?api_key={reader}", auth=None, headers=_key(reader))
     assert both.status_code == 400
-    with_basic = base.request("GET", f"/endpoints?api_key={reader}", auth=READER)
+    with_basic = base.request("GET", f"{download}?api_key={reader}", auth=READER)
     assert with_basic.status_code == 400
-    assert base.request("GET", "/endpoints?api_key=nonsense", auth=None).status_code == 401
+    nonsense = base.request("GET", f"{download}?api_key=nonsense", auth=None)
+    assert nonsense.status_code == 401
+    assert nonsense.json()["message"] == "Invalid credentials provided."
 
 
 def test_bad_keys_and_bad_requests_get_clear_4xx(replicas: Replicas) -> None:
@@ -387,6 +413,15 @@ def test_an_endpoint_key_reads_only_its_endpoints_jobs_and_results(replicas: Rep
         # A download link carries the key in the URL.
         link = server.request("GET", f"/query_results/{result}.csv?api_key={secret}", auth=None)
         assert link.status_code == 200 and link.text.splitlines() == ["value", "3", "6"]
+        assert link.headers["Cache-Control"] == "no-store"
+        assert link.headers["Referrer-Policy"] == "no-referrer"
+        # A spreadsheet may look first: HEAD answers the headers only.
+        head = server.request("HEAD", f"/query_results/{result}.json?api_key={secret}", auth=None)
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["Content-Disposition"].endswith(f'-{result}.json"')
+        # Everything else about the job takes the key in the header only.
+        url_key = server.request("GET", f"/jobs/{own}?api_key={secret}", auth=None)
+        assert url_key.status_code == 401
     listed = _with_key(replicas.a, "GET", "/jobs", secret).json()["jobs"]
     assert [job["id"] for job in listed] == [own]
     # Reading only: no cancelling, not even its own.

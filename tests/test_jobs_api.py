@@ -9,8 +9,10 @@ import csv
 import io
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,10 @@ from pg import PostgresServer
 
 from helpers import InProcessServer, Server, ServerFactory
 from tabserve.cli import main
+from tabserve.server.jobs import Replica, is_orphaned
+from tabserve.store.backends import JobRecord, open_store
+from tabserve.store.records import PENDING
+from tabserve.store.state_dir import ensure_state_dir
 
 ASYNC = {"Prefer": "respond-async"}
 
@@ -112,6 +118,15 @@ def test_a_job_answers_202_then_succeeds_with_a_result(jobs_server: Server) -> N
     assert as_csv.headers["Content-Type"].startswith("text/csv")
     assert as_csv.headers["Content-Disposition"].endswith(f'{result_id}.csv"')
     assert list(csv.reader(io.StringIO(as_csv.text))) == [["value"], ["2"], ["4"], ["6"]]
+    # Every answer about a job or a result is the caller's: kept by no cache, and a page it
+    # opens sends no Referer (a download's URL may carry an API key).
+    for private in (answer, server.get(f"/jobs/{job['id']}"), server.get("/jobs"),
+                    server.get(f"/query_results/{result_id}"), as_json, as_csv):  # fmt: skip
+        assert private.headers["Cache-Control"] == "no-store", private.url
+        assert private.headers["Referrer-Policy"] == "no-referrer", private.url
+    head = server.request("HEAD", f"/query_results/{result_id}.csv")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["Content-Disposition"] == as_csv.headers["Content-Disposition"]
 
 
 def test_a_failed_job_carries_the_synchronous_error(jobs_server: Server) -> None:
@@ -192,6 +207,40 @@ def test_bad_input_is_a_clear_4xx(jobs_server: Server) -> None:
     assert answer.status_code == 202
 
 
+def test_queued_jobs_are_capped_in_number_and_request_bytes(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Beyond TABSERVE_JOB_MAX_PENDING jobs, or TABSERVE_JOB_MAX_REQUEST_MB of their request
+    bodies, a submission is a 503 with Retry-After; an ended job frees its place."""
+    server = server_factory(TABSERVE_JOB_MAX_PENDING="3", TABSERVE_JOB_MAX_REQUEST_MB="1")
+    running = submit(server, spinner(tmp_path / "spin.pid"))  # holds the one job slot
+    wait_pid(tmp_path / "spin.pid")
+    queued = [submit(server, "return 1"), submit(server, "return 2")]
+    full = server.post("/evaluate", json={"script": "return 3", "data": {}}, headers=ASYNC)
+    assert full.status_code == 503, full.text
+    assert full.json()["message"] == "Server is busy: too many asynchronous jobs"
+    assert "TABSERVE_JOB_MAX_PENDING (3)" in full.json()["info"]
+    assert int(full.headers["Retry-After"]) >= 1
+    # A synchronous call is not a job: it still runs.
+    assert server.post("/evaluate", json={"script": "return 4", "data": {}}).text == "4"
+    for job_id in queued:
+        assert server.request("DELETE", f"/jobs/{job_id}").json()["job"]["status"] == 5
+    # Room again, now by count; 600 kB twice is beyond 1 MiB of requests.
+    large = {"script": "return len(_arg1)", "data": {"_arg1": "x" * 600_000}}
+    first = server.post("/evaluate", json=large, headers=ASYNC)
+    assert first.status_code == 202, first.text
+    second = server.post("/evaluate", json=large, headers=ASYNC)
+    assert second.status_code == 503, second.text
+    assert "TABSERVE_JOB_MAX_REQUEST_MB" in second.json()["info"]
+    assert "Retry-After" in second.headers
+    # A single body over the whole allowance can never fit: 413, not 503.
+    huge = {"script": "return 0", "data": {"_arg1": "x" * 1_100_000}}
+    assert server.post("/evaluate", json=huge, headers=ASYNC).status_code == 413
+    server.request("DELETE", f"/jobs/{first.json()['job']['id']}")
+    assert server.post("/evaluate", json=large, headers=ASYNC).status_code == 202
+    server.request("DELETE", f"/jobs/{running}")
+
+
 @pytest.fixture
 def result_app(app_factory: Any) -> InProcessServer:
     return app_factory(TABSERVE_RESULT_TTL="1")
@@ -219,6 +268,24 @@ def test_results_are_capped_in_total_size(app_factory: Any) -> None:
     assert app.get(f"/query_results/{ids[0]}").status_code == 404
     for result_id in ids[1:]:
         assert app.get(f"/query_results/{result_id}").status_code == 200
+
+
+def test_a_result_over_the_total_cap_fails_its_job(app_factory: Any) -> None:
+    """A result alone over TABSERVE_RESULT_MAX_MB would be pruned as soon as it is stored:
+    its job ends FAILURE saying so (507), and the results already kept stay."""
+    app = app_factory(TABSERVE_RESULT_MAX_MB="1")
+    kept = wait_status(app, submit(app, "return 'small'"), {3, 4, 5})
+    assert kept["status"] == 3
+    job = wait_status(app, submit(app, "return 'x' * 1_100_000"), {3, 4, 5})
+    assert (job["status"], job["query_result_id"]) == (4, None), job
+    assert job["error"]["message"] == "Result too large to store"
+    assert "507 Insufficient Storage" in job["error"]["info"]
+    assert "TABSERVE_RESULT_MAX_MB" in job["error"]["info"]
+    assert app.get(f"/query_results/{kept['query_result_id']}").status_code == 200
+    # Just under the cap still fits.
+    fits = wait_status(app, submit(app, "return 'x' * 1_000_000"), {3, 4, 5})
+    assert fits["status"] == 3, fits
+    assert app.get(f"/query_results/{fits['query_result_id']}").status_code == 200
 
 
 def test_csv_of_records_and_scalars(app: InProcessServer) -> None:
@@ -277,6 +344,71 @@ def test_jobs_survive_a_restart(
     assert done["status"] == 3, done
     result = again.get(f"/query_results/{done['query_result_id']}").json()["query_result"]
     assert result["data"] == "ran after the restart"
+
+
+def _running_job(store: Any, job_id: str, claimed_by: str) -> None:
+    """A job ``claimed_by`` is running, heartbeating a moment ago as a live replica does
+    (a minute ahead, so that no slowness of this test makes it stale)."""
+    store.put_job(JobRecord(job_id, "evaluate", None, "", PENDING, b"{}", "", time.time()))
+    assert store.claim_job(claimed_by).id == job_id
+    with store._database().write() as tx:
+        tx.execute("UPDATE jobs SET heartbeat = ? WHERE id = ?", (time.time() + 60, job_id))
+
+
+def test_a_replica_in_another_pid_namespace_keeps_its_running_job(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Replicas on one hostname (host-network containers) need not share pids: a pid that
+    is dead here may be another namespace's live replica. Only a runner of this server's
+    own host, PID namespace and boot is ended at once for a dead pid; elsewhere the
+    heartbeat decides."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid nothing here runs as
+    me = Replica.current()
+    assert me.pid_namespace and me.boot_id  # Linux: both are readable
+    state = tmp_path / "state"
+    ensure_state_dir(state)
+    store = open_store(state)
+    store.migrate()
+    try:
+        elsewhere = replace(me, pid=gone.pid, pid_namespace=str(int(me.pid_namespace) + 1))
+        _running_job(store, "other-namespace", elsewhere.claim("aaaa"))
+        rebooted = replace(me, pid=gone.pid, boot_id="00000000-0000-0000-0000-000000000000")
+        _running_job(store, "other-boot", rebooted.claim("bbbb"))
+        _running_job(store, "here", replace(me, pid=gone.pid).claim("cccc"))
+    finally:
+        store.close()
+    server = server_factory(workdir=tmp_path, TABPY_STATE_PATH=str(state))
+    # The server looked for orphans before it answered anything.
+    here = server.get("/jobs/here").json()["job"]
+    assert (here["status"], here["error"]["message"]) == (4, "Job interrupted")
+    for job_id in ("other-namespace", "other-boot"):
+        assert server.get(f"/jobs/{job_id}").json()["job"]["status"] == 2, job_id
+
+
+def test_only_a_runner_of_this_pid_space_is_judged_by_its_pid() -> None:
+    me = Replica.current()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    now = time.time()
+    fresh, stale = now - 1, now - 3600
+    here = replace(me, pid=dead.pid)
+    assert is_orphaned(me, here.claim("t"), fresh, now)  # dead here: at once
+    assert not is_orphaned(me, replace(me, pid=os.getppid()).claim("t"), fresh, now)  # alive
+    for other in (
+        replace(here, pid_namespace=str(int(me.pid_namespace) + 1)),
+        replace(here, boot_id="another-boot"),
+        replace(here, host=me.host + "-other"),
+    ):
+        assert not is_orphaned(me, other.claim("t"), fresh, now), other
+        assert is_orphaned(me, other.claim("t"), stale, now), other
+    # An older tabserve's host:pid:token, and anything else: the heartbeat decides.
+    for claimed_by in (f"{me.host}:{dead.pid}:abcd", "", None):
+        assert not is_orphaned(me, claimed_by, fresh, now)
+        assert is_orphaned(me, claimed_by, stale, now)
+    # Where /proc cannot be read nothing is known to share pids.
+    blind = replace(me, pid_namespace="", boot_id="")
+    assert not is_orphaned(blind, replace(blind, pid=dead.pid).claim("t"), fresh, now)
 
 
 def _add_users(location: dict[str, str]) -> None:

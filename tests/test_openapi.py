@@ -75,6 +75,15 @@ def test_a_guarded_verb_without_a_403_stops_the_document(
         openapi.document(routes)
 
 
+def test_only_result_downloads_take_a_key_in_the_query_string() -> None:
+    document = openapi.document(ROUTES)
+    assert {"api_key": []} not in document["security"]
+    taking = sorted(path for path, operations in document["paths"].items()
+                    for verb, operation in operations.items() if verb in METHODS
+                    and {"api_key": []} in operation.get("security", []))  # fmt: skip
+    assert taking == ["/query_results/{id}.csv", "/query_results/{id}.json"]
+
+
 def test_bearer_tokens_are_a_security_scheme() -> None:
     components = openapi.document(ROUTES)["components"]
     assert components["securitySchemes"]["bearer"] == {

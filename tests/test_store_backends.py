@@ -15,6 +15,7 @@ import pytest
 from pg import PostgresServer
 
 from tabserve.store.backends import (
+    ApiKeyRecord,
     EndpointRecord,
     JobRecord,
     ResultRecord,
@@ -24,6 +25,7 @@ from tabserve.store.backends import (
     open_store,
 )
 from tabserve.store.database import Database, redact, sqlite_url
+from tabserve.store.jobs import JobLimitReached, JobLimits
 from tabserve.store.records import CANCELLED, FAILURE, PENDING, STARTED, SUCCESS
 from tabserve.store.schema import LATEST, MIGRATIONS, check_numbers
 from tabserve.store.sql import SqlStore
@@ -197,6 +199,24 @@ def test_users_are_added_changed_and_removed(store) -> None:  # type: ignore[no-
         store.put_user(alice, create=False)
 
 
+def test_deleting_a_user_revokes_their_keys(store) -> None:  # type: ignore[no-untyped-def]
+    """A key names its user by name: left active, it would act as a new user of that name."""
+    for name in ("alice", "bob"):
+        store.put_user(UserRecord(name, "scrypt$abc", None), create=True)
+    store.add_api_key(ApiKeyRecord("a" * 16, "h1", "alice", None, 1.0))
+    store.add_api_key(ApiKeyRecord("b" * 16, "h2", "bob", None, 1.0))
+    store.add_api_key(ApiKeyRecord("c" * 16, "h3", "alice", None, 1.0, revoked=5.0))
+    store.add_api_key(ApiKeyRecord("d" * 16, "h4", "", "churn", 1.0))  # an endpoint key
+    before = time.time()
+    store.delete_user("alice")
+    assert store.api_key("a" * 16).revoked >= before
+    assert store.api_key("c" * 16).revoked == 5.0  # the first revocation's time stays
+    assert store.api_key("b" * 16).revoked is None  # someone else's
+    assert store.api_key("d" * 16).revoked is None
+    store.put_user(UserRecord("alice", "scrypt$new", None), create=True)
+    assert store.api_key("a" * 16).revoked is not None  # the new alice gets none of them
+
+
 # The bare SQL store on SQLite has no watcher: the state directory's is tested instead.
 @pytest.mark.parametrize("kind", ["statedir", "postgresql"])
 def test_another_writer_is_noticed_within_a_second(kind, make_store) -> None:  # type: ignore[no-untyped-def]
@@ -329,3 +349,47 @@ def test_orphans_fail_and_results_are_pruned(store) -> None:  # type: ignore[no-
     # Older than 100 s: gone; then the oldest until at most 250 bytes remain.
     assert store.prune_results(now - 100, 250) == 2
     assert [store.result(f"r{n}") is not None for n in range(4)] == [False, False, True, True]
+
+
+def test_queued_and_running_jobs_are_capped_and_an_ended_job_keeps_no_request(store) -> None:  # type: ignore[no-untyped-def]
+    """The limits hold for queued and running jobs only: an ended job (success, failure,
+    cancellation, orphan) drops its request in the transaction that ends it, and frees its
+    place."""
+    body = b'{"script": "return 1"}'
+    size = len(body)
+    limits = JobLimits(pending=3, pending_per_owner=2, request_bytes=3 * size)
+    store.put_job(_job("a1", 1.0), limits)
+    store.put_job(_job("a2", 2.0), limits)
+    with pytest.raises(JobLimitReached) as caught:
+        store.put_job(_job("a3", 3.0), limits)  # alice's third
+    assert (caught.value.limit, caught.value.current) == ("pending_per_owner", 2)
+    assert store.job("a3") is None  # nothing written
+    store.put_job(_job("b1", 4.0, owner="bob"), limits)
+    with pytest.raises(JobLimitReached) as caught:
+        store.put_job(_job("c1", 5.0, owner="carol"), limits)
+    assert caught.value.limit == "pending"
+    # Bytes: a roomier count, the same bytes.
+    by_size = JobLimits(pending=10, pending_per_owner=10, request_bytes=3 * size)
+    with pytest.raises(JobLimitReached) as caught:
+        store.put_job(_job("c1", 5.0, owner="carol"), by_size)
+    assert (caught.value.limit, caught.value.current) == ("request_bytes", 3 * size)
+
+    # Each way of ending a job empties its request and frees its place.
+    store.claim_job("replica-1")  # a1
+    store.finish_job("a1", SUCCESS, None, ResultRecord("r1", None, None, b"1", time.time()))
+    store.cancel_job("a2")  # pending
+    store.claim_job("replica-1")  # b1
+    assert store.fail_orphaned_jobs(lambda claimed_by, _: True, '{"m": 1}') == ["b1"]
+    for job_id, status in (("a1", SUCCESS), ("a2", CANCELLED), ("b1", FAILURE)):
+        job = store.job(job_id)
+        assert (job.status, job.request) == (status, b""), job_id
+    store.put_job(_job("c1", 5.0, owner="carol"), by_size)
+    store.claim_job("replica-1")
+    store.finish_job("c1", FAILURE, '{"m": 2}', None)
+    assert store.job("c1").request == b""
+    store.put_job(_job("c2", 6.0, owner="carol"), limits)
+    store.claim_job("replica-1")
+    assert store.cancel_job("c2").request == b""  # a running job cancelled
+    for n in range(3):  # everything ended: the whole of each limit is free again
+        store.put_job(_job(f"d{n}", 7.0 + n, owner=f"user{n}"), limits)
+    assert store.job("d0").request == body  # a queued job keeps its request

@@ -74,6 +74,24 @@ def test_user_changes_reach_a_running_server(store_server: Server, capsys) -> No
     _eventually(lambda: server.get("/endpoints", auth=("late", "new-pass")).status_code == 401)
 
 
+def test_deleting_a_user_revokes_their_api_keys(store_server: Server) -> None:
+    """A key names its user by name: a new user given the name must not inherit it."""
+    server = store_server
+    temp = {"name": "temp", "password": "temp-pass-1", "permissions": ["query"]}
+    assert server.post("/users", json=temp).status_code == 201
+    created = server.post("/keys", json={"user": "temp"})
+    assert created.status_code == 201, created.text
+    key = created.json()["key"]
+    with_key = {"Authorization": f"Key {key['secret']}"}
+    assert server.get("/endpoints", auth=None, headers=with_key).status_code == 200
+    assert server.request("DELETE", "/users/temp").status_code == 204
+    assert server.post("/users", json=temp).status_code == 201  # the same name, again
+    time.sleep(1.0)  # past the second within which every replica re-reads a key
+    assert server.get("/endpoints", auth=None, headers=with_key).status_code == 401
+    assert server.get(f"/keys/{key['id']}").json()["key"]["revoked"] is not None
+    assert server.get("/endpoints", auth=("temp", "temp-pass-1")).status_code == 200
+
+
 def _eventually(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not condition():

@@ -25,6 +25,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import TabserveError
 from ..store.backends import Store, open_store
+from ..store.jobs import JobLimits
 from ..store.passwords import remove_stale_temps_for
 from ..store.state_dir import ServiceInfo, ensure_state_dir, service_info_from
 from . import openapi
@@ -369,6 +370,11 @@ async def build_services(
                 cpu_seconds=settings.worker_cpu_seconds,
                 result_ttl=settings.result_ttl,
                 result_max_bytes=settings.result_max_mb * 1024 * 1024,
+                limits=JobLimits(
+                    pending=settings.job_max_pending,
+                    pending_per_owner=settings.job_max_pending_per_user,
+                    request_bytes=settings.job_max_request_mb * 1024 * 1024,
+                ),
             ),
             evaluate_guard=sandbox.require_evaluate,
             query_refusal=_query_refusal(auth),

@@ -247,13 +247,32 @@ class Authenticator:
         return len(self.cache.users) if self.cache is not None else 0
 
     async def authenticate(
-        self, header: str | None, client: str, api_key: str | None = None
+        self,
+        header: str | None,
+        client: str,
+        api_key: str | None = None,
+        *,
+        key_in_url: bool = False,
     ) -> User:
         """The user a request runs as; raises Unauthorized (401) or NotAcceptable (406).
 
-        ``api_key`` is the ``api_key`` query argument (download links); a ``Key`` header is
-        the other way to send one. Sending both a header and the argument is a 400.
+        ``api_key`` is the ``api_key`` query argument; a ``Key`` header is the other way to
+        send one. Sending both a header and the argument is a 400. ``key_in_url`` says
+        whether the route and verb take the argument at all (only result downloads do):
+        elsewhere it is a 401 saying so.
         """
+        if api_key is not None and not key_in_url and self.enabled:
+            # A key in a URL ends up in browser histories, proxy logs and Referer headers:
+            # accepted only where nothing else can be sent (a link a browser or spreadsheet
+            # fetches), so that a client cannot get used to it elsewhere.
+            log.warning("Authentication failed from %s: ?api_key= on a route without it", client)
+            raise Unauthorized(
+                "API keys are not accepted in the URL here",
+                "?api_key= is only accepted by GET /query_results/<id>.json and "
+                "/query_results/<id>.csv (download links); send the key in the header "
+                "'Authorization: Key <key>' instead.",
+                realm=self.realm,
+            )
         key = _key_in(header, api_key)
         if not self.enabled:
             return self._without_auth(header, client, key_sent=key is not None)
@@ -306,7 +325,8 @@ class Authenticator:
         """An endpoint key's check, made for every authenticated request before the
         permission's: a route not declared for endpoint keys (``access`` None) is refused;
         ``"name"``: the path's endpoint ``name`` must be the key's; ``"resource"``: the
-        handler checks what it serves with :meth:`authorize_endpoint`."""
+        handler serves only what ``jobs.can_see`` lets the key see (a 404 otherwise, as
+        for any caller's job that is not theirs)."""
         if user.endpoint is None or access == "resource":
             return
         if access == "name" and name == user.endpoint:
@@ -316,12 +336,6 @@ class Authenticator:
             user.key_id, _shown(user.endpoint),
         )  # fmt: skip
         raise _endpoint_only(user.endpoint)
-
-    def authorize_endpoint(self, user: User, endpoint: str | None) -> None:
-        """Raise Forbidden (403) when an endpoint key asks for something (a job, a result)
-        that belongs to another endpoint, or to none (an /evaluate job)."""
-        if user.endpoint is not None and endpoint != user.endpoint:
-            raise _endpoint_only(user.endpoint)
 
     def authorize_evaluate(self, user: User, body: bytes, encoding: str) -> None:
         """Like ``authorize(user, "evaluate")``, but Tableau's connection test is allowed to

@@ -43,8 +43,8 @@ class User:
 
     ``key_id`` is set when an API key authenticated the request. ``endpoint`` is set for an
     endpoint key: the one endpoint it may reach. Routes that do not allow endpoint keys
-    refuse it in ``BaseHandler._authenticate``; a handler serving something that belongs to
-    an endpoint (a job, a result) checks it with ``Authenticator.authorize_endpoint``.
+    refuse it in ``BaseHandler._authenticate``; jobs and results are shown to it only when
+    ``jobs.can_see`` says so (its own, on its endpoint).
     """
 
     name: str

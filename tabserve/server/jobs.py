@@ -13,9 +13,10 @@ A running job's task is cancelled to cancel it: ``Executor.run`` then kills its 
 once (SIGKILL to the process group, as for a timeout) and starts a replacement. A job
 cancelled through another replica is noticed by the heartbeat that keeps the running job
 alive in the store (every ``HEARTBEAT`` seconds). A job whose runner died (the server
-stopped, or a replica vanished) is ended FAILURE by the next server that looks: at once for a
-process of this host that no longer exists, after ``STALE`` seconds without a heartbeat for
-one elsewhere.
+stopped, or a replica vanished) is ended FAILURE by the next server that looks: at once when
+its runner was a process this server can see (the same host, PID namespace and boot, see
+:class:`Replica`) that no longer exists, after ``STALE`` seconds without a heartbeat
+otherwise.
 """
 
 from __future__ import annotations
@@ -34,9 +35,17 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .. import logs
-from ..errors import NotFound, StoreUnavailable, TabserveError
+from ..errors import (
+    InsufficientStorage,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    StoreUnavailable,
+    TabserveError,
+)
 from ..protocol import JobKind
 from ..store.backends import Store
+from ..store.jobs import JobLimitReached, JobLimits
 from ..store.records import (
     CANCELLED,
     FAILURE,
@@ -53,8 +62,11 @@ from .executor import Executor, JobResult
 log = logging.getLogger("tabserve.jobs")
 
 HEARTBEAT = 2.0  # seconds between a running job's heartbeats (and cancellation checks)
-STALE = 30.0  # a started job of another host without a heartbeat this long is orphaned
+STALE = 30.0  # a started job of another pid space (Replica) without heartbeat this long: orphaned
 POLL = 1.0  # seconds between looks for pending jobs submitted elsewhere
+# When a full queue may have room again: jobs take seconds to hours, so a client told to
+# come back in one second would mostly poll the store's write lock.
+FULL_RETRY_AFTER = 5
 PRUNE_EVERY = 60.0  # seconds between removals of expired results
 
 KIND_QUERY = "query"
@@ -69,6 +81,76 @@ STOPPED = json.dumps(
 )
 
 
+@dataclass(frozen=True)
+class Replica:
+    """Where a server runs, as far as process ids go: a pid names one process only within
+    one PID namespace of one boot of one host.
+
+    Replicas may share a hostname without sharing pids: containers on the host's network
+    are each pid 1 in a namespace of their own. Checking another replica's pid is only
+    meaningful when all three match; ``pid_namespace`` and ``boot_id`` are empty where they
+    cannot be read (no /proc), and then nothing matches.
+    """
+
+    host: str
+    pid: int
+    pid_namespace: str  # the inode number of /proc/self/ns/pid
+    boot_id: str  # /proc/sys/kernel/random/boot_id: a new one at every boot
+
+    @classmethod
+    def current(cls) -> Replica:
+        try:
+            namespace = str(os.stat("/proc/self/ns/pid").st_ino)
+        except OSError:
+            namespace = ""
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as file:
+                boot_id = file.read().strip()
+        except (OSError, ValueError):
+            boot_id = ""
+        return cls(socket.gethostname(), os.getpid(), namespace, boot_id)
+
+    def claim(self, token: str) -> str:
+        """The ``claimed_by`` of this server's jobs: ``host:pid:namespace:boot:token`` (a
+        hostname, an inode number and a boot id hold no ``:``)."""
+        return f"{self.host}:{self.pid}:{self.pid_namespace}:{self.boot_id}:{token}"
+
+    @classmethod
+    def of(cls, claimed_by: str | None) -> Replica | None:
+        """The replica a ``claimed_by`` names; None for another form (an older tabserve's
+        ``host:pid:token`` included)."""
+        parts = (claimed_by or "").split(":")
+        if len(parts) != 5 or not parts[1].isdigit():
+            return None
+        return cls(parts[0], int(parts[1]), parts[2], parts[3])
+
+    def sees_pids_of(self, other: Replica) -> bool:
+        """Whether ``other``'s pid names a process of this server's pid space."""
+        if not (self.pid_namespace and self.boot_id):
+            return False
+        space = (self.host, self.pid_namespace, self.boot_id)
+        return (other.host, other.pid_namespace, other.boot_id) == space
+
+
+def is_orphaned(me: Replica, claimed_by: str | None, heartbeat: float | None, now: float) -> bool:
+    """Whether a started job claimed by ``claimed_by`` lost its runner (``me`` is the server
+    asking, not the job's own runner). Its pid is only trusted in ``me``'s pid space; a
+    runner anywhere else is gone once its heartbeat is ``STALE``."""
+    stale = heartbeat is None or heartbeat < now - STALE
+    runner = Replica.of(claimed_by)
+    if runner is None or not me.sees_pids_of(runner):
+        return stale
+    if runner.pid == me.pid:
+        return True  # this process's pid, another life: a restart that reused it
+    try:
+        os.kill(runner.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, someone else's
+    return stale
+
+
 def can_see(user: User, owner: str | None, endpoint: str | None) -> bool:
     """Whether ``user`` may see (and cancel) a job, or read a result, of ``owner`` made by
     calling ``endpoint`` (None for /evaluate). The one visibility rule of jobs and results.
@@ -78,6 +160,23 @@ def can_see(user: User, owner: str | None, endpoint: str | None) -> bool:
     if user.endpoint is not None and endpoint != user.endpoint:
         return False
     return user.can("manage") or owner == user.owner
+
+
+def _queue_full(full: JobLimitReached, limits: JobLimits) -> Overloaded:
+    """The 503 for a submission beyond a limit, naming the limit and its setting."""
+    info = {
+        "pending": f"{full.current} jobs are queued or running, the most "
+        f"TABSERVE_JOB_MAX_PENDING ({limits.pending}) allows.",
+        "pending_per_owner": f"This caller has {full.current} jobs queued or running, the "
+        f"most TABSERVE_JOB_MAX_PENDING_PER_USER ({limits.pending_per_owner}) allows.",
+        "request_bytes": f"Queued and running jobs hold {full.current} bytes of requests; "
+        f"this one would take them beyond TABSERVE_JOB_MAX_REQUEST_MB "
+        f"({limits.request_bytes} bytes).",
+    }[full.limit]
+    error = Overloaded("Server is busy: too many asynchronous jobs", info + " Retry later.")
+    error.retry_after = FULL_RETRY_AFTER
+    log.warning("jobs: submission refused: %s", info)
+    return error
 
 
 def _iso(moment: float | None) -> str | None:
@@ -106,6 +205,7 @@ class JobConfig:
     cpu_seconds: int  # the worker's CPU backstop for a job (0: none)
     result_ttl: float
     result_max_bytes: int
+    limits: JobLimits  # TABSERVE_JOB_MAX_PENDING, _PENDING_PER_USER, _REQUEST_MB
 
 
 class JobService:
@@ -126,8 +226,8 @@ class JobService:
         self.config = config
         self.evaluate_guard = evaluate_guard  # raises when scripts must not run
         self.query_refusal = query_refusal  # what tabpy.query() raises for evaluate-noquery
-        self.host = socket.gethostname()
-        self.replica = f"{self.host}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.me = Replica.current()
+        self.replica = self.me.claim(secrets.token_hex(4))
         self.slots = max(1, executor.config.workers - 1)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
@@ -163,7 +263,18 @@ class JobService:
             encoding=encoding,
             created=time.time(),
         )
-        await asyncio.to_thread(self.store.put_job, job)
+        limits = self.config.limits
+        if len(job.request) > limits.request_bytes:
+            # No amount of waiting makes room for it: not a 503.
+            raise PayloadTooLarge(
+                f"Request with size {len(job.request)} exceeded limit of "
+                f"{limits.request_bytes} (bytes).",
+                "An asynchronous job's request may not be larger than TABSERVE_JOB_MAX_REQUEST_MB.",
+            )
+        try:
+            await asyncio.to_thread(self.store.put_job, job, limits)
+        except JobLimitReached as full:
+            raise _queue_full(full, limits) from None
         self._wake.set()
         return job
 
@@ -250,15 +361,7 @@ class JobService:
             fault = TabserveError("Internal server error", f"{type(exc).__name__}: {exc}")
             status, error, record = FAILURE, json.dumps(fault.envelope()), None
         else:
-            status, error = SUCCESS, None
-            version = result.meta.get("version")
-            record = ResultRecord(
-                id=uuid.uuid4().hex,
-                endpoint=job.endpoint,
-                version=int(version) if version is not None else None,
-                body=result.body,
-                retrieved_at=time.time(),
-            )
+            status, error, record = self._outcome(job, result)
         try:
             final = await asyncio.to_thread(self.store.finish_job, job.id, status, error, record)
         except Exception:
@@ -270,6 +373,32 @@ class JobService:
         )  # fmt: skip
         if record is not None and final == SUCCESS:
             await self._prune()  # the total size cap holds after every new result
+
+    def _outcome(
+        self, job: JobRecord, result: JobResult
+    ) -> tuple[int, str | None, ResultRecord | None]:
+        """A job that ran to the end: SUCCESS with its result, unless the result alone is
+        over the total size cap of results."""
+        size = len(result.body)
+        if size > self.config.result_max_bytes:
+            # Stored, it would be pruned at once to keep that cap: a SUCCESS whose result is
+            # a 404 (and every other result evicted for nothing). Say why instead.
+            too_large = InsufficientStorage(
+                "Result too large to store",
+                f"507 Insufficient Storage: the job's result is {size} bytes, and stored "
+                f"results may take at most {self.config.result_max_bytes} bytes in all "
+                "(TABSERVE_RESULT_MAX_MB). Return less, or make the call synchronously.",
+            )
+            return FAILURE, json.dumps(too_large.envelope()), None
+        version = result.meta.get("version")
+        record = ResultRecord(
+            id=uuid.uuid4().hex,
+            endpoint=job.endpoint,
+            version=int(version) if version is not None else None,
+            body=result.body,
+            retrieved_at=time.time(),
+        )
+        return SUCCESS, None, record
 
     async def _prune(self) -> None:
         try:
@@ -327,18 +456,4 @@ class JobService:
         """Whether a started job's runner is gone (called in the store's transaction)."""
         if claimed_by == self.replica:
             return False
-        stale = heartbeat is None or heartbeat < time.time() - STALE
-        host, _, rest = (claimed_by or "").partition(":")
-        pid_text = rest.partition(":")[0]
-        if host != self.host or not pid_text.isdigit():
-            return stale
-        pid = int(pid_text)
-        if pid == os.getpid():
-            return True  # this process's pid, another life: a restart that reused it
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass  # alive, someone else's
-        return stale
+        return is_orphaned(self.me, claimed_by, heartbeat, time.time())

@@ -39,8 +39,9 @@ _ERRORS = {
     "413": "The body (or the inflated gzip body) is over TABPY_MAX_REQUEST_SIZE_MB.",
     "415": "A Content-Encoding this server does not accept.",
     "500": "Error processing script, or the worker running it failed.",
-    "503": "Every worker is busy and the queue is full (Retry-After: 1); or, for a change "
-    "to endpoints, the store cannot be written.",
+    "503": "Every worker is busy and the queue is full (Retry-After: 1); with Prefer: "
+    "respond-async, too many jobs are queued (Retry-After: 5); or, for a change to "
+    "endpoints, the store cannot be written.",
     "507": "The state directory is full: the change was not stored (nothing else changed).",
 }
 
@@ -380,6 +381,10 @@ def _errors(*codes: int) -> dict[str, Any]:
     }
 
 
+# Every authenticated operation's ways in ({}: none, when authentication is off).
+_SECURITY: list[dict[str, list[str]]] = [{}, {"basic": []}, {"bearer": []}, {"key": []}]
+
+
 def _body(schema: dict[str, Any], description: str) -> dict[str, Any]:
     # Tableau 2020.1 labels its JSON as a form; the body is JSON whatever the type says.
     return {
@@ -424,6 +429,9 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
             for verb in described:
                 operation = path[verb]
                 path[verb] = {"summary": operation["summary"], "security": [{}], **operation}
+        for verb in described & {v.lower() for v in route.key_in_url}:
+            # The only operations that take a key in the query string (download links).
+            path[verb] = {**path[verb], "security": [*_SECURITY, {"api_key": []}]}
         paths[route.path] = path
     return {
         "openapi": "3.1.0",
@@ -448,10 +456,15 @@ def document(routes: Sequence[Route]) -> dict[str, Any]:
                     "scheme": "key",
                     "description": "An API key: Authorization: Key tsk_...",
                 },
-                "api_key": {"type": "apiKey", "in": "query", "name": "api_key"},
+                "api_key": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "api_key",
+                    "description": "An API key in the URL: result downloads only.",
+                },
             },
         },
-        "security": [{}, {"basic": []}, {"bearer": []}, {"key": []}, {"api_key": []}],
+        "security": _SECURITY,
         "paths": paths,
     }
 

@@ -58,9 +58,12 @@ class Route:
     token_permissions: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # The verbs an endpoint key may call here, and how its endpoint is checked: "name" (the
     # path's {name} must be the key's endpoint), or "resource" (the handler checks what it
-    # serves with Authenticator.authorize_endpoint). Any other verb or route refuses such
-    # a key with 403 (BaseHandler._authenticate).
+    # serves only what jobs.can_see lets the key see: a 404 otherwise). Any other verb or
+    # route refuses such a key with 403 (BaseHandler._authenticate).
     endpoint_keys: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # The verbs that accept an API key as ``?api_key=``: downloads a browser or spreadsheet
+    # fetches by URL, which cannot send a header. Anywhere else it is a 401.
+    key_in_url: frozenset[str] = frozenset()
     # Answered without credentials when authentication is on; a function of the settings
     # where a setting decides.
     public: bool | Callable[[Settings], bool] = False
@@ -94,6 +97,10 @@ def _metrics_public(settings: Settings) -> bool:
     return not settings.metrics_auth
 
 
+# Result downloads: GET, and HEAD (a spreadsheet may look before it fetches).
+_DOWNLOAD_VERBS = frozenset({"GET", "HEAD"})
+_DOWNLOAD_KEYS = MappingProxyType({"GET": "resource", "HEAD": "resource"})
+
 # In the order /openapi.json lists them. /evaluate declares no permission: its handler checks
 # 'evaluate' itself, because Tableau's connection test is allowed without it.
 ROUTES: tuple[Route, ...] = (
@@ -123,8 +130,18 @@ ROUTES: tuple[Route, ...] = (
     Route("/jobs", JobsHandler, endpoint_keys={"GET": "resource"}),
     Route("/jobs/{id}", JobHandler, endpoint_keys={"GET": "resource"}),
     # The downloads first: the plain route's {id} would match "x.csv" too.
-    Route("/query_results/{id}.json", QueryResultFileHandler, endpoint_keys={"GET": "resource"}),
-    Route("/query_results/{id}.csv", QueryResultFileHandler, endpoint_keys={"GET": "resource"}),
+    Route(
+        "/query_results/{id}.json",
+        QueryResultFileHandler,
+        endpoint_keys=_DOWNLOAD_KEYS,
+        key_in_url=_DOWNLOAD_VERBS,
+    ),
+    Route(
+        "/query_results/{id}.csv",
+        QueryResultFileHandler,
+        endpoint_keys=_DOWNLOAD_KEYS,
+        key_in_url=_DOWNLOAD_VERBS,
+    ),
     Route("/query_results/{id}", QueryResultHandler, endpoint_keys={"GET": "resource"}),
     # TabPy binds the deploy scope to this route; password-file users need no permission.
     Route(

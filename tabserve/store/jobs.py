@@ -8,16 +8,46 @@ replicas must not reload their endpoints for every call.
 A job is claimed in one exclusive transaction (``status`` 1 -> 2, ``claimed_by`` set), so
 two replicas never run the same job. A finished job's result row is written in the same
 transaction as its status, so a SUCCESS always has a result to point at.
+
+A job keeps its request body only while it may still run: every write that ends a job
+(success, failure, cancellation, an orphan's failure) empties ``request`` in the same
+transaction. So the bytes the jobs table holds are those of queued and running jobs, which
+:class:`JobLimits` bounds when a job is queued.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from .database import Database, Tx
 from .records import CANCELLED, FAILURE, PENDING, STARTED, JobRecord, ResultRecord
+
+# What an ended job keeps of its request: nothing (the column is NOT NULL).
+_CLEARED = b""
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """Bounds on what queued and running jobs may hold, checked as a job is queued."""
+
+    pending: int  # queued or running jobs, everyone's
+    pending_per_owner: int  # queued or running jobs of one owner
+    request_bytes: int  # the total size of their request bodies
+
+
+class JobLimitReached(Exception):
+    """Queuing the job would exceed one of :class:`JobLimits`; nothing was written.
+
+    ``limit`` names the field of :class:`JobLimits`; ``current`` is what is held now.
+    """
+
+    def __init__(self, limit: str, current: int) -> None:
+        super().__init__(f"{limit}: {current} held")
+        self.limit = limit
+        self.current = current
+
 
 _JOB_COLUMNS = (
     "id, kind, endpoint, owner, status, request, encoding, created, started, finished, "
@@ -42,8 +72,13 @@ class JobTables:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def put_job(self, job: JobRecord) -> None:
+    def put_job(self, job: JobRecord, limits: JobLimits | None = None) -> None:
+        """Queue ``job``. With ``limits``, raise :class:`JobLimitReached` instead when it
+        would take the queued and running jobs beyond one of them: checked in the write
+        transaction, so concurrent submissions (of every replica) cannot overshoot."""
         with self._database().write() as tx:
+            if limits is not None:
+                _check_limits(tx, job, limits)
             tx.execute(
                 f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 14)})",
                 (
@@ -112,8 +147,9 @@ class JobTables:
             if result is not None:
                 _insert_result(tx, result)
             tx.execute(
-                "UPDATE jobs SET status = ?, finished = ?, error = ?, result_key = ? WHERE id = ?",
-                (status, now, error, None if result is None else result.id, job_id),
+                "UPDATE jobs SET status = ?, finished = ?, error = ?, result_key = ?, "
+                "request = ? WHERE id = ?",
+                (status, now, error, None if result is None else result.id, _CLEARED, job_id),
             )
         return status
 
@@ -122,8 +158,9 @@ class JobTables:
         now = time.time()
         with self._database().write() as tx:
             tx.execute(
-                "UPDATE jobs SET status = ?, finished = ? WHERE id = ? AND status IN (?, ?)",
-                (CANCELLED, now, job_id, PENDING, STARTED),
+                "UPDATE jobs SET status = ?, finished = ?, request = ? "
+                "WHERE id = ? AND status IN (?, ?)",
+                (CANCELLED, now, _CLEARED, job_id, PENDING, STARTED),
             )
             rows = tx.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return _job(rows[0]) if rows else None
@@ -144,9 +181,9 @@ class JobTables:
         with self._database().write() as tx:
             for job_id in ids:
                 tx.execute(
-                    "UPDATE jobs SET status = ?, finished = ?, error = ? "
+                    "UPDATE jobs SET status = ?, finished = ?, error = ?, request = ? "
                     "WHERE id = ? AND status = ?",
-                    (FAILURE, now, message, job_id, STARTED),
+                    (FAILURE, now, message, _CLEARED, job_id, STARTED),
                 )
         return ids
 
@@ -209,6 +246,22 @@ class JobTables:
                     total -= int(size)
                     removed += 1
         return removed
+
+
+def _check_limits(tx: Tx, job: JobRecord, limits: JobLimits) -> None:
+    # LENGTH of a BLOB (SQLite) or a bytea (PostgreSQL) is its size in bytes, read from the
+    # row's header or TOAST pointer: the bodies themselves are not read.
+    pending, mine, size = tx.execute(
+        "SELECT COUNT(*), COALESCE(SUM(CASE WHEN owner = ? THEN 1 ELSE 0 END), 0), "
+        "COALESCE(SUM(LENGTH(request)), 0) FROM jobs WHERE status IN (?, ?)",
+        (job.owner, PENDING, STARTED),
+    )[0]
+    if int(pending) >= limits.pending:
+        raise JobLimitReached("pending", int(pending))
+    if int(mine) >= limits.pending_per_owner:
+        raise JobLimitReached("pending_per_owner", int(mine))
+    if int(size) + len(job.request) > limits.request_bytes:
+        raise JobLimitReached("request_bytes", int(size))
 
 
 def _insert_result(tx: Tx, result: ResultRecord) -> None:

@@ -185,11 +185,18 @@ class SqlStore(JobTables):
             self._notify(tx, generation)
 
     def delete_user(self, name: str) -> None:
+        """Remove the user and revoke their keys, in one transaction: a key names its user
+        by name only, so a key left active would act as anyone later given that name."""
         with self.db.write() as tx:
             if not tx.execute("SELECT 1 FROM users WHERE name = ?", (name,)):
                 raise KeyError(f"user {name} does not exist")
             generation = _bump(tx)
             tx.execute("DELETE FROM users WHERE name = ?", (name,))
+            tx.execute(
+                "UPDATE api_keys SET revoked = ? "
+                "WHERE user_name = ? AND endpoint IS NULL AND revoked IS NULL",
+                (time.time(), name),
+            )
             self._notify(tx, generation)
 
     # -- API keys --------------------------------------------------------------------------

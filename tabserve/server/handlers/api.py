@@ -150,6 +150,7 @@ class CallHandler(BaseHandler):
     def _write_job(self, job: JobRecord) -> None:
         self.set_header("Location", f"/jobs/{job.id}")
         self.set_header("Preference-Applied", "respond-async")
+        self.keep_private()
         self.add_cors_headers()
         self.write_json({"job": job_document(job)}, status=202)
 

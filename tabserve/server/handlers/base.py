@@ -181,12 +181,13 @@ class BaseHandler(RequestHandler):
     async def _authenticate(self) -> None:
         auth = self.services.auth
         try:
+            method = self.request.method or "GET"
             self.user = await auth.authenticate(
                 self.request.headers.get("Authorization"),
                 self.request.remote_ip or "?",
                 self._api_key_argument(),
+                key_in_url=method in self.route.key_in_url,
             )
-            method = self.request.method or "GET"
             # An endpoint key: only routes declared for it, and only its endpoint.
             auth.authorize_route(
                 self.user,
@@ -299,6 +300,13 @@ class BaseHandler(RequestHandler):
     def add_cors_headers(self) -> None:
         for key, value in self.services.service.cors:
             self.set_header(key, value)
+
+    def keep_private(self) -> None:
+        """For answers about jobs and results: their data is the caller's, and the URL may
+        hold an API key (downloads). No cache keeps them, and a page they open tells no
+        other site where it came from."""
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Referrer-Policy", "no-referrer")
 
     def write_json(self, value: Any, status: int = 200) -> None:
         """Write a small control-plane document with TabPy's separators."""

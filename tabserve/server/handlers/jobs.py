@@ -1,4 +1,6 @@
-"""Jobs and their results: GET/DELETE /jobs/<id>, GET /query_results/<id>[.json|.csv]."""
+"""Jobs and their results: GET/DELETE /jobs/<id>, GET /query_results/<id>[.json|.csv].
+
+Every answer here is the caller's own data: ``keep_private`` keeps it out of caches."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class JobsHandler(BaseHandler):
         jobs = await self.services.jobs.recent(self.user, limit=1000)
         items = [{**job_document(job), "endpoint": job.endpoint} for job in jobs]
         page, pagination = paginate(items, self.list_query(), _JOB_FIELDS)
+        self.keep_private()
         self.write_json({"jobs": page, "pagination": pagination.as_json()})
 
 
@@ -27,11 +30,13 @@ class JobHandler(BaseHandler):
     async def get(self, job_id: str) -> None:
         """A job's status: 1 pending, 2 started, 3 success, 4 failure, 5 cancelled."""
         job = await self.services.jobs.get(job_id, self.user)
+        self.keep_private()
         self.write_json({"job": job_document(job)})
 
     async def delete(self, job_id: str) -> None:
         """Cancel a job: a pending one never starts, a running one's worker is killed."""
         job = await self.services.jobs.cancel(job_id, self.user)
+        self.keep_private()
         self.write_json({"job": job_document(job)})
 
 
@@ -47,6 +52,7 @@ class QueryResultHandler(BaseHandler):
             "retrieved_at": result.retrieved_at,
             "runtime_ms": result.runtime_ms,
         }
+        self.keep_private()
         # The data is spliced in as bytes: it is never re-encoded on the event loop.
         self.finish(b'{"query_result": ' + json.dumps(head)[:-1].encode() + b', "data": ' +
                     data + b"}}")  # fmt: skip
@@ -65,7 +71,10 @@ class QueryResultFileHandler(BaseHandler):
             body = await asyncio.to_thread(_data_json, result.body, is_query)
         name = filename(result.endpoint, result.id, extension)
         self.set_header("Content-Disposition", f'attachment; filename="{name}"')
-        self.finish(body)
+        self.keep_private()
+        self.finish(body)  # for HEAD, Tornado sends the headers only
+
+    head = get
 
 
 def _data_json(body: bytes, is_query: bool) -> bytes:

@@ -1,0 +1,92 @@
+"""CPU time per call of each process of a server, under wrk load.
+
+    python -m bench.cpu [--seconds 5] [--connections 8] [--workers 2] [SETTING=VALUE ...]
+
+Starts tabserve (and the bare Tornado ceiling) on free ports, deploys ``add2`` with TabPy's
+own client, and for small ``/evaluate``, ``/query/add2`` and ``/info`` prints req/s and the
+CPU time (user + system, from ``/proc``) the front end and the workers spent per call.
+CPU per call suffers much less from a busy machine than req/s does. Needs wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+from bench import loadgen, servers
+from bench import workloads as wl
+from bench.servers import Server, ServerOptions
+
+
+def _cpu(processes: list[psutil.Process]) -> dict[int, float]:
+    seconds: dict[int, float] = {}
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        seconds[process.pid] = times.user + times.system
+    return seconds
+
+
+def measure(server: Server, request: loadgen.Request, seconds: float, connections: int) -> str:
+    loadgen._wrk_load(server.host, server.port, request, connections, 1.0, 10**9)  # warm up
+    root = psutil.Process(server.proc.pid)
+    processes = [root, *root.children(recursive=True)]
+    before = _cpu(processes)
+    result = loadgen._wrk_load(server.host, server.port, request, connections, seconds, 10**9)
+    after = _cpu(processes)
+    calls = max(result.requests, 1)
+    front = (after[root.pid] - before[root.pid]) / calls * 1e6
+    others = sum(after[p] - before[p] for p in after if p != root.pid and p in before)
+    rate = result.requests / result.elapsed_s
+    workers = others / calls * 1e6
+    return f"{rate:,.0f} req/s, front end {front:.0f} µs/call, workers {workers:.0f} µs/call"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("settings", nargs="*", help="more tabserve settings, KEY=VALUE")
+    args = parser.parse_args(argv)
+    if not loadgen.wrk_available():
+        print("bench.cpu needs wrk (apt-get install wrk)", file=sys.stderr)
+        return 2
+    settings = dict(item.split("=", 1) for item in args.settings)
+    root = Path(tempfile.mkdtemp(prefix="tabserve-cpu-"))
+    tabserve = servers.start_tabserve(
+        sys.executable, ServerOptions(workers=args.workers, settings=settings), root
+    )
+    ceiling = servers.start_ceiling(sys.executable, ServerOptions(), root)
+    try:
+        tabserve.wait_ready()
+        ceiling.wait_ready()
+        tabpy_python = str(servers.ensure_tabpy_venv() / "bin" / "python")
+        subprocess.run(
+            [tabpy_python, str(wl.DEPLOY_SCRIPT), tabserve.url], check=True, capture_output=True
+        )
+        calls = {
+            "small /evaluate": wl._scalar_add,
+            "/query/add2": wl._query_add2,
+            "/info": wl._info,
+        }
+        for name, make in calls.items():
+            line = measure(tabserve, make(tabserve), args.seconds, args.connections)
+            print(f"tabserve {name}: {line}")
+        line = measure(ceiling, wl._scalar_add(ceiling), args.seconds, args.connections)
+        print(f"bare Tornado: {line.split(', workers')[0]}")
+    finally:
+        tabserve.stop()
+        ceiling.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
