@@ -94,6 +94,7 @@ def run_server(config: str | None) -> int:
         logging.getLogger("tabserve.config").warning("%s", finding.message)
     from .errors import StoreUnavailable
     from .server.flight import FlightStartError
+    from .server.frontends import FrontEndFailed
     from .server.oauth import OAuthConfigError
     from .server.tls import TLSConfigError
     from .store.database import StoreError
@@ -113,6 +114,7 @@ def run_server(config: str | None) -> int:
         FlightStartError,
         StoreError,
         OAuthConfigError,
+        FrontEndFailed,
     ) as exc:
         print(f"tabserve: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -60,6 +60,18 @@ def _parse_positive_int(raw: str) -> int:
     return value
 
 
+# Front-end processes: each is a whole Tornado server with its own services; beyond a few per
+# core they only add memory and store connections.
+MAX_PROCESSES = 64
+
+
+def _parse_processes(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= MAX_PROCESSES:
+        raise ValueError(f"expected a whole number from 1 to {MAX_PROCESSES}")
+    return value
+
+
 def _parse_non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
@@ -496,6 +508,13 @@ class Settings:
         "Number of worker processes running user code.",
         factory=_default_workers,
         doc="the number of CPUs",
+    )
+    processes: int = setting(
+        "TABSERVE_PROCESSES",
+        _parse_processes,
+        "Front-end processes (Tornado event loops) accepting on the port, all sharing one "
+        "worker pool; with 2 or more, the process started supervises them and serves no HTTP.",
+        1,
     )
     worker_memory_mb: int = setting(
         "TABSERVE_WORKER_MEMORY_MB",
@@ -993,6 +1012,13 @@ def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
                 "on the Arrow Flight port (gRPC always accepts TLS 1.2); use TLSv1_2 or set "
                 "TABPY_ARROW_ENABLE = false"
             )
+    if settings.processes > 1 and settings.arrow_enabled:
+        # The Flight server is one gRPC port per process, with its tables in that process's
+        # memory: front ends cannot share it (yet), and a half-shared one would be wrong.
+        raise ConfigError(
+            "TABSERVE_PROCESSES > 1 cannot serve Arrow Flight (TABPY_ARROW_ENABLE = true): "
+            "set TABSERVE_PROCESSES = 1 or TABPY_ARROW_ENABLE = false"
+        )
     if settings.users == "store" and settings.password_file is not None:
         raise ConfigError(
             "TABSERVE_USERS = store and TABPY_PWD_FILE are both set: users come from one "

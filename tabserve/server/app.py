@@ -455,6 +455,11 @@ async def serve(settings: Settings, out: TextIO = sys.stdout) -> None:
     ``TABSERVE_SHUTDOWN_GRACE`` seconds (a second signal cuts that short), then stop the
     workers, killing any still running.
     """
+    if settings.processes > 1:
+        from .frontends import serve_master  # several front ends: this process supervises
+
+        await serve_master(settings, out)
+        return
     signals = _SignalWatch()
     # A JWKS host that must not be used stops the start before anything else starts.
     bearer = load_bearer(settings)
@@ -573,10 +578,10 @@ class _SignalWatch:
     """SIGTERM and SIGINT, as an awaitable; installed before workers start, so a signal
     during start-up is not lost."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)):
         self._event = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.add_signal_handler(sig, self._event.set)
 
     async def wait(self) -> None:

@@ -282,6 +282,9 @@ class FailureThrottle:
         while base_delay > 0 and base_delay * (2**doublings) < max_delay:
             doublings += 1
         self._keep = threshold + doublings + 1
+        # Told of each failure recorded here, so other front-end processes count it too
+        # (frontends.py); ``record_failure(addr, shared=False)`` records theirs.
+        self.on_failure: Callable[[str], None] | None = None
 
     def _recent(self, addr: str, now: float) -> deque[float] | None:
         times = self._failures.get(addr)
@@ -294,7 +297,9 @@ class FailureThrottle:
             return None
         return times
 
-    def record_failure(self, addr: str) -> None:
+    def record_failure(self, addr: str, shared: bool = True) -> None:
+        if shared and self.on_failure is not None:
+            self.on_failure(addr)
         now = self._clock()
         with self._lock:
             times = self._recent(addr, now)

@@ -203,7 +203,7 @@ class WorkerProcess:
     ``sendmsg`` (the rest, if the socket is full, when it becomes writable).
     """
 
-    def __init__(self, launched: Launched) -> None:
+    def __init__(self, launched: Launched, reading: bool = True) -> None:
         self.launched = launched
         self.pid: int = launched.pid
         self.channel = launched.channel
@@ -221,7 +221,11 @@ class WorkerProcess:
         self._failure: Exception | None = None
         self._unsent: deque[memoryview] = deque()
         self._open = True
-        self._loop.add_reader(self.channel, self._readable)
+        # Off while another process holds the worker on lease (front ends, frontends.py): two
+        # readers of one socket would split its frames between them.
+        self._reading = reading
+        if reading:
+            self._loop.add_reader(self.channel, self._readable)
         self.exited.add_done_callback(self._on_exit)
 
     @classmethod
@@ -277,7 +281,7 @@ class WorkerProcess:
     def _on_exit(self, _: object) -> None:
         # Whatever it wrote before it exited is in the socket by now: read that first, so a
         # reply sent just before a recycling exit is not lost.
-        while self._open and self._readable():
+        while self._open and self._reading and self._readable():
             pass
         self._fail(ProtocolError("the worker exited"))
 
@@ -341,9 +345,22 @@ class WorkerProcess:
     def _stop_io(self) -> None:
         if self._open:
             self._open = False
+            self._reading = False
             self._loop.remove_reader(self.channel)
             self._loop.remove_writer(self.channel)
             self._unsent.clear()
+
+    def pause(self) -> None:
+        """Stop reading its socket: another process talks to it now (a lease)."""
+        if self._open and self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.channel)
+
+    def resume(self) -> None:
+        """Read its socket again (the lease came back)."""
+        if self._open and not self._reading:
+            self._reading = True
+            self._loop.add_reader(self.channel, self._readable)
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -496,6 +513,11 @@ class Executor:
         return sum(1 for worker in self._workers if worker.alive)
 
     @property
+    def members(self) -> list[WorkerProcess]:
+        """The workers of the pool now (busy, idle or leased)."""
+        return list(self._workers)
+
+    @property
     def pids(self) -> list[int]:
         return sorted(worker.pid for worker in self._workers)
 
@@ -597,6 +619,57 @@ class Executor:
         else:
             self._release(worker)
         return job_result(reply, body, worker.pid, queue_ms, returned)
+
+    # -- leases: a front-end process runs the job itself (frontends.py) --------------------
+
+    async def lease(self, timeout: float) -> WorkerProcess:
+        """An idle worker for another process to talk to directly, waiting in the same queue
+        as ``run``'s callers; this process stops reading its socket until ``give_back`` or
+        ``retire_leased``. Raises Overloaded or ScriptTimeout as ``run`` does."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        worker = await self._acquire(deadline, timeout)
+        self._busy += 1
+        worker.busy = True
+        worker.pause()
+        return worker
+
+    def give_back(self, worker: WorkerProcess, recycle: bool = False) -> None:
+        """End a lease whose job was answered: the worker is idle again (or recycled)."""
+        self._busy -= 1
+        worker.busy = False
+        if worker not in self._workers:
+            return
+        if not worker.alive:
+            self.stats.crashes += 1
+            self.stats.kills += 1
+            log.error("worker %d %s", worker.pid, describe_exit(worker.returncode))
+            self._retire(worker)
+        elif recycle:
+            self._retire(worker)
+        else:
+            worker.resume()
+            self._release(worker)
+
+    def retire_leased(self, worker: WorkerProcess, reason: str) -> None:
+        """End a lease whose job did not end with a reply: kill the worker, start another.
+
+        ``reason``: ``timeout`` (counted as a timeout), ``crash`` (its worker died), or
+        anything else (a job cancelled mid-way: not counted, as in ``run``)."""
+        self._busy -= 1
+        worker.busy = False
+        if worker not in self._workers:
+            return
+        if reason in ("timeout", "crash"):
+            self.stats.kills += 1
+            if reason == "timeout":
+                self.stats.timeouts += 1
+            else:
+                self.stats.crashes += 1
+        self._retire(worker)
+
+    async def exit_code(self, worker: WorkerProcess) -> int | None:
+        """``worker``'s exit status, waiting up to 2 s for it to exit (None if it does not)."""
+        return await self._exit_code(worker)
 
     async def _acquire(self, deadline: float, timeout: float) -> WorkerProcess:
         if self._closing:

@@ -1,0 +1,215 @@
+"""TABSERVE_PROCESSES = 2: two front-end processes, one master, one worker pool, for real.
+
+Which front end answers a connection is the kernel's choice; a keep-alive session stays on
+the one that accepted it, and /health/ready's ``process`` check names that process, so each
+test holds one session per front end and knows which one it is talking to.
+"""
+
+from __future__ import annotations
+
+import base64
+import platform
+import re
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cloudpickle
+import psutil
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import USER1_HASH, Server, ServerFactory, write
+
+_PROCESS = re.compile(r"pid (\d+)")
+
+
+def frontend_pid(session: requests.Session, server: Server) -> int:
+    response = session.get(server.url + "/health/ready", timeout=30)
+    for check in response.json()["checks"]:
+        if check["name"] == "process":
+            match = _PROCESS.search(check["detail"])
+            assert match, check
+            return int(match.group(1))
+    raise AssertionError(f"no process check: {response.text}")
+
+
+def sessions(server: Server, auth: tuple[str, str] | None = None) -> dict[int, requests.Session]:
+    """One keep-alive session connected to each of the two front ends, by pid."""
+    found: dict[int, requests.Session] = {}
+    # The port answers as soon as the first front end is up; the second may still be starting.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        session = requests.Session()
+        session.auth = auth
+        pid = frontend_pid(session, server)
+        if pid in found:
+            session.close()
+        else:
+            found[pid] = session
+        if len(found) == 2:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"only front ends {sorted(found)} ever answered")
+
+
+def evaluate(
+    session: requests.Session, server: Server, script: str, timeout: float = 60
+) -> requests.Response:
+    return session.post(
+        server.url + "/evaluate", json={"script": script, "data": {}}, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def two(server_factory: ServerFactory) -> Server:
+    return server_factory(TABSERVE_PROCESSES="2", TABPY_EVALUATE_TIMEOUT="4", TABSERVE_WORKERS="2")
+
+
+def test_both_front_ends_answer_and_the_master_serves_none(two: Server) -> None:
+    found = sessions(two)
+    children = {child.pid for child in psutil.Process(two.process.pid).children()}
+    # Both are the master's own children; the master itself never answers.
+    assert set(found) <= children
+    assert two.process.pid not in found
+    for session in found.values():
+        assert evaluate(session, two, "return [1]").json() == [1]
+
+
+@pytest.mark.slow
+def test_a_runaway_script_is_killed_and_the_others_go_on(two: Server) -> None:
+    found = sessions(two)
+    runaway_on, other = list(found.values())
+    kills = two.metric("tabserve_worker_kills_total")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        started = time.monotonic()
+        runaway = pool.submit(evaluate, runaway_on, two, "while True:\n    pass")
+        time.sleep(0.5)
+        # Meanwhile the other worker serves both front ends.
+        for session in (other, requests.Session()):
+            assert evaluate(session, two, "return [2]").json() == [2]
+        response = runaway.result(timeout=60)
+    assert response.status_code == 408, response.text
+    assert time.monotonic() - started < 30
+    for session in found.values():
+        assert evaluate(session, two, "return [3]").json() == [3]
+    deadline = time.monotonic() + 10
+    while two.metric("tabserve_worker_kills_total") < kills + 1:
+        assert time.monotonic() < deadline, "the master never counted the kill"
+        time.sleep(0.1)
+
+
+def test_a_segfault_leaves_both_front_ends_answering(two: Server) -> None:
+    for session in sessions(two).values():
+        response = evaluate(session, two, "import ctypes\nctypes.string_at(0)")
+        assert response.status_code == 500, response.text
+        assert "SIGSEGV" in response.json()["info"]
+        assert evaluate(session, two, "return [4]").json() == [4]
+
+
+def _archive(offset: int) -> str:
+    def shifted(x: list[float], y: list[float]) -> list[float]:
+        return [a + b + offset for a, b in zip(x, y, strict=True)]
+
+    return base64.b64encode(cloudpickle.dumps(shifted)).decode("ascii")
+
+
+def test_a_deploy_through_one_front_end_is_answered_by_the_other_at_once(two: Server) -> None:
+    (first, one), (second, other) = sessions(two).items()
+    for round_, (via, then) in enumerate([(one, other), (other, one)]):
+        body = {
+            "name": "shift", "type": "model", "archive": _archive(round_),
+            "python_version": platform.python_version(),
+        }  # fmt: skip
+        if round_ == 0:
+            deployed = via.post(two.url + "/endpoints", json=body, timeout=60)
+        else:
+            body["should_update_version"] = True
+            deployed = via.put(two.url + "/endpoints/shift", json=body, timeout=60)
+        assert deployed.status_code in (200, 201), deployed.text
+        # The very next call, on the other process, sees it (no wait, no retry).
+        answer = then.post(
+            two.url + "/query/shift", json={"data": {"x": [1], "y": [2]}}, timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["response"] == [3 + round_]
+    removed = other.delete(two.url + "/endpoints/shift", timeout=30)
+    assert removed.status_code == 204
+    gone = one.post(two.url + "/query/shift", json={"data": {"x": [1], "y": [2]}}, timeout=30)
+    assert gone.status_code == 404
+    assert first != second
+
+
+def _requests_total(text: str, route: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tabserve_requests_total" and sample.labels.get("route") == route:
+                total += sample.value
+    return total
+
+
+def test_counters_in_metrics_add_up_across_processes(two: Server) -> None:
+    found = list(sessions(two).values())
+    before = _requests_total(found[0].get(two.url + "/metrics").text, "/info")
+    for i in range(10):
+        assert found[i % 2].get(two.url + "/info").status_code == 200
+    # Whichever process is scraped, it reports what both answered.
+    for session in found:
+        text = session.get(two.url + "/metrics").text
+        assert _requests_total(text, "/info") == before + 10
+        assert "tabserve_workers 2.0" in text  # the pool's state, from the master
+
+
+@pytest.mark.slow
+def test_sigterm_drains_both_front_ends(server_factory: ServerFactory) -> None:
+    server = server_factory(
+        TABSERVE_PROCESSES="2",
+        TABSERVE_WORKERS="2",
+        TABPY_EVALUATE_TIMEOUT="30",
+        TABSERVE_SHUTDOWN_GRACE="20",
+    )
+    found = sessions(server)
+    everyone = {child.pid for child in psutil.Process(server.process.pid).children(True)}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        slow = [
+            pool.submit(evaluate, session, server, "import time\ntime.sleep(3)\nreturn [5]")
+            for session in found.values()
+        ]
+        deadline = time.monotonic() + 20
+        while server.metric("tabserve_workers_busy") < 2:
+            assert time.monotonic() < deadline, "the slow requests never reached the workers"
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        responses = [future.result(timeout=60) for future in slow]
+    assert [r.json() for r in responses] == [[5], [5]]
+    try:
+        assert server.process.wait(timeout=40) == 0
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"tabserve did not exit:\n{server.log()}")
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(pid) for pid in everyone):
+        assert time.monotonic() < deadline, "a front end or worker outlived the master"
+        time.sleep(0.05)
+    assert server.log().count("requests in flight") >= 2  # each front end drained its own
+
+
+def test_the_failure_throttle_is_shared(server_factory: ServerFactory, tmp_path: Path) -> None:
+    passwords = write(tmp_path / "passwords.txt", f"user1 {USER1_HASH}\n")
+    server = server_factory(
+        TABSERVE_PROCESSES="2", TABPY_PWD_FILE=str(passwords), TABSERVE_WORKERS="1"
+    )
+    found = list(sessions(server, auth=("user1", "P@ssw0rd")).values())
+    for session in found:
+        session.auth = ("user1", "wrong")
+    # Four failures through one front end, the fifth through the other: the fifth reaches
+    # the threshold there (and is slowed down, and logged so) only if it counted the four.
+    for _ in range(4):
+        assert found[0].get(server.url + "/endpoints", timeout=30).status_code == 401
+    assert "Slowing down" not in server.log()
+    time.sleep(1.0)  # the master relays each failure as it happens; this is a wide margin
+    assert found[1].get(server.url + "/endpoints", timeout=30).status_code == 401
+    assert "Slowing down 127.0.0.1: 5 failed logins" in server.log()
