@@ -998,6 +998,13 @@ def _check_oauth(settings: Settings) -> None:
 
 def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
     """Check combinations of settings and fill defaults that depend on other settings."""
+    if settings.processes > 1 and settings.arrow_enabled:
+        # The Flight server is one gRPC port per process, with its tables in that process's
+        # memory: front ends cannot share it (yet), and a half-shared one would be wrong.
+        raise ConfigError(
+            "TABSERVE_PROCESSES > 1 cannot serve Arrow Flight (TABPY_ARROW_ENABLE = true): "
+            "set TABSERVE_PROCESSES = 1 or TABPY_ARROW_ENABLE = false"
+        )
     if settings.arrow_enabled:
         if not pyarrow_installed():
             raise ConfigError(
@@ -1012,13 +1019,6 @@ def _finish(settings: Settings, given: dict[str, Any]) -> Settings:
                 "on the Arrow Flight port (gRPC always accepts TLS 1.2); use TLSv1_2 or set "
                 "TABPY_ARROW_ENABLE = false"
             )
-    if settings.processes > 1 and settings.arrow_enabled:
-        # The Flight server is one gRPC port per process, with its tables in that process's
-        # memory: front ends cannot share it (yet), and a half-shared one would be wrong.
-        raise ConfigError(
-            "TABSERVE_PROCESSES > 1 cannot serve Arrow Flight (TABPY_ARROW_ENABLE = true): "
-            "set TABSERVE_PROCESSES = 1 or TABPY_ARROW_ENABLE = false"
-        )
     if settings.users == "store" and settings.password_file is not None:
         raise ConfigError(
             "TABSERVE_USERS = store and TABPY_PWD_FILE are both set: users come from one "

@@ -93,6 +93,8 @@ def test_memory_cap_default_divides_memory_between_workers() -> None:
         ("TABPY_MAX_REQUEST_SIZE_MB", "0.5"),
         ("TABPY_TRANSFER_PROTOCOL", "ftp"),
         ("TABSERVE_WORKERS", "0"),
+        ("TABSERVE_PROCESSES", "0"),
+        ("TABSERVE_PROCESSES", "65"),
         ("TABSERVE_LOG_LEVEL", "LOUD"),
         ("TABSERVE_AUTH_MAX_DELAY", "-1"),
         ("TABSERVE_AUTH_MAX_DELAY", "nan"),
@@ -122,6 +124,14 @@ def test_arrow_settings_are_honoured() -> None:
     }
     with pytest.raises(ConfigError, match="TABPY_MINIMUM_TLS_VERSION"):
         load_settings(None, strict_tls)
+    # Flight is one port with its tables in one process: not with several front ends.
+    with pytest.raises(ConfigError, match="TABSERVE_PROCESSES > 1 cannot serve Arrow Flight"):
+        load_settings(None, {"TABPY_ARROW_ENABLE": "true", "TABSERVE_PROCESSES": "2"})
+
+
+def test_processes_default_to_one() -> None:
+    assert load_settings(None, {}).processes == 1
+    assert load_settings(None, {"TABSERVE_PROCESSES": "4"}).processes == 4
 
 
 def test_tabpy_auth_and_tls_keys_are_read(tmp_path: Path) -> None:

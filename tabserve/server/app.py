@@ -395,7 +395,7 @@ async def build_services(
         sandbox=sandbox,
         auth=auth,
         requests=requests,
-        metrics=Metrics(executor, lambda: requests.count, cache),
+        metrics=Metrics(executor, lambda: requests.count, cache, shared=settings.processes > 1),
         readiness=readiness,
         jobs=jobs,
         cache=cache,

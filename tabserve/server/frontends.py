@@ -61,6 +61,7 @@ from .executor import (
     job_result,
 )
 from .launcher import PACKAGE_PARENT
+from .metrics import process_gone
 
 log = logging.getLogger("tabserve.frontends")
 
@@ -268,6 +269,7 @@ class _FrontEnd:
         assert self.process is not None and self.exited is not None
         code = self.process.wait()
         self._lost()
+        process_gone(self.process.pid, self.master.frontend_env[_METRICS_DIR])
         if not self.exited.done():
             self.exited.set_result(code)
         master = self.master
@@ -409,6 +411,8 @@ class Master:
         self.forward(signal.SIGKILL)
 
 
+_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
 # Tornado's listen backlog, as one process would have it.
 _BACKLOG = 128
 
@@ -472,7 +476,7 @@ async def serve_master(settings: Settings, out: TextIO) -> None:
         payload = pickle.dumps((settings, sandbox))
         # Counters add up across front ends: prometheus_client's multiprocess mode, in a
         # directory of this server's own (it must be set before they import the library).
-        env = {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+        env = {_METRICS_DIR: metrics_dir}
         master = Master(settings, executor, payload, sockets, env)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, master.forward, signal.SIGHUP)
@@ -814,6 +818,7 @@ async def _serve_frontend(settings: Settings, sandbox: Any, marker: dict[str, An
             sock.setblocking(False)
             sock.listen(_BACKLOG)  # the first to get here opens the port for all
         server.add_sockets(sockets)
+        syncing = asyncio.create_task(_sync_metrics(services.metrics))
         link.send({"op": "ready", "pid": os.getpid()})
         stop = asyncio.ensure_future(signals.wait())
         gone = asyncio.ensure_future(lost.wait())
@@ -828,8 +833,17 @@ async def _serve_frontend(settings: Settings, sandbox: Any, marker: dict[str, An
             log.error("the master process went away: stopping")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.close_all_connections(), 1.0)
+        syncing.cancel()
+        services.metrics.sync()
     finally:
         if warm_keys is not None:
             warm_keys.cancel()
         await services.close()
         link.close()
+
+
+async def _sync_metrics(metrics: Any) -> None:
+    """Keep this process's gauges and cache counters current for scrapes of the others."""
+    while True:
+        await asyncio.sleep(_POOL_EVERY)
+        metrics.sync()

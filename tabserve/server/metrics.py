@@ -1,4 +1,4 @@
-"""Prometheus metrics, kept in the server process only.
+"""Prometheus metrics, kept in the server's front-end process(es) only.
 
 Workers never count anything themselves: each job's answer carries what the worker measured
 (pid, queue and execution time, rows), and the server records it here. The numbers are
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -39,17 +39,23 @@ class _PoolCollector(Collector):
     """Reads the worker pool's state and counters at scrape time."""
 
     def __init__(
-        self, executor: Executor, in_flight: Callable[[], int], cache: ResultCache | None = None
+        self,
+        executor: Executor,
+        in_flight: Callable[[], int] | None,
+        cache: ResultCache | None = None,
     ) -> None:
         self.executor = executor
-        self.in_flight = in_flight
-        self.cache = cache
+        self.in_flight = in_flight  # None: counted elsewhere (several front ends)
+        self.cache = cache  # likewise
 
     def collect(self) -> Iterator[Metric]:
         pool = self.executor
         stats = pool.stats
+        if self.in_flight is not None:
+            yield GaugeMetricFamily(
+                "tabserve_requests_in_flight", "HTTP requests being handled.", self.in_flight()
+            )
         gauges = (
-            ("tabserve_requests_in_flight", "HTTP requests being handled.", self.in_flight()),
             ("tabserve_queue_depth", "Jobs waiting for a free worker.", pool.queued),
             ("tabserve_workers", "Worker processes alive.", pool.alive),
             ("tabserve_workers_busy", "Worker processes running a job.", pool.busy),
@@ -95,14 +101,38 @@ class _PoolCollector(Collector):
             )
 
 
+_CACHE_COUNTERS = (
+    ("hits", "tabserve_cache_hits", "Calls answered from the result cache."),
+    ("misses", "tabserve_cache_misses", "Calls with a max_age that the cache could not answer."),
+    ("merges", "tabserve_cache_merges", "Calls merged into an identical one running."),
+    ("evictions", "tabserve_cache_evictions", "Results evicted to keep the cache in its bound."),
+)
+
+
 class Metrics:
-    """Every tabserve metric; ``observe`` once per finished request, ``exposition`` to scrape."""
+    """Every tabserve metric; ``observe`` once per finished request, ``exposition`` to scrape.
+
+    ``shared``: one of several front-end processes (``TABSERVE_PROCESSES``). prometheus_client
+    then runs in multiprocess mode (the master sets ``PROMETHEUS_MULTIPROC_DIR`` before a
+    front end imports it): each process writes its counters and histograms to files, and a
+    scrape of any process adds up every process's. In-flight requests, the cache's counters
+    and size are copied into such metrics by ``sync`` (at each scrape, and every half second
+    by the front end), so they add up too; the pool's numbers are the master's.
+    """
 
     def __init__(
-        self, executor: Executor, in_flight: Callable[[], int], cache: ResultCache | None = None
+        self,
+        executor: Executor,
+        in_flight: Callable[[], int],
+        cache: ResultCache | None = None,
+        shared: bool = False,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        registry = self.registry
+        # Shared: what this process counts goes to its files; the scrape reads everyone's.
+        registry = CollectorRegistry() if shared else self.registry
+        self.shared = shared
+        self._in_flight = in_flight
+        self._cache = cache
         self.requests = Counter(
             "tabserve_requests_total",
             "HTTP requests answered, by route pattern, method and status.",
@@ -141,10 +171,28 @@ class Metrics:
         self._counted: dict[tuple[str, str, int], Any] = {}
         self._timed: dict[str, Any] = {}
         self._per_endpoint: dict[str, Any] = {}
-        registry.register(_PoolCollector(executor, in_flight, cache))
+        if shared:
+            from prometheus_client import multiprocess
+
+            multiprocess.MultiProcessCollector(self.registry)
+            self.registry.register(_PoolCollector(executor, None, None))
+            self._in_flight_gauge = Gauge(
+                "tabserve_requests_in_flight", "HTTP requests being handled.",
+                registry=registry, multiprocess_mode="livesum",
+            )  # fmt: skip
+            self._copied: dict[str, tuple[Any, int]] = {}
+            if cache is not None:
+                for field, name, text in _CACHE_COUNTERS:
+                    self._copied[field] = (Counter(name, text, registry=registry), 0)
+                self._cache_bytes = Gauge(
+                    "tabserve_cache_bytes", "Bytes of results in the cache.",
+                    registry=registry, multiprocess_mode="livesum",
+                )  # fmt: skip
+        else:
+            registry.register(_PoolCollector(executor, in_flight, cache))
         # This process's start (dashboards and the status page compute uptime from
         # process_start_time_seconds), CPU, memory and open files; from /proc, so Linux only.
-        ProcessCollector(registry=registry)
+        ProcessCollector(registry=self.registry)
 
     def observe(
         self,
@@ -188,6 +236,28 @@ class Metrics:
         if bytes_out:
             self.bytes_out.inc(bytes_out)
 
+    def sync(self) -> None:
+        """Shared: copy this process's in-flight count and cache numbers into the files."""
+        if not self.shared:
+            return
+        self._in_flight_gauge.set(self._in_flight())
+        if self._cache is not None:
+            stats = self._cache.stats
+            for field, (counter, copied) in self._copied.items():
+                now = getattr(stats, field)
+                if now > copied:
+                    counter.inc(now - copied)
+                    self._copied[field] = (counter, now)
+            self._cache_bytes.set(self._cache.size)
+
     def exposition(self) -> bytes:
         """The Prometheus text format, served with ``CONTENT_TYPE``."""
+        self.sync()
         return generate_latest(self.registry)
+
+
+def process_gone(pid: int, directory: str) -> None:
+    """A front end ``pid`` exited: its live gauges stop counting (its counters still do)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, directory)
