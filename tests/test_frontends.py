@@ -8,6 +8,7 @@ test holds one session per front end and knows which one it is talking to.
 from __future__ import annotations
 
 import base64
+import os
 import platform
 import re
 import signal
@@ -66,7 +67,12 @@ def evaluate(
 
 @pytest.fixture(scope="module")
 def two(server_factory: ServerFactory) -> Server:
-    return server_factory(TABSERVE_PROCESSES="2", TABPY_EVALUATE_TIMEOUT="4", TABSERVE_WORKERS="2")
+    return server_factory(
+        TABSERVE_PROCESSES="2",
+        TABPY_EVALUATE_TIMEOUT="4",
+        TABSERVE_WORKERS="2",
+        TABSERVE_WORKER_MEMORY_MB="512",
+    )
 
 
 def test_both_front_ends_answer_and_the_master_serves_none(two: Server) -> None:
@@ -108,6 +114,18 @@ def test_a_segfault_leaves_both_front_ends_answering(two: Server) -> None:
         assert response.status_code == 500, response.text
         assert "SIGSEGV" in response.json()["info"]
         assert evaluate(session, two, "return [4]").json() == [4]
+
+
+def test_a_worker_that_asks_to_be_recycled_is_replaced_not_counted_as_a_crash(
+    two: Server,
+) -> None:
+    crashes = two.metric("tabserve_worker_crashes_total")
+    for session in sessions(two).values():
+        # Out of memory: the worker answers, then asks to be replaced (a fragmented heap).
+        big = evaluate(session, two, "return [len(bytearray(1024 * 1024 * 1024))]")
+        assert big.status_code == 500 and "MemoryError" in big.json()["info"]
+        assert evaluate(session, two, "return [6]").json() == [6]
+    assert two.metric("tabserve_worker_crashes_total") == crashes
 
 
 def _archive(offset: int) -> str:
@@ -215,3 +233,31 @@ def test_the_failure_throttle_is_shared(server_factory: ServerFactory, tmp_path:
     time.sleep(1.0)  # the master relays each failure as it happens; this is a wide margin
     assert found[1].get(server.url + "/endpoints", timeout=30).status_code == 401
     assert "Slowing down 127.0.0.1: 5 failed logins" in server.log()
+
+
+def test_each_front_end_follows_the_password_file_and_sighup_reaches_them(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    passwords = write(tmp_path / "passwords.txt", f"user1 {USER1_HASH}\n")
+    server = server_factory(
+        TABSERVE_PROCESSES="2", TABPY_PWD_FILE=str(passwords), TABSERVE_WORKERS="1"
+    )
+    found = list(sessions(server, auth=("user1", "P@ssw0rd")).values())
+    for session in found:
+        assert session.get(server.url + "/endpoints", timeout=30).status_code == 200
+    # user1 renamed in place, with the same size and modification time: no front end sees a
+    # change by itself; only SIGHUP (to the master, forwarded) makes each re-read it.
+    before = passwords.stat()
+    with passwords.open("r+b") as handle:
+        handle.write(b"user2")
+    os.utime(passwords, ns=(before.st_atime_ns, before.st_mtime_ns))
+    time.sleep(1.5)
+    for session in found:
+        assert session.get(server.url + "/endpoints", timeout=30).status_code == 200
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    for session in found:
+        while session.get(server.url + "/endpoints", timeout=30).status_code != 401:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+    assert server.process.poll() is None  # SIGHUP does not stop the master

@@ -639,12 +639,12 @@ class Executor:
         worker.busy = False
         if worker not in self._workers:
             return
-        if not worker.alive:
+        if recycle:  # it said it would exit after this job (it may have already)
+            self._retire(worker)
+        elif not worker.alive:
             self.stats.crashes += 1
             self.stats.kills += 1
             log.error("worker %d %s", worker.pid, describe_exit(worker.returncode))
-            self._retire(worker)
-        elif recycle:
             self._retire(worker)
         else:
             worker.resume()
