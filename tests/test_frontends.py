@@ -261,3 +261,40 @@ def test_each_front_end_follows_the_password_file_and_sighup_reaches_them(
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.1)
     assert server.process.poll() is None  # SIGHUP does not stop the master
+
+
+def _workers(server: Server) -> set[int]:
+    """The pool's workers: the zygote's children (the front ends are the master's)."""
+    zygote = server.zygote_pid()
+    assert zygote is not None
+    return {child.pid for child in psutil.Process(zygote).children()}
+
+
+@pytest.mark.slow
+def test_a_front_end_that_dies_is_replaced_and_its_leased_worker_retired(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(
+        TABSERVE_PROCESSES="2", TABSERVE_WORKERS="2", TABPY_EVALUATE_TIMEOUT="60"
+    )
+    found = sessions(server)
+    doomed, survivor = list(found)
+    before = _workers(server)
+    assert len(before) == 2
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(evaluate, found[doomed], server, "import time\ntime.sleep(50)\nreturn [1]")
+        deadline = time.monotonic() + 20
+        while server.metric("tabserve_workers_busy") < 1:
+            assert time.monotonic() < deadline, "the slow request never reached a worker"
+            time.sleep(0.05)
+        psutil.Process(doomed).kill()
+        # The worker it had leased runs a job for nobody: the master kills and replaces it.
+        deadline = time.monotonic() + 20
+        while len(before - _workers(server)) != 1 or len(_workers(server)) != 2:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+        assert evaluate(found[survivor], server, "return [7]").json() == [7]
+        # And a new front end takes the dead one's place.
+        replaced = sessions(server)
+        assert doomed not in replaced and survivor in replaced
+        assert server.process.poll() is None
