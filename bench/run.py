@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "size of TabPy's evaluate pool)",
     )
     p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="TABSERVE_PROCESSES for tabserve (front-end processes; the arrow profile stays at 1)",
+    )
+    p.add_argument(
         "--timeout", type=float, default=30.0, help="TABPY_EVALUATE_TIMEOUT for both servers"
     )
     p.add_argument(
@@ -111,13 +117,18 @@ def selected(items: list[Workload], only: str) -> list[Workload]:
 
 def profile_options(profile: str, args: argparse.Namespace) -> ServerOptions:
     """plain | auth | arrow | workers:N -> the settings both servers get for that profile."""
-    if profile == "auth":
-        return ServerOptions(timeout_s=args.timeout, auth=True, workers=args.workers)
-    if profile == "arrow":
+    if profile == "arrow":  # Flight is refused with several front ends
         return ServerOptions(timeout_s=args.timeout, workers=args.workers, arrow=True)
+    processes = getattr(args, "processes", 1)
+    settings = {"TABSERVE_PROCESSES": str(processes)} if processes > 1 else {}
+    if profile == "auth":
+        return ServerOptions(
+            timeout_s=args.timeout, auth=True, workers=args.workers, settings=settings
+        )
     if profile.startswith("workers:"):
-        return ServerOptions(timeout_s=args.timeout, workers=int(profile.split(":")[1]))
-    return ServerOptions(timeout_s=args.timeout, workers=args.workers)
+        workers = int(profile.split(":")[1])
+        return ServerOptions(timeout_s=args.timeout, workers=workers, settings=settings)
+    return ServerOptions(timeout_s=args.timeout, workers=args.workers, settings=settings)
 
 
 class Runner:
