@@ -298,3 +298,32 @@ def test_a_front_end_that_dies_is_replaced_and_its_leased_worker_retired(
         replaced = sessions(server)
         assert doomed not in replaced and survivor in replaced
         assert server.process.poll() is None
+
+
+def test_jobs_never_take_the_last_worker_from_requests(two: Server) -> None:
+    # Two workers, two front ends: one job at a time in all (workers - 1), not one each.
+    ids = []
+    for session in sessions(two).values():
+        answer = session.post(
+            two.url + "/evaluate",
+            json={"script": "import time\ntime.sleep(3)\nreturn [8]", "data": {}},
+            headers={"Prefer": "respond-async"},
+            timeout=30,
+        )
+        assert answer.status_code == 202, answer.text
+        ids.append(answer.json()["job"]["id"])
+
+    def statuses() -> list[int]:
+        return [two.get(f"/jobs/{job_id}").json()["job"]["status"] for job_id in ids]
+
+    deadline = time.monotonic() + 30
+    while 2 not in statuses():
+        assert time.monotonic() < deadline, "no job started"
+        time.sleep(0.05)
+    time.sleep(1.5)  # more than the claim loop's poll interval
+    assert sorted(statuses())[:2] != [2, 2]  # never both running
+    assert two.evaluate("return [9]").json() == [9]  # the other worker serves requests
+    deadline = time.monotonic() + 60
+    while statuses() != [3, 3]:
+        assert time.monotonic() < deadline, statuses()
+        time.sleep(0.1)

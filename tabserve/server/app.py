@@ -324,6 +324,7 @@ async def build_services(
     executor: Executor,
     sandbox: SandboxReport,
     bearer: BearerVerifier | None = None,
+    job_slots: int | None = None,
 ) -> Services:
     """Everything the handlers use, around a started pool and its sandbox report.
 
@@ -331,7 +332,8 @@ async def build_services(
     checking the deployed endpoints in the background, loads the users (raising
     ``PasswordFileError``; ``bearer`` checks tokens) and, with ``TABPY_ARROW_ENABLE``,
     starts the Arrow Flight service.
-    ``Services.close`` stops all of it, the store included.
+    ``Services.close`` stops all of it, the store included. ``job_slots``: how many
+    asynchronous jobs this process may run at once (default: workers − 1, at least 1).
     """
     store = await asyncio.to_thread(open_configured_store, settings)
     try:
@@ -379,6 +381,8 @@ async def build_services(
             evaluate_guard=sandbox.require_evaluate,
             query_refusal=_query_refusal(auth),
         )
+        if job_slots is not None:
+            jobs.slots = job_slots
         await jobs.start()
     except BaseException:
         if auth is not None:

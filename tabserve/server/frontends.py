@@ -792,10 +792,16 @@ async def _serve_frontend(settings: Settings, sandbox: Any, marker: dict[str, An
     pool = LeasedPool(settings, link)
     link.on_lost = lambda: (pool.lost(), lost.set())
     await asyncio.wait_for(pool.known, 30.0)
-    services = await build_services(settings, pool, sandbox, bearer)  # type: ignore[arg-type]
+    index = int(marker["index"])
+    services = await build_services(
+        settings,
+        pool,
+        sandbox,
+        bearer,
+        job_slots(settings, index),  # type: ignore[arg-type]
+    )
     warm_keys: asyncio.Task[None] | None = None
     try:
-        index = int(marker["index"])
         services.readiness.add(
             "process",
             lambda: (True, f"front end {index + 1} of {settings.processes}, pid {os.getpid()}"),
@@ -840,6 +846,15 @@ async def _serve_frontend(settings: Settings, sandbox: Any, marker: dict[str, An
             warm_keys.cancel()
         await services.close()
         link.close()
+
+
+def job_slots(settings: Settings, index: int) -> int:
+    """Front end ``index``'s share of the asynchronous jobs run at once: together, what one
+    process would run (workers − 1, at least 1), so jobs never take every worker from the
+    requests. A front end with no share still submits jobs; another one runs them."""
+    total = max(1, settings.workers - 1)
+    share, extra = divmod(total, settings.processes)
+    return share + (1 if index < extra else 0)
 
 
 async def _sync_metrics(metrics: Any) -> None:
