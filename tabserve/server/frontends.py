@@ -493,10 +493,11 @@ async def serve_master(settings: Settings, out: TextIO) -> None:
             pids = ", ".join(str(fe.pid) for fe in master.frontends)
             text += f"\n  {settings.processes} front-end processes ({pids}) share the pool"
             print(text, file=out, flush=True)
-            if not stopped.done():
-                await stopped
+            await stopped
         else:
             started.cancel()
+            with contextlib.suppress(asyncio.CancelledError, FrontEndFailed):
+                await started
         log.info("shutting down: stopping %d front ends", settings.processes)
         for sock in sockets:
             sock.close()  # ours: the front ends hold their own until they exit
