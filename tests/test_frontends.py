@@ -7,23 +7,32 @@ test holds one session per front end and knows which one it is talking to.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import platform
 import re
 import signal
+import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cloudpickle
+import orjson
 import psutil
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import USER1_HASH, Server, ServerFactory, write
+from tabserve.protocol import JobKind
+from tabserve.server.executor import Executor, PoolConfig, WorkerProcess, job_header
+from tabserve.server.frontends import _Leased, context_digest, job_slots
+from tabserve.server.launcher import InMemoryLauncher
+from tabserve.worker.main import Worker
 
 _PROCESS = re.compile(r"pid (\d+)")
 
@@ -327,3 +336,89 @@ def test_jobs_never_take_the_last_worker_from_requests(two: Server) -> None:
     while statuses() != [3, 3]:
         assert time.monotonic() < deadline, statuses()
         time.sleep(0.1)
+
+
+# -- the lease bookkeeping, in this process (workers are threads: InMemoryLauncher) -----------
+
+
+def _in_memory_worker() -> InMemoryLauncher:
+    worker = Worker({"request_limit": 1 << 20})
+
+    def handle(header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        if header["kind"] == JobKind.CONTEXT:
+            worker.set_context(orjson.loads(payload))
+            return {}, b""
+        return worker.handle(header, payload)  # type: ignore[arg-type,return-value]
+
+    return InMemoryLauncher(handle)
+
+
+def _duplicate(worker: WorkerProcess) -> WorkerProcess:
+    """What a front end holds: duplicates of the worker's sockets, read only while leased."""
+    channel, tables = (
+        socket.socket(fileno=os.dup(sock.fileno())) for sock in (worker.channel, worker.fd_channel)
+    )
+    channel.setblocking(False)
+    tables.setblocking(False)
+    return WorkerProcess(_Leased(worker.pid, channel, tables), reading=False)  # type: ignore[arg-type]
+
+
+def test_a_leased_worker_is_read_only_by_its_lessee_and_goes_back_to_the_queue() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        executor = Executor(
+            PoolConfig(workers=1, request_limit=1 << 20), launcher=_in_memory_worker()
+        )
+        await executor.start()
+        try:
+            worker = await executor.lease(5)
+            assert executor.busy == 1
+            # The master does not read a leased worker's socket (remove_reader: was it on?).
+            assert not loop.remove_reader(worker.channel)
+            queued = asyncio.ensure_future(executor.lease(5))
+            await asyncio.sleep(0.05)
+            assert executor.queued == 1 and not queued.done()  # one FIFO for every lessee
+            lessee = _duplicate(worker)
+            body = orjson.dumps({"script": "return [x + 1 for x in _arg1]", "data": {"_arg1": [1]}})
+            # Many round trips: a master still reading the socket would steal some replies.
+            for _ in range(50):
+                lessee.resume()
+                header = job_header(JobKind.EVALUATE, None)
+                _, answer, _ = await lessee.call(header, body, loop.time() + 5)
+                lessee.pause()
+                assert answer == b"[2]"
+            executor.give_back(worker)
+            assert await asyncio.wait_for(queued, 5) is worker  # handed to the one waiting
+            assert not loop.remove_reader(worker.channel)
+            executor.give_back(worker)  # nobody waits: idle, and read by the master again
+            assert executor.busy == 0 and loop.remove_reader(worker.channel)
+            assert await executor.lease(5) is worker
+            executor.retire_leased(worker, "timeout")
+            assert (executor.stats.timeouts, executor.stats.kills) == (1, 1)
+            for _ in range(100):
+                if executor.alive == 1 and executor.members != [worker]:
+                    break
+                await asyncio.sleep(0.02)
+            assert executor.alive == 1 and worker not in executor.members  # replaced
+            lessee.kill()
+        finally:
+            await executor.close()
+
+    asyncio.run(main())
+
+
+def test_job_slots_add_up_to_what_one_process_runs() -> None:
+    from tabserve.config import load_settings
+
+    for workers in (1, 2, 3, 8):
+        for processes in (1, 2, 3, 4):
+            settings = load_settings(
+                None, {"TABSERVE_WORKERS": str(workers), "TABSERVE_PROCESSES": str(processes)}
+            )
+            total = sum(job_slots(settings, index) for index in range(processes))
+            assert total == max(1, workers - 1)
+
+
+def test_a_table_is_named_by_its_bytes() -> None:
+    assert context_digest(b'{"endpoints":{}}') == context_digest(b'{"endpoints":{}}')
+    assert context_digest(b'{"endpoints":{}}') != context_digest(b'{"endpoints":{"a":1}}')

@@ -173,7 +173,11 @@ class _FrontEnd:
                 return
             message, fds = received
             fdpass.close_all(fds)  # front ends never send descriptors
-            self._handle(message)
+            try:
+                self._handle(message)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("front end %d sent a malformed message %r: %s", self.index,
+                          message, exc)  # fmt: skip
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -567,8 +571,12 @@ class MasterLink:
             handler = self.handlers.get(str(message.get("op")))
             if handler is None:
                 fdpass.close_all(fds)
-            else:
+                continue
+            try:
                 handler(message, fds)
+            except (KeyError, TypeError, ValueError) as exc:
+                fdpass.close_all(fds)
+                log.error("the master sent a malformed message %r: %s", message, exc)
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
