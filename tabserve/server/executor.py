@@ -8,7 +8,10 @@ its script started (a fresh worker's process group; a zygote's worker's whole pr
 a bubblewrap worker's PID namespace), and a new worker takes its place; so does a worker
 that crashes. The queue in front of the pool is
 bounded: when it is full, callers get ``Overloaded`` at once instead of waiting behind a
-backlog.
+backlog. With several front-end processes (``frontends.py``) the pool lives in the master,
+which *leases* workers: ``lease`` takes one through the same queue and stops reading its
+socket, the front end talks to it over duplicates of its sockets, and ``give_back`` or
+``retire_leased`` ends the lease.
 
 It knows nothing of HTTP: errors are ``TabserveError``s, which the caller renders.
 """
