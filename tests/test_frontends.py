@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -422,3 +426,60 @@ def test_job_slots_add_up_to_what_one_process_runs() -> None:
 def test_a_table_is_named_by_its_bytes() -> None:
     assert context_digest(b'{"endpoints":{}}') == context_digest(b'{"endpoints":{}}')
     assert context_digest(b'{"endpoints":{}}') != context_digest(b'{"endpoints":{"a":1}}')
+
+
+def _running(marker: str) -> list[int]:
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if marker in " ".join(process.info["cmdline"] or []):
+            found.append(process.info["pid"])
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["zygote", "fresh", "bubblewrap"])
+def test_a_runaway_is_killed_with_its_setsid_child_in_every_launch_mode(
+    server_factory: ServerFactory, mode: str
+) -> None:
+    """A timeout in a front end is a kill by the master, through its launcher: the fresh
+    launcher kills the process group, the zygote and bubblewrap everything the script
+    started, a child in a session of its own included."""
+    settings = {"TABSERVE_WORKER_LAUNCH": "fresh" if mode == "fresh" else "zygote"}
+    workdir = None
+    if mode == "bubblewrap":
+        # bubblewrap gives scripts an empty /tmp: the server's files live elsewhere.
+        workdir = Path(tempfile.mkdtemp(prefix="tabserve-frontends-", dir="/var/tmp"))
+        workdir.chmod(0o1777)
+        settings = {"TABSERVE_SANDBOX": "bubblewrap", "TABSERVE_WORKER_USER": "nobody"}
+    server = server_factory(
+        workdir=workdir,
+        TABSERVE_PROCESSES="2",
+        TABSERVE_WORKERS="2",
+        TABPY_EVALUATE_TIMEOUT="5",
+        **settings,
+    )
+    marker = f"orphan-{uuid.uuid4().hex}"
+    session = mode != "fresh"  # a fresh worker's kill takes its process group only
+    script = (
+        "import subprocess, sys\n"
+        f'subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "{marker}"],'
+        f" start_new_session={session})\n"
+        "while True:\n    pass"
+    )
+    found = sessions(server)
+    try:
+        for front_end in found.values():
+            response = evaluate(front_end, server, script)
+            assert response.status_code == 408, response.text
+            assert evaluate(front_end, server, "return [10]").json() == [10]
+        deadline = time.monotonic() + 15
+        while _running(marker):
+            assert time.monotonic() < deadline, "what the script started outlived it"
+            time.sleep(0.1)
+    finally:
+        for pid in _running(marker):  # leave nothing behind, whatever failed
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+        if workdir is not None:
+            server.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
