@@ -813,7 +813,11 @@ async def _serve_frontend(settings: Settings, sandbox: Any, marker: dict[str, An
     try:
         services.readiness.add(
             "process",
-            lambda: (True, f"front end {index + 1} of {settings.processes}, pid {os.getpid()}"),
+            lambda: (
+                True,
+                f"front end {index + 1} of {settings.processes}, pid {os.getpid()} "
+                f"(serving: {', '.join(map(str, pool.frontends)) or 'starting'})",
+            ),
         )
         throttle = services.auth.throttle
         if throttle is not None:
