@@ -2,14 +2,15 @@
 
 The process started as ``tabserve`` becomes the *master*. It starts the pool exactly as one
 process would (``start_pool``: launcher and zygote first, before any secret is read, then
-the sandbox self-check), binds the listening sockets once, and starts the front ends: fresh
-interpreters that inherit the listening sockets and one lease channel each (a
+the sandbox self-check), binds one set of listening sockets per front end (``SO_REUSEPORT``,
+see ``bind_unlistened``), and starts the front ends: fresh interpreters that inherit their
+set and one lease channel each (a
 ``SOCK_SEQPACKET`` pair, ``fdpass`` messages). The master serves no HTTP. It supervises the
 front ends (one that dies is started again), leases them workers, relays the few things
 that must be shared (authentication failures, SIGHUP) and shuts everything down in order.
 
 Each front end builds its own services on the shared store, as a replica would, and serves
-HTTP on the inherited sockets; the kernel spreads connections between them.
+HTTP on its inherited sockets; the kernel spreads connections between the sets.
 
 Workers are *leased*, not relayed. A front end sends ``acquire``; the master takes a worker
 from its pool's queue (one FIFO for every front end, so no request waits behind a busy
@@ -114,7 +115,7 @@ class _FrontEnd:
         master = self.master
         loop = asyncio.get_running_loop()
         ours, theirs = fdpass.socket_pair()
-        listen = [sock.fileno() for sock in master.sockets]
+        listen = [sock.fileno() for sock in master.sockets[self.index]]
         marker = {"listen": listen, "lease": theirs.fileno(), "index": self.index}
         env = {**os.environ, MARKER: orjson.dumps(marker).decode()}
         env.update(master.frontend_env)
@@ -304,14 +305,14 @@ class Master:
         settings: Settings,
         executor: Executor,
         payload: bytes,
-        sockets: Sequence[socket.socket],
+        sockets: Sequence[Sequence[socket.socket]],
         frontend_env: Mapping[str, str],
     ) -> None:
         self.settings = settings
         self.executor = executor
         self.frontend_payload = payload
         self.frontend_env = dict(frontend_env)
-        self.sockets = list(sockets)
+        self.sockets = [list(group) for group in sockets]  # one set per front end
         self.frontends = [_FrontEnd(self, i) for i in range(settings.processes)]
         self.closing = False
         self.context_of: dict[int, str | None] = {}  # worker id -> digest of the table it holds
@@ -421,35 +422,49 @@ _METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 _BACKLOG = 128
 
 
-def bind_unlistened(port: int, address: str | None) -> list[socket.socket]:
-    """Sockets bound as ``tornado.netutil.bind_sockets`` binds them, but not yet listening:
-    the first front end to be ready calls ``listen``, so no connection is accepted by the
-    kernel before a process can answer it."""
-    sockets: list[socket.socket] = []
-    bound: set[Any] = set()
-    flags = socket.AI_PASSIVE
-    for family, kind, proto, _, sockaddr in socket.getaddrinfo(
-        address, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, flags
-    ):
-        if sockaddr in bound:
-            continue
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and sockets:  # one free port for every address, as Tornado does
-                sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
-            sock.bind(sockaddr)
-        except BaseException:
-            sock.close()
-            for other in sockets:
-                other.close()
-            raise
-        sock.setblocking(False)
-        bound.add(sockaddr)
-        sockets.append(sock)
-    return sockets
+def bind_unlistened(port: int, address: str | None, groups: int) -> list[list[socket.socket]]:
+    """``groups`` sets of sockets, one per front end, each bound as
+    ``tornado.netutil.bind_sockets`` binds them and all to the same addresses and port with
+    ``SO_REUSEPORT``, but not yet listening: each front end listens on its own set once it is
+    ready, so no connection is accepted by the kernel before a process can answer it.
+
+    One set per front end, not one shared set: on a shared listening socket the first front
+    end to wake accepts every pending connection (Tornado accepts in a loop), so one process
+    ends up serving a client's whole keep-alive pool while the other idles (measured: 8 wrk
+    connections, all on one front end). With ``SO_REUSEPORT`` the kernel spreads connections
+    over the listening sockets by a hash of their addresses. The master keeps every set open,
+    so a restarted front end finds its connections queued on its set, and the kernel only
+    lets processes of the same user join the group.
+    """
+    found = socket.getaddrinfo(address, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
+                               socket.AI_PASSIVE)  # fmt: skip
+    sets: list[list[socket.socket]] = []
+    try:
+        for _ in range(groups):
+            sockets: list[socket.socket] = []
+            sets.append(sockets)
+            bound: set[Any] = set()
+            for family, kind, proto, _, sockaddr in found:
+                if sockaddr in bound:
+                    continue
+                bound.add(sockaddr)
+                if port == 0 and (sets[0] or sockets):  # one free port for all, as Tornado does
+                    chosen = (sets[0] or sockets)[0].getsockname()[1]
+                    sockaddr = (sockaddr[0], chosen, *sockaddr[2:])
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+                sock.setblocking(False)
+    except BaseException:
+        for sockets in sets:
+            for sock in sockets:
+                sock.close()
+        raise
+    return sets
 
 
 async def serve_master(settings: Settings, out: TextIO) -> None:
@@ -468,7 +483,7 @@ async def serve_master(settings: Settings, out: TextIO) -> None:
     # As with one process: workers (and the zygote) start before anything secret is read.
     executor, sandbox = await start_pool(settings)
     master: Master | None = None
-    sockets: list[socket.socket] = []
+    sockets: list[list[socket.socket]] = []
     metrics_dir = tempfile.mkdtemp(prefix="tabserve-metrics-")
     try:
         # Migrated or checked once here, so front ends starting together do not race at it.
@@ -476,7 +491,7 @@ async def serve_master(settings: Settings, out: TextIO) -> None:
         store.close()
         for handler in logging.getLogger().handlers:
             handler.flush()
-        sockets = bind_unlistened(settings.port, settings.bind_address or None)
+        sockets = bind_unlistened(settings.port, settings.bind_address or None, settings.processes)
         payload = pickle.dumps((settings, sandbox))
         # Counters add up across front ends: prometheus_client's multiprocess mode, in a
         # directory of this server's own (it must be set before they import the library).
@@ -489,7 +504,7 @@ async def serve_master(settings: Settings, out: TextIO) -> None:
         await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if started.done():
             started.result()  # a front end that could not start stops the start
-            port = sockets[0].getsockname()[1]
+            port = sockets[0][0].getsockname()[1]
             warning = exposure_warning(settings)
             if warning:
                 log.warning("%s", warning)
@@ -503,14 +518,16 @@ async def serve_master(settings: Settings, out: TextIO) -> None:
             with contextlib.suppress(asyncio.CancelledError, FrontEndFailed):
                 await started
         log.info("shutting down: stopping %d front ends", settings.processes)
-        for sock in sockets:
-            sock.close()  # ours: the front ends hold their own until they exit
+        for group in sockets:
+            for sock in group:
+                sock.close()  # ours: the front ends hold their own until they exit
         await master.stop(signals.wait)
     finally:
         if master is not None:
             master.kill_all()
-        for sock in sockets:
-            sock.close()
+        for group in sockets:
+            for sock in group:
+                sock.close()
         await executor.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         log.info("stopped")
@@ -835,7 +852,7 @@ async def _serve_frontend(settings: Settings, sandbox: Any, marker: dict[str, An
         sockets = [socket.socket(fileno=int(fd)) for fd in marker["listen"]]
         for sock in sockets:
             sock.setblocking(False)
-            sock.listen(_BACKLOG)  # the first to get here opens the port for all
+            sock.listen(_BACKLOG)  # this front end's share of the port opens now
         server.add_sockets(sockets)
         syncing = asyncio.create_task(_sync_metrics(services.metrics))
         link.send({"op": "ready", "pid": os.getpid()})
