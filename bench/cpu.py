@@ -35,26 +35,41 @@ def _cpu(processes: list[psutil.Process]) -> dict[int, float]:
     return seconds
 
 
-def measure(server: Server, request: loadgen.Request, seconds: float, connections: int) -> str:
+def _role(process: psutil.Process, root: int, processes: int) -> str:
+    if process.pid == root:
+        return "master" if processes > 1 else "front end"
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.Error:
+        return "workers"
+    return "front ends" if "server.frontends" in command else "workers"
+
+
+def measure(
+    server: Server, request: loadgen.Request, seconds: float, connections: int, processes: int = 1
+) -> str:
+    """req/s, and the CPU time per call of each role (front end or master and front ends,
+    workers with their zygote, and wrk itself)."""
     loadgen._wrk_load(server.host, server.port, request, connections, 1.0, 10**9)  # warm up
     root = psutil.Process(server.proc.pid)
-    processes = [root, *root.children(recursive=True)]
-    before = _cpu(processes)
+    members = [root, *root.children(recursive=True)]
+    roles = {p.pid: _role(p, root.pid, processes) for p in members}
+    before = _cpu(members)
     load_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = loadgen._wrk_load(server.host, server.port, request, connections, seconds, 10**9)
     load_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    after = _cpu(processes)
+    after = _cpu(members)
     # wrk is this process's child, reaped when it ends: its CPU time shows in RUSAGE_CHILDREN.
     wrk = load_after.ru_utime + load_after.ru_stime - load_before.ru_utime - load_before.ru_stime
     calls = max(result.requests, 1)
-    front = (after[root.pid] - before[root.pid]) / calls * 1e6
-    others = sum(after[p] - before[p] for p in after if p != root.pid and p in before)
-    rate = result.requests / result.elapsed_s
-    workers = others / calls * 1e6
-    return (
-        f"{rate:,.0f} req/s, front end {front:.0f} µs/call, workers {workers:.0f} µs/call, "
-        f"wrk {wrk / calls * 1e6:.0f} µs/call"
-    )
+    spent: dict[str, float] = {}
+    for pid, seconds_after in after.items():
+        if pid in before:
+            role = roles[pid]
+            spent[role] = spent.get(role, 0.0) + seconds_after - before[pid]
+    spent["wrk"] = wrk
+    parts = ", ".join(f"{role} {value / calls * 1e6:.0f} µs/call" for role, value in spent.items())
+    return f"{result.requests / result.elapsed_s:,.0f} req/s: {parts}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.cpu needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
     settings = dict(item.split("=", 1) for item in args.settings)
+    processes = int(settings.get("TABSERVE_PROCESSES", "1"))
     root = Path(tempfile.mkdtemp(prefix="tabserve-cpu-"))
     tabserve = servers.start_tabserve(
         sys.executable, ServerOptions(workers=args.workers, settings=settings), root
@@ -86,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             "/info": wl._info,
         }
         for name, make in calls.items():
-            line = measure(tabserve, make(tabserve), args.seconds, args.connections)
+            line = measure(tabserve, make(tabserve), args.seconds, args.connections, processes)
             print(f"tabserve {name}: {line}")
         line = measure(ceiling, wl._scalar_add(ceiling), args.seconds, args.connections)
         print(f"bare Tornado: {line}")
