@@ -18,8 +18,8 @@ ADMIN = ("admin", "admin-pass-1")
 READER = ("reader", "reader-pass-1")
 
 
-# One server per backend for the module: each test leaves the users it found (the one it
-# adds it deletes again) and needs none of what the other deployed.
+# One server per backend for the module, not per test: each test uses names of its own
+# (users, endpoints) and needs nothing another test added or removed.
 @pytest.fixture(scope="module", params=["statedir", "postgresql"])
 def store_server(
     request: pytest.FixtureRequest,
