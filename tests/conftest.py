@@ -15,8 +15,26 @@ from helpers import AppFactory, InProcessServer, Server, ServerFactory
 
 
 @pytest.fixture(scope="session")
-def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
-    """Start servers on demand; all of them are stopped at the end of the session."""
+def stopping() -> Iterator[list[Server]]:
+    """Servers asked to stop (SIGTERM) at the end of their module; waited for at the end of
+    the session. Their drain and their workers' exits overlap the next modules' tests instead
+    of holding them up; a server that does not stop by then is killed (``wait_stopped``)."""
+    servers: list[Server] = []
+    yield servers
+    for server in servers:
+        server.wait_stopped()
+
+
+@pytest.fixture(scope="module")
+def server_factory(
+    tmp_path_factory: pytest.TempPathFactory, stopping: list[Server]
+) -> Iterator[ServerFactory]:
+    """Start servers on demand; they are asked to stop at the end of the test module.
+
+    Per module, not per session: a module's servers serve only its tests, and a hundred
+    idle servers (three processes each) kept to the end of the run would cost memory, a
+    little CPU each, and a long shutdown all at once at the end.
+    """
     servers: list[Server] = []
 
     def start(
@@ -33,17 +51,17 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerF
         return server
 
     yield start
-    # All at once: each may drain in-flight requests for a while before it exits.
     for server in servers:
         server.terminate()
-    for server in servers:
-        server.wait_stopped()
+    stopping.extend(servers)
 
 
 @pytest.fixture(scope="session")
-def server(server_factory: ServerFactory) -> Server:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A shared server with TabPy's defaults, but a 5 s timeout to keep failures quick."""
-    return server_factory(TABPY_EVALUATE_TIMEOUT="5")
+    shared = Server(tmp_path_factory.mktemp("tabserve"), {"TABPY_EVALUATE_TIMEOUT": "5"}, {})
+    yield shared
+    shared.stop()
 
 
 @pytest.fixture(scope="session")

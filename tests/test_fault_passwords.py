@@ -8,8 +8,6 @@ once.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from helpers import Server, ServerFactory
+from tabserve.cli import main
 
 pytestmark = [pytest.mark.fault]
 
@@ -25,11 +24,9 @@ ADMIN = ("admin", "admin-secret")
 
 
 def add_user(path: Path, user: str, password: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "tabserve", "user", "add", "-u", user, "-p", password,
-         "-f", str(path)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    # `tabserve user add` in this process: the same command without a Python start-up each
+    # (test_auth_api.py and test_fault_kill.py run it as a process).
+    assert main(["user", "add", "-u", user, "-p", password, "-f", str(path)]) == 0
 
 
 def passwords_check(server: Server) -> tuple[int, dict[str, object]]:

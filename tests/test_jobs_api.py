@@ -141,8 +141,11 @@ def test_a_failed_job_carries_the_synchronous_error(jobs_server: Server) -> None
 def test_jobs_have_their_own_timeout(jobs_server: Server) -> None:
     """TABPY_EVALUATE_TIMEOUT is 2 s here and TABSERVE_JOB_TIMEOUT 6 s."""
     slow = "import time\ntime.sleep(3)\nreturn 7"
+    # The job (in the job slot) and the synchronous call (on the other worker) run side by
+    # side: the same two outcomes, without waiting out one before starting the other.
+    job_id = submit(jobs_server, slow)
     assert jobs_server.post("/evaluate", json={"script": slow, "data": {}}).status_code == 408
-    job = wait_status(jobs_server, submit(jobs_server, slow), {3, 4, 5})
+    job = wait_status(jobs_server, job_id, {3, 4, 5})
     assert job["status"] == 3, job
     endless = wait_status(jobs_server, submit(jobs_server, "while True: pass"), {3, 4, 5})
     assert endless["status"] == 4

@@ -159,10 +159,11 @@ def test_schemathesis_finds_no_answer_outside_the_document(
         "--checks",
         "status_code_conformance,content_type_conformance,response_schema_conformance,"
         "response_headers_conformance",
+        # Bounded by examples, not by time: --max-time is a budget that fuzzing and stateful
+        # testing repeat to fill (always a minute), and how much of it a loaded machine fills
+        # differs from run to run. With the seed, the cases are the same every run.
         "--max-examples",
         "10",
-        "--max-time",
-        "60",
         "--request-timeout",
         "10",
         "--workers",

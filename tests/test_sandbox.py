@@ -90,9 +90,7 @@ def _case(server_factory: ServerFactory, workdir: Path, isolated: bool, **config
     return Case(server, isolated, secret)
 
 
-@pytest.fixture(scope="module")
-def isolated(server_factory: ServerFactory, outside_tmp: Path) -> Case:
-    workdir = outside_tmp / "isolated"
+def _isolated(server_factory: ServerFactory, workdir: Path, timeout: str) -> Case:
     return _case(
         server_factory,
         workdir,
@@ -105,9 +103,21 @@ def isolated(server_factory: ServerFactory, outside_tmp: Path) -> Case:
         TABSERVE_WORKER_CPU_SECONDS="1",
         TABSERVE_WORKER_FILE_SIZE_MB="1",
         TABSERVE_WORKER_OPEN_FILES="64",
-        # Far above the CPU backstop: a busy worker on a loaded machine gets little CPU.
-        TABPY_EVALUATE_TIMEOUT="12",
+        TABPY_EVALUATE_TIMEOUT=timeout,
     )
+
+
+@pytest.fixture(scope="module")
+def isolated(server_factory: ServerFactory, outside_tmp: Path) -> Case:
+    # Far above the CPU backstop: a busy worker on a loaded machine gets little CPU.
+    return _isolated(server_factory, outside_tmp / "isolated", timeout="12")
+
+
+@pytest.fixture(scope="module")
+def isolated_short(server_factory: ServerFactory, outside_tmp: Path) -> Case:
+    """As ``isolated``, with a 4 s timeout, for the tests that wait for one to fire: their
+    scripts sleep (they need no CPU to reach the timeout), and each waited out 12 s."""
+    return _isolated(server_factory, outside_tmp / "isolated-short", timeout="4")
 
 
 @pytest.fixture(scope="module")
@@ -397,11 +407,11 @@ def test_cpu_backstop_kills_a_runaway_script_and_its_children(isolated: Case) ->
 
 
 @pytest.mark.slow
-def test_timeout_kills_everything_the_script_started_in_the_sandbox(isolated: Case) -> None:
+def test_timeout_kills_everything_the_script_started_in_the_sandbox(isolated_short: Case) -> None:
     marker = f"orphan-{uuid.uuid4().hex}"
     with ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(
-            isolated.server.evaluate, _SPAWN.format(marker=marker) + "time.sleep(60)"
+            isolated_short.server.evaluate, _SPAWN.format(marker=marker) + "time.sleep(60)"
         )
         deadline = time.monotonic() + 10
         while not _orphans(marker) and time.monotonic() < deadline:
@@ -412,7 +422,7 @@ def test_timeout_kills_everything_the_script_started_in_the_sandbox(isolated: Ca
 
 
 @pytest.mark.slow
-def test_timeout_kills_a_child_in_a_new_session_in_the_sandbox(isolated: Case) -> None:
+def test_timeout_kills_a_child_in_a_new_session_in_the_sandbox(isolated_short: Case) -> None:
     # setsid takes the child out of the worker's process group, which is all a timeout kills
     # in none mode; bubblewrap's PID namespace dies with the worker, taking it along.
     marker = f"orphan-{uuid.uuid4().hex}"
@@ -420,7 +430,7 @@ def test_timeout_kills_a_child_in_a_new_session_in_the_sandbox(isolated: Case) -
         marker=marker
     )
     with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(isolated.server.evaluate, spawn + "time.sleep(60)")
+        future = pool.submit(isolated_short.server.evaluate, spawn + "time.sleep(60)")
         deadline = time.monotonic() + 10
         while not _orphans(marker) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -19,16 +18,21 @@ ADMIN = ("admin", "admin-pass-1")
 READER = ("reader", "reader-pass-1")
 
 
-@pytest.fixture(params=["statedir", "postgresql"])
+# One server per backend for the module, not per test: each test uses names of its own
+# (users, endpoints) and needs nothing another test added or removed.
+@pytest.fixture(scope="module", params=["statedir", "postgresql"])
 def store_server(
-    request: pytest.FixtureRequest, server_factory: ServerFactory, tmp_path: Path
+    request: pytest.FixtureRequest,
+    server_factory: ServerFactory,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Server]:
+    tmp_path = tmp_path_factory.mktemp(f"users-{request.param}")
     if request.param == "statedir":
         location = str(tmp_path / "state")
         config = {"TABPY_STATE_PATH": location}
     else:
         pg: PostgresServer = request.getfixturevalue("postgres")
-        location = pg.fresh_database(f"users_{tmp_path.name[-12:].lower()}")
+        location = pg.fresh_database("store_users_api")
         config = {"TABSERVE_STORE": location}
     for name, password, permissions in (ADMIN + ("all",), READER + ("query",)):
         assert main(["user", "add", "-u", name, "-p", password, "--permissions", permissions,

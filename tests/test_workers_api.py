@@ -42,22 +42,37 @@ def runaway_server(server_factory: ServerFactory, request: pytest.FixtureRequest
 
 @pytest.fixture(scope="module", params=["fresh", "zygote"])
 def crash_server(server_factory: ServerFactory, request: pytest.FixtureRequest) -> Server:
-    """Crashes need no short timeout: 30 s keeps a loaded machine from turning the follow-up
-    call into a 408 (a timeout is what runaway_server tests)."""
+    """Crashes (and parallel sleeps) need no short timeout: 30 s keeps a loaded machine from
+    turning a call that should succeed into a 408 (a timeout is what runaway_server tests)."""
     return server_factory(
         TABPY_EVALUATE_TIMEOUT="30", TABSERVE_WORKERS="2", TABSERVE_WORKER_LAUNCH=request.param
     )
 
 
+def cpu_goes_idle(server: Server, within: float = 15) -> bool:
+    """True once no process of the server's tree is busy, polled until ``within`` s: a
+    runaway that was not killed never goes idle; a replacement worker's imports soon do."""
+    deadline = time.monotonic() + within
+    while busy_processes(server):
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
 def wait_for_workers(server: Server, workers: int = 2) -> None:
     """A replacement worker takes a moment to start (longer on newer Pythons, which import
-    numpy and pandas more slowly); wait until every worker answers a trivial call at once."""
+    numpy and pandas more slowly); wait until every worker answers a call at once. Each call
+    holds its worker a moment, so that one ready worker cannot answer them all in turn: the
+    answers must come from as many processes as there are workers."""
+    script = "import os, time\ntime.sleep(0.2)\nreturn os.getpid()"
     deadline = time.monotonic() + 30
     with ThreadPoolExecutor(workers) as pool:
         while time.monotonic() < deadline:
-            calls = [pool.submit(server.evaluate, "return 1") for _ in range(workers)]
-            if all(call.result().status_code == 200 for call in calls):
-                return
+            calls = [pool.submit(server.evaluate, script) for _ in range(workers)]
+            answers = [call.result() for call in calls]
+            if all(answer.status_code == 200 for answer in answers):
+                if len({answer.json() for answer in answers}) == workers:
+                    return
             time.sleep(0.1)
     raise AssertionError(f"{workers} workers did not all answer within 30 s")
 
@@ -66,8 +81,7 @@ def test_runaway_is_408_and_the_cpu_goes_idle(runaway_server: Server) -> None:
     response = runaway_server.evaluate("while True: pass")
     assert response.status_code == 408
     assert response.json()["message"] == "User defined script timed out. Timeout is set to 1.0 s."
-    time.sleep(2)
-    assert busy_processes(runaway_server) == []
+    assert cpu_goes_idle(runaway_server), busy_processes(runaway_server)
     wait_for_workers(runaway_server)
 
 
@@ -78,8 +92,7 @@ def test_runaway_children_are_killed_too(runaway_server: Server) -> None:
         "while True: pass"
     )
     assert runaway_server.evaluate(script).status_code == 408
-    time.sleep(2)
-    assert busy_processes(runaway_server) == []
+    assert cpu_goes_idle(runaway_server), busy_processes(runaway_server)
     wait_for_workers(runaway_server)
 
 
@@ -130,12 +143,13 @@ def test_memory_cap_is_a_5xx_and_the_next_request_succeeds(server_factory: Serve
     assert server.evaluate("return 7").json() == 7
 
 
-def test_two_sleeps_run_in_parallel(runaway_server: Server) -> None:
-    wait_for_workers(runaway_server)
+def test_two_sleeps_run_in_parallel(crash_server: Server) -> None:
+    # crash_server's 30 s timeout: runaway_server's 1 s left a sleep of 0.8 s little margin.
+    wait_for_workers(crash_server)
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=2) as pool:
         scripts = ["import time\ntime.sleep(0.8)"] * 2
-        results = list(pool.map(runaway_server.evaluate, scripts))
+        results = list(pool.map(crash_server.evaluate, scripts))
     elapsed = time.perf_counter() - started
     assert [r.status_code for r in results] == [200, 200]
     assert elapsed < 1.5, elapsed
