@@ -156,7 +156,7 @@ def test_the_architecture_module_table_names_every_module() -> None:
 
 
 def test_a_plain_server_loads_neither_pyjwt_nor_cryptography() -> None:
-    """Idle memory: PyJWT and cryptography cost the front end about 20 MB, and only OAuth
+    """Idle memory: PyJWT and cryptography cost the front end about 9 MB, and only OAuth
     (PyJWT) and TLS or doctor (cryptography) need them; they are imported on first use."""
     code = textwrap.dedent(
         """

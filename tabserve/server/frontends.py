@@ -2,15 +2,14 @@
 
 The process started as ``tabserve`` becomes the *master*. It starts the pool exactly as one
 process would (``start_pool``: launcher and zygote first, before any secret is read, then
-the sandbox self-check), binds one set of listening sockets per front end (``SO_REUSEPORT``,
-see ``bind_unlistened``), and starts the front ends: fresh interpreters that inherit their
-set and one lease channel each (a
+the sandbox self-check), binds the listening sockets once, and starts the front ends: fresh
+interpreters that inherit the listening sockets and one lease channel each (a
 ``SOCK_SEQPACKET`` pair, ``fdpass`` messages). The master serves no HTTP. It supervises the
 front ends (one that dies is started again), leases them workers, relays the few things
 that must be shared (authentication failures, SIGHUP) and shuts everything down in order.
 
 Each front end builds its own services on the shared store, as a replica would, and serves
-HTTP on its inherited sockets; the kernel spreads connections between the sets.
+HTTP on the inherited sockets, accepting one connection per wake-up so that they share them.
 
 Workers are *leased*, not relayed. A front end sends ``acquire``; the master takes a worker
 from its pool's queue (one FIFO for every front end, so no request waits behind a busy
@@ -115,7 +114,7 @@ class _FrontEnd:
         master = self.master
         loop = asyncio.get_running_loop()
         ours, theirs = fdpass.socket_pair()
-        listen = [sock.fileno() for sock in master.sockets[self.index]]
+        listen = [sock.fileno() for sock in master.sockets]
         marker = {"listen": listen, "lease": theirs.fileno(), "index": self.index}
         env = {**os.environ, MARKER: orjson.dumps(marker).decode()}
         env.update(master.frontend_env)
@@ -151,7 +150,11 @@ class _FrontEnd:
         try:
             fdpass.send_message(self.sock, message, fds)
         except OSError as exc:
-            log.error("front end %d is not reading its lease channel (%s)", self.index, exc)
+            # A lost answer would leave one of its callers waiting for ever: a front end that
+            # cannot be told is killed, and started again with nothing leased (_reap).
+            log.error("front end %d is not reading its lease channel (%s): killing it",
+                      self.index, exc)  # fmt: skip
+            self.signal(signal.SIGKILL)
             return False
         return True
 
@@ -183,7 +186,13 @@ class _FrontEnd:
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
         if op == "acquire":
-            self._spawn(self._lease(int(message["id"]), float(message["timeout"])))
+            timeout = float(message["timeout"])
+            remaining = timeout
+            if "deadline" in message:
+                # The front end's own deadline (time.monotonic, one clock per host, which
+                # asyncio's loop time is): the master must not lease a worker after it.
+                remaining = min(timeout, float(message["deadline"]) - time.monotonic())
+            self._spawn(self._lease(int(message["id"]), timeout, remaining))
         elif op == "release":
             worker = self.leases.pop(int(message["worker"]), None)
             if worker is not None:
@@ -203,10 +212,16 @@ class _FrontEnd:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _lease(self, ident: int, timeout: float) -> None:
+    async def _lease(self, ident: int, timeout: float, remaining: float) -> None:
         executor = self.master.executor
         try:
-            worker = await executor.lease(timeout)
+            if remaining <= 0:
+                raise ScriptTimeout.after(timeout)
+            worker = await executor.lease(remaining)
+        except ScriptTimeout:
+            error = ScriptTimeout.after(timeout)  # the caller's timeout, as one process says it
+            self.send({"op": "refused", "id": ident, "error": error.to_wire()})
+            return
         except TabserveError as exc:
             self.send({"op": "refused", "id": ident, "error": exc.to_wire()})
             return
@@ -243,10 +258,15 @@ class _FrontEnd:
             executor.retire_leased(worker, reason)
             return
         if reason == "crash":
-            code = await executor.exit_code(worker)
-            why = describe_exit(code, executor.launcher.wrapped)
-            log.error("worker %d %s while running a job", worker.pid, why)
-            executor.retire_leased(worker, reason)
+            why = "stopped answering"
+            try:
+                code = await executor.exit_code(worker)
+                why = describe_exit(code, executor.launcher.wrapped)
+                log.error("worker %d %s while running a job", worker.pid, why)
+            finally:
+                # Also when this task is cancelled (its front end died meanwhile, and _lost no
+                # longer holds this lease): the worker must still be retired and replaced.
+                executor.retire_leased(worker, reason)
             self.send({"op": "died", "worker": wid, "reason": why})
             return
         executor.retire_leased(worker, reason)
@@ -261,8 +281,9 @@ class _FrontEnd:
         for task in list(self._tasks):
             task.cancel()
         for worker in self.leases.values():
-            # A job may still run in it, for nobody: it goes, with what its script started.
-            self.master.executor.retire_leased(worker, "crash")
+            # A job may still run in it, for nobody: it goes, with what its script started
+            # (not counted as a crash: the worker did not die on its own).
+            self.master.executor.retire_leased(worker, "frontend_lost")
         self.leases.clear()
         self.held.clear()
         self.ready = False
@@ -305,14 +326,14 @@ class Master:
         settings: Settings,
         executor: Executor,
         payload: bytes,
-        sockets: Sequence[Sequence[socket.socket]],
+        sockets: Sequence[socket.socket],
         frontend_env: Mapping[str, str],
     ) -> None:
         self.settings = settings
         self.executor = executor
         self.frontend_payload = payload
         self.frontend_env = dict(frontend_env)
-        self.sockets = [list(group) for group in sockets]  # one set per front end
+        self.sockets = list(sockets)
         self.frontends = [_FrontEnd(self, i) for i in range(settings.processes)]
         self.closing = False
         self.context_of: dict[int, str | None] = {}  # worker id -> digest of the table it holds
@@ -422,49 +443,73 @@ _METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 _BACKLOG = 128
 
 
-def bind_unlistened(port: int, address: str | None, groups: int) -> list[list[socket.socket]]:
-    """``groups`` sets of sockets, one per front end, each bound as
-    ``tornado.netutil.bind_sockets`` binds them and all to the same addresses and port with
-    ``SO_REUSEPORT``, but not yet listening: each front end listens on its own set once it is
-    ready, so no connection is accepted by the kernel before a process can answer it.
+def bind_unlistened(port: int, address: str | None) -> list[socket.socket]:
+    """Sockets bound as ``tornado.netutil.bind_sockets`` binds them, but not yet listening:
+    the first front end to be ready calls ``listen``, so no connection is accepted by the
+    kernel before a process can answer it.
 
-    One set per front end, not one shared set: on a shared listening socket the first front
-    end to wake accepts every pending connection (Tornado accepts in a loop), so one process
-    ends up serving a client's whole keep-alive pool while the other idles (measured: 8 wrk
-    connections, all on one front end). With ``SO_REUSEPORT`` the kernel spreads connections
-    over the listening sockets by a hash of their addresses. The master keeps every set open,
-    so a restarted front end finds its connections queued on its set, and the kernel only
-    lets processes of the same user join the group.
+    One set, inherited by every front end, and no ``SO_REUSEPORT``: with it any process of
+    the same user (a script in a worker, without a sandbox) could join the port and receive a
+    share of the connections, credentials included. How connections are spread over the
+    front ends instead: see ``_accept_one_at_a_time``.
     """
-    found = socket.getaddrinfo(address, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0,
-                               socket.AI_PASSIVE)  # fmt: skip
-    sets: list[list[socket.socket]] = []
-    try:
-        for _ in range(groups):
-            sockets: list[socket.socket] = []
-            sets.append(sockets)
-            bound: set[Any] = set()
-            for family, kind, proto, _, sockaddr in found:
-                if sockaddr in bound:
-                    continue
-                bound.add(sockaddr)
-                if port == 0 and (sets[0] or sockets):  # one free port for all, as Tornado does
-                    chosen = (sets[0] or sockets)[0].getsockname()[1]
-                    sockaddr = (sockaddr[0], chosen, *sockaddr[2:])
-                sock = socket.socket(family, kind, proto)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(sockaddr)
-                sock.setblocking(False)
-    except BaseException:
-        for sockets in sets:
-            for sock in sockets:
-                sock.close()
-        raise
-    return sets
+    sockets: list[socket.socket] = []
+    bound: set[Any] = set()
+    flags = socket.AI_PASSIVE
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(
+        address, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, flags
+    ):
+        if sockaddr in bound:
+            continue
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and sockets:  # one free port for every address, as Tornado does
+                sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
+            sock.bind(sockaddr)
+        except BaseException:
+            sock.close()
+            for other in sockets:
+                other.close()
+            raise
+        sock.setblocking(False)
+        bound.add(sockaddr)
+        sockets.append(sock)
+    return sockets
+
+
+def _accept_one_at_a_time(server: Any, sockets: Sequence[socket.socket]) -> Callable[[], None]:
+    """Accept connections on the shared sockets one per wake-up, for ``server`` (Tornado's).
+
+    Tornado accepts in a loop until the queue is empty, so on a socket every front end
+    listens on, the first to wake takes every pending connection: measured, all 8 of wrk's
+    keep-alive connections landed on one front end while the other idled. Taking one per
+    wake-up leaves the rest to the others, which the kernel woke too. Returns what stops it.
+    """
+    loop = asyncio.get_running_loop()
+
+    def accept(sock: socket.socket) -> None:
+        try:
+            connection, address = sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another front end took it, or the client gave up
+        except OSError as exc:  # EMFILE and the like: as Tornado, log and keep serving
+            log.warning("cannot accept a connection: %s", exc)
+            return
+        server._handle_connection(connection, address)  # what Tornado's own loop calls
+
+    for sock in sockets:
+        loop.add_reader(sock, accept, sock)
+
+    def stop() -> None:
+        for sock in sockets:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(sock)
+            sock.close()
+
+    return stop
 
 
 async def serve_master(settings: Settings, out: TextIO) -> None:
@@ -483,7 +528,7 @@ async def serve_master(settings: Settings, out: TextIO) -> None:
     # As with one process: workers (and the zygote) start before anything secret is read.
     executor, sandbox = await start_pool(settings)
     master: Master | None = None
-    sockets: list[list[socket.socket]] = []
+    sockets: list[socket.socket] = []
     metrics_dir = tempfile.mkdtemp(prefix="tabserve-metrics-")
     try:
         # Migrated or checked once here, so front ends starting together do not race at it.
@@ -491,7 +536,7 @@ async def serve_master(settings: Settings, out: TextIO) -> None:
         store.close()
         for handler in logging.getLogger().handlers:
             handler.flush()
-        sockets = bind_unlistened(settings.port, settings.bind_address or None, settings.processes)
+        sockets = bind_unlistened(settings.port, settings.bind_address or None)
         payload = pickle.dumps((settings, sandbox))
         # Counters add up across front ends: prometheus_client's multiprocess mode, in a
         # directory of this server's own (it must be set before they import the library).
@@ -504,7 +549,7 @@ async def serve_master(settings: Settings, out: TextIO) -> None:
         await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if started.done():
             started.result()  # a front end that could not start stops the start
-            port = sockets[0][0].getsockname()[1]
+            port = sockets[0].getsockname()[1]
             warning = exposure_warning(settings)
             if warning:
                 log.warning("%s", warning)
@@ -518,16 +563,14 @@ async def serve_master(settings: Settings, out: TextIO) -> None:
             with contextlib.suppress(asyncio.CancelledError, FrontEndFailed):
                 await started
         log.info("shutting down: stopping %d front ends", settings.processes)
-        for group in sockets:
-            for sock in group:
-                sock.close()  # ours: the front ends hold their own until they exit
+        for sock in sockets:
+            sock.close()  # ours: the front ends hold their own until they exit
         await master.stop(signals.wait)
     finally:
         if master is not None:
             master.kill_all()
-        for group in sockets:
-            for sock in group:
-                sock.close()
+        for sock in sockets:
+            sock.close()
         await executor.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         log.info("stopped")
@@ -567,7 +610,11 @@ class MasterLink:
         try:
             fdpass.send_message(self.sock, message)
         except OSError as exc:
+            # A lost release would keep a worker leased, a lost kill a runaway running: as if
+            # the master were gone, this front end stops (the master retires its leases).
             log.error("cannot reach the master process: %s", exc)
+            self.close()
+            self.on_lost()
             return False
         return True
 
@@ -651,8 +698,12 @@ class LeasedPool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         enqueued = time.perf_counter()
-        wid, worker, held = await self._lease(timeout)
+        wid, worker, held = await self._lease(timeout, deadline)
         queue_ms = (time.perf_counter() - enqueued) * 1000
+        if loop.time() >= deadline:
+            # Leased just as the time ran out: no job is started only to be killed at once.
+            self.link.send({"op": "release", "worker": wid, "context": held})
+            raise ScriptTimeout.after(timeout)
         header = job_header(kind, options)
         digest = self._digest
         context = None if held == digest else self._context
@@ -677,14 +728,17 @@ class LeasedPool:
         self.link.send({"op": "release", "worker": wid, "recycle": recycle, "context": digest})
         return job_result(reply, body, worker.pid, queue_ms, returned)
 
-    async def _lease(self, timeout: float) -> tuple[int, WorkerProcess, str | None]:
+    async def _lease(
+        self, timeout: float, deadline: float
+    ) -> tuple[int, WorkerProcess, str | None]:
         self._next += 1
         ident = self._next
         waiter: asyncio.Future[tuple[int, WorkerProcess, str | None]]
         waiter = asyncio.get_running_loop().create_future()
         self._waiting[ident] = waiter
         try:
-            if not self.link.send({"op": "acquire", "id": ident, "timeout": timeout}):
+            acquire = {"op": "acquire", "id": ident, "timeout": timeout, "deadline": deadline}
+            if not self.link.send(acquire):
                 raise Overloaded("Server is shutting down")
             return await waiter
         finally:
@@ -786,6 +840,9 @@ def frontend_main() -> int:
     # A terminal's Ctrl-C reaches the whole process group: the master forwards it as SIGTERM,
     # which must be the only signal counted, or it would count as a second one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGHUP (forwarded by the master on a reload) would end a front end still starting: it
+    # is ignored until the password-file reload is installed as its handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         logs.configure(settings.log_level, settings.log_format, settings.log_file)
     except OSError as exc:
@@ -852,14 +909,15 @@ async def _serve_frontend(settings: Settings, sandbox: Any, marker: dict[str, An
         sockets = [socket.socket(fileno=int(fd)) for fd in marker["listen"]]
         for sock in sockets:
             sock.setblocking(False)
-            sock.listen(_BACKLOG)  # this front end's share of the port opens now
-        server.add_sockets(sockets)
+            sock.listen(_BACKLOG)  # the first to get here opens the port for all
+        stop_accepting = _accept_one_at_a_time(server, sockets)
         syncing = asyncio.create_task(_sync_metrics(services.metrics))
         link.send({"op": "ready", "pid": os.getpid()})
         stop = asyncio.ensure_future(signals.wait())
         gone = asyncio.ensure_future(lost.wait())
         await asyncio.wait({stop, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
+        stop_accepting()  # this process takes no new connection; the others still do
         server.stop()
         services.requests.draining = True
         if stop.done():

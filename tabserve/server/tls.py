@@ -106,9 +106,8 @@ class CertificateReport:
 def _load_cryptography() -> None:
     """Import ``cryptography`` into this module's names on first use.
 
-    It costs the front end about 15 MB, and only a server with TLS (or doctor) reads a
-    certificate: a plain-HTTP server never loads it, which keeps the process tree's idle
-    memory below TabPy's."""
+    With PyJWT it costs the front end about 9 MB (measured), and only a server with TLS (or
+    doctor) reads a certificate: a plain-HTTP server never loads it."""
     global x509, InvalidSignature, UnsupportedAlgorithm, hashes, serialization, dsa, rsa
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
