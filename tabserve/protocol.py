@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from enum import Enum
 from typing import Any, TypedDict
 
@@ -27,6 +28,14 @@ import orjson
 
 PREFIX = struct.Struct("!II")
 MAX_HEADER = 1 << 20
+
+# A job's payload: one bytes object, or the chunks a request body arrived in, written to the
+# worker one after another so that a 40 MB body is never joined into one copy first.
+Payload = bytes | Sequence[bytes]
+
+
+def payload_length(payload: Payload) -> int:
+    return len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
 
 
 class JobKind(str, Enum):

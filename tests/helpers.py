@@ -32,7 +32,7 @@ from tornado.netutil import bind_sockets
 
 from tabserve.config import Settings, load_settings
 from tabserve.logs import TextFormatter
-from tabserve.protocol import Context, JobKind
+from tabserve.protocol import Context, JobKind, Payload
 from tabserve.server.app import build_services, make_http_server
 from tabserve.server.executor import JobResult, PoolConfig, PoolStats, job_header, job_result
 from tabserve.server.sandbox import SandboxReport
@@ -252,14 +252,16 @@ class FakeExecutor:
     async def run(
         self,
         kind: JobKind,
-        payload: bytes,
+        payload: Payload,
         timeout: float,
         options: Mapping[str, Any] | None = None,
         fds: Sequence[int] = (),
     ) -> JobResult:
         header = job_header(kind, options)
         self.jobs.append(dict(header))
-        reply, body = self.worker.handle(header, bytes(payload), fds)
+        joined = payload if isinstance(payload, bytes) else b"".join(payload)
+        reply, body = self.worker.handle(header, joined, fds)
+        self.worker.spent = None  # as the worker's loop does once the reply is out
         returned, self.worker.outgoing_fds = self.worker.outgoing_fds, []
         return job_result(reply, body, os.getpid(), 0.0, returned)
 

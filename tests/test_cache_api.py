@@ -17,6 +17,7 @@ from pg import PostgresServer
 
 from helpers import AppFactory, InProcessServer, ServerFactory
 from tabserve.cli import main
+from tabserve.server.cache import mentions_max_age
 
 SCRIPT = "return [x + 1 for x in _arg1]"
 
@@ -237,3 +238,16 @@ def test_a_large_body_gives_its_max_age_before_or_after_its_data(
         answer = cache_app.post("/evaluate", json=body)
         assert answer.text == "40000"
     assert runs(cache_app) == before + 1  # the two later calls were hits
+
+
+def test_max_age_is_found_across_the_chunks_a_body_arrived_in() -> None:
+    marker = b'"max_age":60'
+    filler = b" " * 200_000  # past both scan windows
+    # Small body, the marker split between two chunks.
+    assert mentions_max_age([b'{"script":"1","max_', b'age":60}'])
+    # Large body: split across chunks within the last window, and within the first.
+    assert mentions_max_age([b"{", filler, b'"max_', b'age":60}'])
+    assert mentions_max_age([b'{"max', b'_age":60,', filler, b"}"])
+    # Only the two ends are looked at: a marker in the middle of a large body is not.
+    assert not mentions_max_age([b"{", filler, marker, filler, b"}"])
+    assert not mentions_max_age([b'{"script":"1"}'])

@@ -6,7 +6,9 @@ the app in process."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import os
 import subprocess
 
 import pytest
@@ -341,3 +343,14 @@ def test_root_page_is_html(app: InProcessServer) -> None:
     response = app.get("/")
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/html")
+
+
+def test_a_body_of_many_chunks_reaches_the_worker_whole_and_in_order(server: Server) -> None:
+    """40 MB arrives in 1 MiB chunks, which go on to the worker as they are, never joined
+    into one copy: the worker must see them whole and in order."""
+    text = os.urandom(20_000_000).hex()
+    script = "import hashlib\nreturn hashlib.sha256(_arg1[0].encode()).hexdigest()"
+    body = json.dumps({"script": script, "data": {"_arg1": [text]}})
+    answer = requests.post(f"{server.url}/evaluate", data=body, timeout=120)
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.json() == hashlib.sha256(text.encode()).hexdigest()

@@ -279,3 +279,17 @@ def test_an_endpoint_table_larger_than_any_frame_header_reaches_the_workers() ->
         assert "FileNotFoundError" in caught.value.info["error"]  # type: ignore[index]
 
     run_with_pool(test)
+
+
+def test_a_payload_of_more_parts_than_one_write_takes_arrives_whole() -> None:
+    """A body passed as its chunks: the kernel takes at most 1,024 buffers per write, so
+    3,000 parts go out over several, in order."""
+
+    async def test(executor: Executor) -> None:
+        body = job("return ''.join(_arg1)", _arg1=[f"{i:04d}" for i in range(600)])
+        parts = [body[i : i + 1] for i in range(len(body))]
+        assert len(parts) > 3000
+        result = await executor.run(JobKind.EVALUATE, parts, timeout=10)
+        assert orjson.loads(result.body) == "".join(f"{i:04d}" for i in range(600))
+
+    run_with_pool(test)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -188,3 +189,25 @@ def test_print_in_a_script_does_not_corrupt_the_answer(server: Server) -> None:
     response = server.evaluate("print('hello from a script')\nreturn 5")
     assert response.json() == 5
     assert requests.get(server.url + "/info", timeout=5).status_code == 200
+
+
+def test_an_idle_worker_holds_nothing_of_its_last_large_call(
+    server_factory: ServerFactory,
+) -> None:
+    """A worker frees a call's request, result and answer once it has answered, not when the
+    next job replaces them: here 30 MB of body, 30 MB parsed and 30 MB of answer."""
+    server = server_factory(TABSERVE_WORKERS="1")
+    root = psutil.Process(server.process.pid)
+
+    def descendants_rss() -> int:  # the worker (and the zygote, which does not change)
+        return sum(p.memory_info().rss for p in root.children(recursive=True))
+
+    assert server.evaluate("return len(_arg1[0])", _arg1=["warm up"]).text == "7"
+    before = descendants_rss()
+    text = "ab" * 15_000_000
+    body = json.dumps({"script": "return _arg1[0]", "data": {"_arg1": [text]}})
+    answer = requests.post(f"{server.url}/evaluate", data=body, timeout=60)
+    assert answer.status_code == 200 and len(answer.content) == len(text) + 2
+    time.sleep(0.5)  # the reply reaches us before the worker has freed what it built
+    grown = descendants_rss() - before
+    assert grown < 25_000_000, f"the idle worker still holds {grown / 1e6:.0f} MB"

@@ -19,7 +19,7 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,15 +58,31 @@ class BodyFacts:
     digest: str
 
 
-def mentions_max_age(body: bytes) -> bool:
+def mentions_max_age(parts: Sequence[bytes]) -> bool:
     """A cheap first look (no parse): only a body that contains ``"max_age"`` can give one.
 
-    Only the first and last ``SCAN_WINDOW`` bytes are looked at: a top-level key sits before
-    or after ``data``, the one large value, and scanning a 40 MB body would hold the event
-    loop for tens of milliseconds (the search holds the GIL, so a thread would not help)."""
-    if len(body) <= 2 * SCAN_WINDOW:
-        return _MARKER in body
-    return _MARKER in body[:SCAN_WINDOW] or _MARKER in body[-SCAN_WINDOW:]
+    ``parts`` are the body's chunks, as received. Only the first and last ``SCAN_WINDOW``
+    bytes are looked at: a top-level key sits before or after ``data``, the one large value,
+    and scanning a 40 MB body would hold the event loop for tens of milliseconds (the search
+    holds the GIL, so a thread would not help)."""
+    if sum(map(len, parts)) <= 2 * SCAN_WINDOW:
+        return _MARKER in b"".join(parts)  # one part (a small call): no copy
+    return _MARKER in _end(parts, SCAN_WINDOW) or _MARKER in _end(parts[::-1], -SCAN_WINDOW)
+
+
+def _end(parts: Sequence[bytes], size: int) -> bytes:
+    """The first ``size`` bytes of the joined parts, or the last ``-size`` when ``parts``
+    are given last first."""
+    taken: list[bytes] = []
+    count = 0
+    for part in parts:
+        taken.append(part)
+        count += len(part)
+        if count >= abs(size):
+            break
+    if size < 0:
+        return b"".join(reversed(taken))[size:]
+    return b"".join(taken)[:size]
 
 
 def inspect_body(body: bytes, encoding: str) -> BodyFacts:
@@ -102,13 +118,17 @@ class Call:
 
     scope: str  # who may share its cached answer (permissions, endpoint restriction)
     target: str  # what it runs: the script kind, or the endpoint's name and version
-    body: bytes
+    parts: Sequence[bytes]  # the body, as the chunks it arrived in (joined only if parsed)
     encoding: str  # Content-Encoding
     header_max_age: int | None  # Cache-Control: max-age
     default_max_age: int | None  # the endpoint's, or TABSERVE_EVALUATE_MAX_AGE
     asynchronous: bool  # Prefer: respond-async
     run: Callable[[], Awaitable[JobResult]]
     submit: Callable[[], Awaitable[JobRecord]]
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.parts)
 
 
 @dataclass(frozen=True)
@@ -253,7 +273,7 @@ class ResultCache:
         """The call's ``max_age`` (the body's first, then the header's, then the default)
         and its body's facts; (None, None) without a parse when nothing can give one."""
         header, default = call.header_max_age, call.default_max_age
-        if header is None and default is None and not mentions_max_age(call.body):
+        if header is None and default is None and not mentions_max_age(call.parts):
             return None, None
         facts = await self.inspect(call.body, call.encoding)
         for value in (facts.max_age, header, default):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadRequest, StoreUnavailable, TabserveError
-from ..protocol import Context, EndpointEntry, JobKind
+from ..protocol import Context, EndpointEntry, JobKind, Payload
 from .executor import Executor, JobResult
 from .registry import EndpointRecord, EndpointRegistry, alias_chain
 
@@ -246,7 +246,7 @@ class EndpointService:
         await self.ensure_fresh()
         return self.registry.resolve(name)
 
-    async def query(self, name: str, body: bytes, encoding: str) -> JobResult:
+    async def query(self, name: str, body: Payload, encoding: str) -> JobResult:
         """Call ``name`` (already found by ``resolve``) in a worker."""
         self.guard()
         return await self.executor.run(

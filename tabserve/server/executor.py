@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -40,12 +41,14 @@ from ..protocol import (
     Context,
     JobHeader,
     JobKind,
+    Payload,
     ProtocolError,
     ReplyHeader,
     Telemetry,
     decode_header,
     decode_prefix,
     encode_prefix,
+    payload_length,
 )
 from .launcher import (
     FRESH,
@@ -69,6 +72,9 @@ SINGLE_THREADED = {
 
 # How many bytes one read of a worker's socket takes at most.
 _READ_SIZE = 256 * 1024
+# Buffers per sendmsg: a body arrives in 64 KiB chunks, and the kernel takes at most IOV_MAX
+# (1,024 on Linux) in one call.
+_IOV_PARTS = 512
 
 
 @dataclass(frozen=True)
@@ -272,7 +278,8 @@ class WorkerProcess:
                 if len(self._buffer) < end:
                     break
                 header = decode_header(self._buffer[PREFIX.size : PREFIX.size + header_length])
-                payload = bytes(self._buffer[PREFIX.size + header_length : end])
+                with memoryview(self._buffer) as view:  # one copy, not a slice and a copy
+                    payload = bytes(view[PREFIX.size + header_length : end])
                 del self._buffer[:end]
                 self._frames.append((header, payload))
                 self._wake()
@@ -311,8 +318,11 @@ class WorkerProcess:
     def _write(self, parts: list[bytes]) -> None:
         if self._failure is not None:
             return  # the reply's future fails with it
-        if self._unsent:
+        if self._unsent or len(parts) > _IOV_PARTS:
             self._unsent.extend(memoryview(part) for part in parts)
+            self._writable()
+            if self._unsent:
+                self._loop.add_writer(self.channel, self._writable)
             return
         try:
             sent = self.channel.sendmsg(parts)
@@ -332,7 +342,7 @@ class WorkerProcess:
 
     def _writable(self) -> None:
         try:
-            sent = self.channel.sendmsg(list(self._unsent))
+            sent = self.channel.sendmsg(list(itertools.islice(self._unsent, _IOV_PARTS)))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -370,7 +380,7 @@ class WorkerProcess:
     async def call(
         self,
         header: JobHeader,
-        payload: bytes,
+        payload: Payload,
         deadline: float,
         fds: Sequence[int] = (),
         context: bytes | None = None,
@@ -397,7 +407,11 @@ class WorkerProcess:
             parts = []
             if context is not None:
                 parts += [encode_prefix({"kind": JobKind.CONTEXT}, len(context)), context]
-            parts += [encode_prefix(header, len(payload)), payload]
+            parts.append(encode_prefix(header, payload_length(payload)))
+            if isinstance(payload, bytes):
+                parts.append(payload)
+            else:
+                parts.extend(payload)
             self._write(parts)
             answer, body = await reply
         finally:
@@ -572,7 +586,7 @@ class Executor:
     async def run(
         self,
         kind: JobKind,
-        payload: bytes,
+        payload: Payload,
         timeout: float,
         options: Mapping[str, Any] | None = None,
         fds: Sequence[int] = (),

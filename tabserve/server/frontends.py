@@ -49,7 +49,7 @@ import orjson
 from .. import fdpass, logs
 from ..config import Settings
 from ..errors import Overloaded, ScriptTimeout, TabserveError, WorkerDied
-from ..protocol import Context, JobKind, ProtocolError
+from ..protocol import Context, JobKind, Payload, ProtocolError
 from .executor import (
     Executor,
     JobResult,
@@ -689,7 +689,7 @@ class LeasedPool:
     async def run(
         self,
         kind: JobKind,
-        payload: bytes,
+        payload: Payload,
         timeout: float,
         options: Mapping[str, Any] | None = None,
         fds: Sequence[int] = (),

@@ -49,7 +49,8 @@ def decode_body(payload: bytes, encoding: str | None, limit: int, gzip_enabled: 
 
 
 def parse_json(body: bytes) -> Any:
-    if not body.strip():
+    # isspace() stops at the first other byte, where strip() would copy a large body.
+    if not body or body.isspace():
         raise BadRequest("Request body is empty: expected a JSON object")
     try:
         return orjson.loads(body)

@@ -117,7 +117,7 @@ class CallHandler(BaseHandler):
             Call(
                 scope=f"{self._scope()}|{scope}",
                 target=target,
-                body=self.body,
+                parts=self.body_parts,
                 encoding=self.content_encoding,
                 header_max_age=cache_control_max_age(headers.get_list("Cache-Control")),
                 default_max_age=default,
@@ -173,7 +173,9 @@ class EvaluateHandler(CallHandler):
         else:
             # The 'evaluate' permission, checked here: Tableau's connection test is exempt
             # (for password-file users; a token needs the evaluate scope even for that).
-            self.services.auth.authorize_evaluate(self.user, self.body, self.content_encoding)
+            self.services.auth.authorize_evaluate(
+                self.user, lambda: self.body, self.content_encoding
+            )
             self.services.sandbox.require_evaluate()
             options: dict[str, Any] = {"encoding": self.content_encoding}
             refusal = self.services.auth.script_query_refusal(self.user)
@@ -183,7 +185,7 @@ class EvaluateHandler(CallHandler):
 
             def run() -> Awaitable[JobResult]:
                 return self.services.executor.run(
-                    JobKind.EVALUATE, self.body, settings.evaluate_timeout, options
+                    JobKind.EVALUATE, self.body_parts, settings.evaluate_timeout, options
                 )
 
             def submit() -> Awaitable[JobRecord]:
@@ -261,7 +263,7 @@ class QueryHandler(CallHandler):
         self.endpoint = name  # deployed, so a bounded metrics label
 
         def run() -> Awaitable[JobResult]:
-            return endpoints.query(name, self.body, self.content_encoding)
+            return endpoints.query(name, self.body_parts, self.content_encoding)
 
         def submit() -> Awaitable[JobRecord]:
             endpoints.guard()  # refused now, not later in the job
