@@ -18,7 +18,7 @@ CEILING = "ceiling"
 METRICS: dict[str, list[tuple[str, bool]]] = {
     "throughput": [("rps", True), ("p50_ms", False), ("p99_ms", False)],
     "latency": [("p50_ms", False), ("p99_ms", False)],
-    "memory": [("peak_rss_mb", False), ("idle_rss_mb", False)],
+    "memory": [("peak_pss_mb", False), ("peak_rss_mb", False), ("idle_rss_mb", False)],
 }
 
 

@@ -290,6 +290,26 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+def tree_pss_bytes(pid: int) -> int:
+    """Proportional memory of a process and its descendants: a page shared by n processes
+    counts 1/n in each, so pages the zygote shares with its workers count once (RSS counts
+    them in every process)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
 def start_ceiling(python: str, opts: ServerOptions, root: Path) -> Server:
     """The bare Tornado reference server (``bench.ceiling``): the one-process ceiling."""
     workdir = Path(tempfile.mkdtemp(prefix="ceiling-", dir=root))

@@ -32,7 +32,7 @@ EXPECTED = {
     "w6": ("rps", "p50_ms", "p99_ms"),
     "w7": ("rps", "p50_ms", "p99_ms"),
     "w8": ("p50_ms", "p99_ms"),
-    "w9": ("peak_rss_mb", "idle_rss_mb"),
+    "w9": ("peak_pss_mb", "peak_rss_mb", "idle_rss_mb"),
     "flight_json": ("p50_ms", "us_per_row"),
     "flight_arrow": ("p50_ms", "us_per_row", "put_ms", "evaluate_ms", "get_ms"),
     "rows_10": ("p50_ms", "us_per_row"),

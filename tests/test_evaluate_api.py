@@ -354,3 +354,14 @@ def test_a_body_of_many_chunks_reaches_the_worker_whole_and_in_order(server: Ser
     answer = requests.post(f"{server.url}/evaluate", data=body, timeout=120)
     assert answer.status_code == 200, answer.text[:300]
     assert answer.json() == hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_a_large_answer_carries_its_length_and_is_not_chunked(server: Server) -> None:
+    """Over 1 MiB, the answer is written after its headers (no copy to join them): it must
+    still say its length, as a small one does."""
+    answer = server.evaluate("return 'x' * 3_000_000")
+    assert answer.status_code == 200
+    assert answer.headers["Content-Length"] == str(len(answer.content)) == "3000002"
+    assert "Transfer-Encoding" not in answer.headers
+    assert answer.json() == "x" * 3_000_000
+    assert server.evaluate("return 1").text == "1"  # the connection's next answer is whole

@@ -227,10 +227,11 @@ class Worker:
     def evaluate(self, header: JobHeader, payload: bytes) -> tuple[bytes, Telemetry]:
         body = decode_body(payload, header.get("encoding"), self.request_limit, self.gzip_enabled)
         request = EvaluateRequest.parse(parse_json(body))
+        release(payload, body)
         result, script_hash = self.run_script(
             request.script, request.data, header.get("query_refusal")
         )
-        self.spent = (body, request, result)  # freed after the reply is sent (serve)
+        self.spent = (request, result)  # freed after the reply is sent (serve)
         check_result_length(request.data, result)
         meta: Telemetry = {"rows_in": _rows_in(request.data.values()), "script_hash": script_hash}
         rows_out = count_rows(result)
@@ -271,6 +272,7 @@ class Worker:
         """``/query/<name>``: ``data`` as an object is keyword arguments, as an array positional."""
         body = decode_body(payload, header.get("encoding"), self.request_limit, self.gzip_enabled)
         document = parse_json(body)
+        release(payload, body)
         self.spent = document  # freed after the reply is sent (serve)
         if not isinstance(document, dict) or "data" not in document:
             raise BadRequest('Input data must be a JSON object with a key called "data"')
@@ -379,6 +381,14 @@ class Worker:
                 with os.fdopen(fd, "rb") as handle:
                     return load_callable(handle)
         return load_archive(Path(path))
+
+
+def release(*buffers: bytes | bytearray) -> None:
+    """Give back the memory of a request's bytes once they are parsed: the job's frame is a
+    bytearray only this loop holds, and its 40 MB need not live while the script runs."""
+    for buffer in buffers:
+        if isinstance(buffer, bytearray):
+            buffer.clear()
 
 
 def _error_reply(error: TabserveError) -> ReplyHeader:

@@ -145,7 +145,7 @@ class CallHandler(BaseHandler):
             self.meta = {k: v for k, v in result.meta.items() if k in ("model", "version")}
             self.set_header("Age", str(int(age)))
         self.add_cors_headers()
-        self.finish(result.body)
+        self.finish_body(result.body)
 
     def _write_job(self, job: JobRecord) -> None:
         self.set_header("Location", f"/jobs/{job.id}")
@@ -197,7 +197,7 @@ class EvaluateHandler(CallHandler):
             return
         self.meta = result.meta
         self.add_cors_headers()
-        self.finish(result.body)
+        self.finish_body(result.body)
 
 
 class StatusHandler(BaseHandler):

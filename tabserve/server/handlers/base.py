@@ -77,6 +77,8 @@ class _DateHeader:
 # An oversized body is read and thrown away (so the client, still sending, can read our 413)
 # up to this much past the limit; beyond it the connection is closed instead.
 DRAIN_LIMIT = 64 * 1024 * 1024
+# An answer larger than this is written after its headers rather than joined to them.
+SEPARATE_BODY = 1024 * 1024
 
 _Verb = TypeVar("_Verb", bound=Callable[..., Awaitable[None] | None])
 
@@ -279,6 +281,17 @@ class BaseHandler(RequestHandler):
             chunk = utf8(chunk)
             self._sent += len(chunk)
         super().write(chunk)
+
+    def finish_body(self, body: bytes) -> None:
+        """Finish with ``body`` as the answer. A large one goes out after the headers, as it
+        is: Tornado would otherwise copy it once more to put the headers in front of it."""
+        if len(body) <= SEPARATE_BODY or self.request.method == "HEAD":
+            self.finish(body)
+            return
+        self.set_header("Content-Length", str(len(body)))  # or Tornado would send it chunked
+        self.flush()
+        self.write(body)
+        self.finish()
 
     def on_finish(self) -> None:
         self._untrack()
