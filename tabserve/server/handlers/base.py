@@ -38,6 +38,7 @@ from ...errors import (
 )
 from ..auth import ANONYMOUS
 from ..credentials import User
+from ..heap import heap
 from ..paging import PARAMETERS as PAGING_PARAMETERS
 
 if TYPE_CHECKING:
@@ -295,6 +296,7 @@ class BaseHandler(RequestHandler):
 
     def on_finish(self) -> None:
         self._untrack()
+        heap.after(self._received + self._sent)  # a large call's buffers go back to the system
         request = self.request
         self.services.metrics.observe(
             self.route.name,
