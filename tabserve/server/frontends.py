@@ -164,24 +164,20 @@ class _FrontEnd:
                 self.process.send_signal(sig)
 
     def _readable(self) -> None:
-        while self.sock is not None:
-            try:
-                received = fdpass.receive_message(self.sock)
-            except (BlockingIOError, InterruptedError):
-                return
-            except (OSError, fdpass.FdProtocolError) as exc:
-                log.error("front end %d sent something unreadable: %s", self.index, exc)
-                received = None
-            if received is None:
-                self._lost()
-                return
-            message, fds = received
-            fdpass.close_all(fds)  # front ends never send descriptors
-            try:
-                self._handle(message)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.error("front end %d sent a malformed message %r: %s", self.index,
-                          message, exc)  # fmt: skip
+        if self.sock is None:
+            return
+        try:
+            for message, fds in fdpass.receive_ready(self.sock):
+                fdpass.close_all(fds)  # front ends never send descriptors
+                try:
+                    self._handle(message)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.error("front end %d sent a malformed message %r: %s", self.index,
+                              message, exc)  # fmt: skip
+        except fdpass.ChannelClosed as closed:
+            if closed.error is not None:
+                log.error("front end %d sent something unreadable: %s", self.index, closed.error)
+            self._lost()
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -619,28 +615,24 @@ class MasterLink:
         return True
 
     def _readable(self) -> None:
-        while self.sock is not None:
-            try:
-                received = fdpass.receive_message(self.sock)
-            except (BlockingIOError, InterruptedError):
-                return
-            except (OSError, fdpass.FdProtocolError) as exc:
-                log.error("the master process sent something unreadable: %s", exc)
-                received = None
-            if received is None:
-                self.close()
-                self.on_lost()
-                return
-            message, fds = received
-            handler = self.handlers.get(str(message.get("op")))
-            if handler is None:
-                fdpass.close_all(fds)
-                continue
-            try:
-                handler(message, fds)
-            except (KeyError, TypeError, ValueError) as exc:
-                fdpass.close_all(fds)
-                log.error("the master sent a malformed message %r: %s", message, exc)
+        if self.sock is None:
+            return
+        try:
+            for message, fds in fdpass.receive_ready(self.sock):
+                handler = self.handlers.get(str(message.get("op")))
+                if handler is None:
+                    fdpass.close_all(fds)
+                    continue
+                try:
+                    handler(message, fds)
+                except (KeyError, TypeError, ValueError) as exc:
+                    fdpass.close_all(fds)
+                    log.error("the master sent a malformed message %r: %s", message, exc)
+        except fdpass.ChannelClosed as closed:
+            if closed.error is not None:
+                log.error("the master process sent something unreadable: %s", closed.error)
+            self.close()
+            self.on_lost()
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
