@@ -49,13 +49,14 @@ import orjson
 from .. import fdpass, logs
 from ..config import Settings
 from ..errors import Overloaded, ScriptTimeout, TabserveError, WorkerDied
-from ..protocol import Context, JobKind, ProtocolError
+from ..protocol import Context, JobKind
 from .executor import (
     Executor,
     JobResult,
     PoolConfig,
     PoolStats,
     WorkerProcess,
+    call_or_end,
     describe_exit,
     job_header,
     job_result,
@@ -700,18 +701,24 @@ class LeasedPool:
         digest = self._digest
         context = None if held == digest else self._context
         worker.resume()
-        try:
-            reply, body, returned = await worker.call(header, payload, deadline, fds, context)
-        except asyncio.TimeoutError:
+
+        def timed_out() -> None:
             log.warning("job timed out after %.1f s: worker %d is killed", timeout, worker.pid)
             self._end(wid, "timeout")
-            raise ScriptTimeout.after(timeout) from None
-        except (ProtocolError, ConnectionError) as exc:
-            reason = await self._died(wid)
-            raise WorkerDied(info=f"The worker process running this request {reason}.") from exc
-        except BaseException:
-            self._end(wid, "cancelled")  # its reply would be read as the next job's
-            raise
+
+        try:
+            reply, body, returned = await call_or_end(
+                worker,
+                header,
+                payload,
+                deadline,
+                timeout,
+                fds,
+                context,
+                timed_out=timed_out,
+                died=lambda: self._died(wid),
+                cancelled=lambda: self._end(wid, "cancelled"),
+            )
         finally:
             worker.pause()
         recycle = bool(reply.get("recycle"))
