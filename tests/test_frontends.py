@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import os
 import platform
 import re
@@ -22,6 +23,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cloudpickle
@@ -32,9 +34,17 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import USER1_HASH, Server, ServerFactory, write
+from tabserve import fdpass
+from tabserve.errors import WorkerDied
 from tabserve.protocol import JobKind
 from tabserve.server.executor import Executor, PoolConfig, WorkerProcess, job_header
-from tabserve.server.frontends import _Leased, context_digest, job_slots
+from tabserve.server.frontends import (
+    LeasedPool,
+    MasterLink,
+    _Leased,
+    context_digest,
+    job_slots,
+)
 from tabserve.server.launcher import InMemoryLauncher
 from tabserve.worker.main import Worker
 
@@ -497,3 +507,78 @@ def test_a_runaway_is_killed_with_its_setsid_child_in_every_launch_mode(
         if workdir is not None:
             server.stop()
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- the lease channel, a front end's end of it ---------------------------------------------
+
+
+def _leased_pool() -> tuple[LeasedPool, socket.socket]:
+    """A front end's pool, and the master's end of its lease channel (blocking, for reads)."""
+    master, ours = fdpass.socket_pair()
+    master.settimeout(5)
+    settings = SimpleNamespace(workers=1, max_request_bytes=1 << 20, queue_length=8)
+    return LeasedPool(settings, MasterLink(ours, lambda: None)), master  # type: ignore[arg-type]
+
+
+def _socket_fds() -> list[int]:
+    """Two raw descriptors, as a ``leased`` message brings a worker's sockets."""
+    fds = []
+    for _ in range(2):
+        one, other = socket.socketpair()
+        other.close()
+        fds.append(one.detach())
+    return fds
+
+
+def test_a_malformed_leased_message_has_its_descriptors_closed_exactly_once() -> None:
+    async def main() -> None:
+        pool, master = _leased_pool()
+        fds = _socket_fds()
+        rejected = False
+        try:
+            try:
+                pool._on_leased({"op": "leased", "id": 1, "worker": 1, "pid": "no pid"}, fds)
+            except ValueError:
+                rejected = True
+                fdpass.close_all(fds)  # what MasterLink does with a rejected message's
+                # Other files take those numbers while the error (and what its frames hold)
+                # is alive; a socket object made from the old descriptors must not close them.
+                null = os.open(os.devnull, os.O_RDONLY)
+                for fd in fds:
+                    if fd != null:
+                        os.dup2(null, fd)
+                if null not in fds:
+                    os.close(null)
+            gc.collect()
+            assert rejected
+            for fd in fds:
+                os.fstat(fd)  # EBADF: closed a second time
+            assert pool._workers == {}
+        finally:
+            fdpass.close_all(fds)
+            pool.link.close()
+            master.close()
+
+    asyncio.run(main())
+
+
+def test_leased_descriptors_that_are_not_sockets_are_closed_and_the_worker_given_back() -> None:
+    async def main() -> None:
+        pool, master = _leased_pool()
+        waiter = asyncio.get_running_loop().create_future()
+        pool._waiting[1] = waiter
+        read, write = os.pipe()
+        try:
+            message = {"op": "leased", "id": 1, "worker": 3, "pid": 5, "context": None}
+            pool._on_leased(message, [read, write])
+            for fd in (read, write):
+                with pytest.raises(OSError):
+                    os.fstat(fd)
+            assert isinstance(waiter.exception(), WorkerDied)
+            received = fdpass.receive_message(master)
+            assert received == ({"op": "release", "worker": 3, "context": None}, [])
+        finally:
+            pool.link.close()
+            master.close()
+
+    asyncio.run(main())

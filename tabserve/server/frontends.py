@@ -591,6 +591,25 @@ class _Leased:
             self.exited.set_result(None)
 
 
+def _wrap_pair(fds: Sequence[int]) -> tuple[socket.socket, socket.socket] | None:
+    """A leased worker's two sockets, non-blocking, from the descriptors the master sent;
+    None (each descriptor closed once) if they are not sockets."""
+    wrapped: list[socket.socket] = []
+    try:
+        for fd in fds:
+            wrapped.append(socket.socket(fileno=fd))
+    except OSError as exc:
+        log.error("the master sent a leased worker's sockets that are not sockets: %s", exc)
+        for sock in wrapped:
+            sock.close()
+        fdpass.close_all(fds[len(wrapped) :])
+        return None
+    for sock in wrapped:
+        sock.setblocking(False)
+    channel, tables = wrapped
+    return channel, tables
+
+
 class MasterLink:
     """A front end's end of its lease channel."""
 
@@ -779,30 +798,35 @@ class LeasedPool:
             self.known.set_result(None)
 
     def _on_leased(self, message: dict[str, Any], fds: list[int]) -> None:
+        # Everything read from the message before its descriptors become sockets: a malformed
+        # one is rejected (MasterLink closes the raw descriptors) while no socket object owns
+        # them, so each is closed once, not again when such an object is collected.
         wid = int(message["worker"])
+        ident = int(message["id"])
+        held = message.get("context")
         if len(fds) == 2:
+            pid = int(message["pid"])
             self._forget(wid)
-            channel, tables = (socket.socket(fileno=fd) for fd in fds)
-            channel.setblocking(False)
-            tables.setblocking(False)
-            self._workers[wid] = WorkerProcess(
-                _Leased(int(message["pid"]), channel, tables),  # type: ignore[arg-type]
-                reading=False,
-            )
+            pair = _wrap_pair(fds)
+            if pair is not None:
+                channel, tables = pair
+                self._workers[wid] = WorkerProcess(
+                    _Leased(pid, channel, tables),  # type: ignore[arg-type]
+                    reading=False,
+                )
         else:
             fdpass.close_all(fds)
         worker = self._workers.get(wid)
-        waiter = self._waiting.get(int(message["id"]))
+        waiter = self._waiting.get(ident)
         if waiter is None or waiter.done():
             # Given up on (cancelled) before the answer came: straight back, as it was.
-            back = {"op": "release", "worker": wid, "context": message.get("context")}
-            self.link.send(back)
+            self.link.send({"op": "release", "worker": wid, "context": held})
             return
         if worker is None:
-            self.link.send({"op": "release", "worker": wid, "context": message.get("context")})
+            self.link.send({"op": "release", "worker": wid, "context": held})
             waiter.set_exception(WorkerDied(info="The worker leased for this request is gone."))
             return
-        waiter.set_result((wid, worker, message.get("context")))
+        waiter.set_result((wid, worker, held))
 
     def _on_refused(self, message: dict[str, Any], fds: list[int]) -> None:
         fdpass.close_all(fds)
