@@ -40,6 +40,7 @@ from tabserve.protocol import JobKind
 from tabserve.server.executor import Executor, PoolConfig, WorkerProcess, job_header
 from tabserve.server.frontends import (
     LeasedPool,
+    Master,
     MasterLink,
     _Leased,
     context_digest,
@@ -578,6 +579,82 @@ def test_leased_descriptors_that_are_not_sockets_are_closed_and_the_worker_given
             received = fdpass.receive_message(master)
             assert received == ({"op": "release", "worker": 3, "context": None}, [])
         finally:
+            pool.link.close()
+            master.close()
+
+    asyncio.run(main())
+
+
+async def _until(condition: Any, within: float = 2.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def test_a_cancelled_acquire_gives_up_its_place_in_the_masters_queue_at_once() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        executor = Executor(
+            PoolConfig(workers=1, request_limit=1 << 20), launcher=_in_memory_worker()
+        )
+        await executor.start()
+        # A master and one front end in this process, on a lease channel as start() makes it.
+        master = Master(SimpleNamespace(processes=1), executor, b"", [], {})  # type: ignore[arg-type]
+        frontend = master.frontends[0]
+        ours, theirs = fdpass.socket_pair()
+        ours.setblocking(False)
+        frontend.sock = ours
+        loop.add_reader(ours, frontend._readable)
+        settings = SimpleNamespace(workers=1, max_request_bytes=1 << 20, queue_length=8)
+        pool = LeasedPool(settings, MasterLink(theirs, lambda: None))  # type: ignore[arg-type]
+        body = orjson.dumps({"script": "return [x + 1 for x in _arg1]", "data": {"_arg1": [1]}})
+        try:
+            busy = await executor.lease(5)  # the only worker
+            request = asyncio.ensure_future(pool.run(JobKind.EVALUATE, body, 30))
+            assert await _until(lambda: executor.queued == 1)
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+            # Gone from the queue now, not in 30 s.
+            assert await _until(lambda: executor.queued == 0), executor.queued
+            executor.give_back(busy)
+            assert executor.busy == 0  # idle, not leased to a request nobody waits for
+            result = await asyncio.wait_for(pool.run(JobKind.EVALUATE, body, 5), 5)
+            assert result.body == b"[2]"
+            assert await _until(lambda: executor.busy == 0)  # released after its job
+        finally:
+            frontend._lost()
+            pool.lost()
+            pool.link.close()
+            await executor.close()
+
+    asyncio.run(main())
+
+
+def test_a_worker_leased_just_as_its_request_was_cancelled_goes_straight_back() -> None:
+    async def main() -> None:
+        pool, master = _leased_pool()
+        loop = asyncio.get_running_loop()
+        try:
+            waiting = asyncio.ensure_future(pool._lease(5, loop.time() + 5))
+            await asyncio.sleep(0)
+            acquire, _ = fdpass.receive_message(master)  # type: ignore[misc]
+            assert acquire["op"] == "acquire"
+            # The answer arrives, and the request is cancelled before it could go on.
+            leased = {"op": "leased", "id": acquire["id"], "worker": 7, "pid": 9, "context": "t"}
+            pool._on_leased(leased, _socket_fds())
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            assert fdpass.receive_message(master) == (
+                {"op": "release", "worker": 7, "context": "t"},
+                [],
+            )
+        finally:
+            pool.lost()
             pool.link.close()
             master.close()
 

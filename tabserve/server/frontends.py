@@ -17,7 +17,9 @@ worker while another is idle), stops reading that worker's socket, and answers `
 with the worker's id and pid and, the first time this front end gets it, duplicates of the
 worker's two sockets. The front end then talks to the worker directly, with the frames of
 ``protocol.py``, and sends ``release`` (recycle asked? which endpoint table the worker now
-holds?) once the reply is in. A job that times out or loses its worker is ``kill``: the
+holds?) once the reply is in. A request given up on while it waits sends ``cancel``: the
+master drops its ``acquire`` from the queue at once (a worker leased for it meanwhile comes
+straight back with ``release``). A job that times out or loses its worker is ``kill``: the
 master retires the worker (its launcher kills everything the script started) and starts a
 replacement. A front end that dies with leases has those workers retired the same way.
 
@@ -105,6 +107,7 @@ class _FrontEnd:
         self.leases: dict[int, WorkerProcess] = {}
         self.held: set[int] = set()  # workers whose sockets it has duplicates of
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acquiring: dict[int, asyncio.Task[None]] = {}  # acquire id -> its lease
         self._delay = _RESTART_DELAY
 
     @property
@@ -189,7 +192,16 @@ class _FrontEnd:
                 # The front end's own deadline (time.monotonic, one clock per host, which
                 # asyncio's loop time is): the master must not lease a worker after it.
                 remaining = min(timeout, float(message["deadline"]) - time.monotonic())
-            self._spawn(self._lease(int(message["id"]), timeout, remaining))
+            ident = int(message["id"])
+            task = self._spawn(self._lease(ident, timeout, remaining))
+            self._acquiring[ident] = task
+            task.add_done_callback(lambda _: self._acquired(ident, task))
+        elif op == "cancel":
+            # Its request was given up on: out of the queue now, not at its timeout. A worker
+            # already leased for it comes back with a release (the front end sees no waiter).
+            task = self._acquiring.pop(int(message["id"]), None)
+            if task is not None:
+                task.cancel()
         elif op == "release":
             worker = self.leases.pop(int(message["worker"]), None)
             if worker is not None:
@@ -204,10 +216,16 @@ class _FrontEnd:
             self._delay = _RESTART_DELAY
             self.master.check_started()
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _acquired(self, ident: int, task: asyncio.Task[None]) -> None:
+        # Only its own entry: a front end started again numbers its acquires from 1 anew.
+        if self._acquiring.get(ident) is task:
+            del self._acquiring[ident]
 
     async def _lease(self, ident: int, timeout: float, remaining: float) -> None:
         executor = self.master.executor
@@ -277,6 +295,7 @@ class _FrontEnd:
             sock.close()
         for task in list(self._tasks):
             task.cancel()
+        self._acquiring.clear()
         for worker in self.leases.values():
             # A job may still run in it, for nobody: it goes, with what its script started
             # (not counted as a crash: the worker did not die on its own).
@@ -759,6 +778,15 @@ class LeasedPool:
             if not self.link.send(acquire):
                 raise Overloaded("Server is shutting down")
             return await waiter
+        except asyncio.CancelledError:
+            if not waiter.done() or waiter.cancelled():
+                # Its place in the master's queue goes now, not at its timeout. If the master
+                # leases a worker meanwhile, _on_leased finds no waiter and gives it back.
+                self.link.send({"op": "cancel", "id": ident})
+            elif waiter.exception() is None:
+                wid, _, held = waiter.result()  # leased just as it was cancelled: back
+                self.link.send({"op": "release", "worker": wid, "context": held})
+            raise
         finally:
             self._waiting.pop(ident, None)
 
