@@ -39,6 +39,7 @@ from tabserve.errors import WorkerDied
 from tabserve.protocol import JobKind
 from tabserve.server.executor import Executor, PoolConfig, WorkerProcess, job_header
 from tabserve.server.frontends import (
+    FrontEndFailed,
     LeasedPool,
     Master,
     MasterLink,
@@ -657,5 +658,25 @@ def test_a_worker_leased_just_as_its_request_was_cancelled_goes_straight_back() 
             pool.lost()
             pool.link.close()
             master.close()
+
+    asyncio.run(main())
+
+
+def test_a_front_end_that_dies_before_reading_its_start_up_data_is_a_failed_start(
+    tmp_path: Path,
+) -> None:
+    # An interpreter that exits before it reads anything: its stdin has no reader left.
+    (tmp_path / "sitecustomize.py").write_text("import os\nos._exit(3)\n")
+    # More than a pipe holds, so the write waits for a reader rather than filling the pipe.
+    payload = b"x" * (1 << 20)
+    env = {"PYTHONPATH": str(tmp_path)}
+
+    async def main() -> None:
+        master = Master(SimpleNamespace(processes=1), None, payload, [], env)  # type: ignore[arg-type]
+        frontend = master.frontends[0]
+        with pytest.raises(FrontEndFailed, match="exited with code 3 before reading"):
+            frontend.start()
+        assert frontend.sock is None
+        assert frontend.process is not None and frontend.process.returncode == 3  # reaped
 
     asyncio.run(main())

@@ -85,6 +85,17 @@ class FrontEndFailed(RuntimeError):
     """A front-end process could not start; what it printed says why."""
 
 
+def _exit_status(process: subprocess.Popen[bytes], within: float = 2.0) -> int | None:
+    """The exit status of a front end that stopped reading its stdin; None (and killed) if
+    it is still running after ``within`` seconds."""
+    try:
+        return process.wait(within)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
+
+
 def context_digest(encoded: bytes) -> str:
     """The name of an encoded endpoint table, as the master and every front end compute it."""
     return hashlib.blake2b(encoded, digest_size=16).hexdigest()
@@ -137,8 +148,18 @@ class _FrontEnd:
         assert self.process.stdin is not None
         # What it serves with: the settings and the self-check's verdict, from this process
         # (a pipe of our own: nothing else can write to it).
-        with self.process.stdin as pipe:
-            pipe.write(master.frontend_payload)
+        try:
+            with self.process.stdin as pipe:
+                pipe.write(master.frontend_payload)
+        except (BrokenPipeError, ConnectionResetError):
+            # Gone before it read them (an interpreter that could not start): a start that
+            # failed, said with its exit status, rather than a broken pipe.
+            ours.close()
+            code = _exit_status(self.process)
+            raise FrontEndFailed(
+                f"front-end process {self.index} {describe_exit(code)} before reading its "
+                "start-up data"
+            ) from None
         ours.setblocking(False)
         self.sock = ours
         self.ready = False
@@ -329,7 +350,7 @@ class _FrontEnd:
         if not self.master.closing:
             try:
                 self.start()
-            except OSError as exc:
+            except (OSError, FrontEndFailed) as exc:
                 log.error("cannot start front end %d: %s; retrying", self.index, exc)
                 asyncio.get_running_loop().call_later(self._delay, self._restart)
 
