@@ -18,7 +18,7 @@ import array
 import fcntl
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -116,6 +116,35 @@ def receive_message(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | N
         close_all(fds)
         raise FdProtocolError("message is not a JSON object")
     return message, fds
+
+
+class ChannelClosed(Exception):
+    """The peer is gone: it closed its end (``error`` is None), or the channel failed or
+    carried something unreadable (``error`` says what), after which it cannot be trusted."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        super().__init__(str(error) if error is not None else "the peer closed its end")
+        self.error = error
+
+
+def receive_ready(sock: socket.socket) -> Iterator[tuple[dict[str, Any], list[int]]]:
+    """Each message waiting on the non-blocking ``sock`` (with its descriptors, which the
+    caller owns), until none is left: what a ``loop.add_reader`` callback runs.
+
+    Raises ChannelClosed when the peer has gone (end of stream), or the socket failed or
+    sent a malformed message. Stops quietly once ``sock`` is closed, so a message whose
+    handling closed the channel ends the loop without a read of a closed socket.
+    """
+    while sock.fileno() != -1:
+        try:
+            received = receive_message(sock)
+        except (BlockingIOError, InterruptedError):
+            return  # nothing more for now: the loop calls again when there is
+        except (OSError, FdProtocolError) as exc:
+            raise ChannelClosed(exc) from exc
+        if received is None:
+            raise ChannelClosed()
+        yield received
 
 
 class BlockingFdChannel:

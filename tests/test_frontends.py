@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import os
 import platform
 import re
@@ -22,6 +23,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cloudpickle
@@ -32,9 +34,19 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import USER1_HASH, Server, ServerFactory, write
+from tabserve import fdpass
+from tabserve.errors import WorkerDied
 from tabserve.protocol import JobKind
 from tabserve.server.executor import Executor, PoolConfig, WorkerProcess, job_header
-from tabserve.server.frontends import _Leased, context_digest, job_slots
+from tabserve.server.frontends import (
+    FrontEndFailed,
+    LeasedPool,
+    Master,
+    MasterLink,
+    _Leased,
+    context_digest,
+    job_slots,
+)
 from tabserve.server.launcher import InMemoryLauncher
 from tabserve.worker.main import Worker
 
@@ -497,3 +509,174 @@ def test_a_runaway_is_killed_with_its_setsid_child_in_every_launch_mode(
         if workdir is not None:
             server.stop()
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- the lease channel, a front end's end of it ---------------------------------------------
+
+
+def _leased_pool() -> tuple[LeasedPool, socket.socket]:
+    """A front end's pool, and the master's end of its lease channel (blocking, for reads)."""
+    master, ours = fdpass.socket_pair()
+    master.settimeout(5)
+    settings = SimpleNamespace(workers=1, max_request_bytes=1 << 20, queue_length=8)
+    return LeasedPool(settings, MasterLink(ours, lambda: None)), master  # type: ignore[arg-type]
+
+
+def _socket_fds() -> list[int]:
+    """Two raw descriptors, as a ``leased`` message brings a worker's sockets."""
+    fds = []
+    for _ in range(2):
+        one, other = socket.socketpair()
+        other.close()
+        fds.append(one.detach())
+    return fds
+
+
+def test_a_malformed_leased_message_has_its_descriptors_closed_exactly_once() -> None:
+    async def main() -> None:
+        pool, master = _leased_pool()
+        fds = _socket_fds()
+        rejected = False
+        try:
+            try:
+                pool._on_leased({"op": "leased", "id": 1, "worker": 1, "pid": "no pid"}, fds)
+            except ValueError:
+                rejected = True
+                fdpass.close_all(fds)  # what MasterLink does with a rejected message's
+                # Other files take those numbers while the error (and what its frames hold)
+                # is alive; a socket object made from the old descriptors must not close them.
+                null = os.open(os.devnull, os.O_RDONLY)
+                for fd in fds:
+                    if fd != null:
+                        os.dup2(null, fd)
+                if null not in fds:
+                    os.close(null)
+            gc.collect()
+            assert rejected
+            for fd in fds:
+                os.fstat(fd)  # EBADF: closed a second time
+            assert pool._workers == {}
+        finally:
+            fdpass.close_all(fds)
+            pool.link.close()
+            master.close()
+
+    asyncio.run(main())
+
+
+def test_leased_descriptors_that_are_not_sockets_are_closed_and_the_worker_given_back() -> None:
+    async def main() -> None:
+        pool, master = _leased_pool()
+        waiter = asyncio.get_running_loop().create_future()
+        pool._waiting[1] = waiter
+        read, write = os.pipe()
+        try:
+            message = {"op": "leased", "id": 1, "worker": 3, "pid": 5, "context": None}
+            pool._on_leased(message, [read, write])
+            for fd in (read, write):
+                with pytest.raises(OSError):
+                    os.fstat(fd)
+            assert isinstance(waiter.exception(), WorkerDied)
+            received = fdpass.receive_message(master)
+            assert received == ({"op": "release", "worker": 3, "context": None}, [])
+        finally:
+            pool.link.close()
+            master.close()
+
+    asyncio.run(main())
+
+
+async def _until(condition: Any, within: float = 2.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def test_a_cancelled_acquire_gives_up_its_place_in_the_masters_queue_at_once() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        executor = Executor(
+            PoolConfig(workers=1, request_limit=1 << 20), launcher=_in_memory_worker()
+        )
+        await executor.start()
+        # A master and one front end in this process, on a lease channel as start() makes it.
+        master = Master(SimpleNamespace(processes=1), executor, b"", [], {})  # type: ignore[arg-type]
+        frontend = master.frontends[0]
+        ours, theirs = fdpass.socket_pair()
+        ours.setblocking(False)
+        frontend.sock = ours
+        loop.add_reader(ours, frontend._readable)
+        settings = SimpleNamespace(workers=1, max_request_bytes=1 << 20, queue_length=8)
+        pool = LeasedPool(settings, MasterLink(theirs, lambda: None))  # type: ignore[arg-type]
+        body = orjson.dumps({"script": "return [x + 1 for x in _arg1]", "data": {"_arg1": [1]}})
+        try:
+            busy = await executor.lease(5)  # the only worker
+            request = asyncio.ensure_future(pool.run(JobKind.EVALUATE, body, 30))
+            assert await _until(lambda: executor.queued == 1)
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+            # Gone from the queue now, not in 30 s.
+            assert await _until(lambda: executor.queued == 0), executor.queued
+            executor.give_back(busy)
+            assert executor.busy == 0  # idle, not leased to a request nobody waits for
+            result = await asyncio.wait_for(pool.run(JobKind.EVALUATE, body, 5), 5)
+            assert result.body == b"[2]"
+            assert await _until(lambda: executor.busy == 0)  # released after its job
+        finally:
+            frontend._lost()
+            pool.lost()
+            pool.link.close()
+            await executor.close()
+
+    asyncio.run(main())
+
+
+def test_a_worker_leased_just_as_its_request_was_cancelled_goes_straight_back() -> None:
+    async def main() -> None:
+        pool, master = _leased_pool()
+        loop = asyncio.get_running_loop()
+        try:
+            waiting = asyncio.ensure_future(pool._lease(5, loop.time() + 5))
+            await asyncio.sleep(0)
+            acquire, _ = fdpass.receive_message(master)  # type: ignore[misc]
+            assert acquire["op"] == "acquire"
+            # The answer arrives, and the request is cancelled before it could go on.
+            leased = {"op": "leased", "id": acquire["id"], "worker": 7, "pid": 9, "context": "t"}
+            pool._on_leased(leased, _socket_fds())
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiting
+            assert fdpass.receive_message(master) == (
+                {"op": "release", "worker": 7, "context": "t"},
+                [],
+            )
+        finally:
+            pool.lost()
+            pool.link.close()
+            master.close()
+
+    asyncio.run(main())
+
+
+def test_a_front_end_that_dies_before_reading_its_start_up_data_is_a_failed_start(
+    tmp_path: Path,
+) -> None:
+    # An interpreter that exits before it reads anything: its stdin has no reader left.
+    (tmp_path / "sitecustomize.py").write_text("import os\nos._exit(3)\n")
+    # More than a pipe holds, so the write waits for a reader rather than filling the pipe.
+    payload = b"x" * (1 << 20)
+    env = {"PYTHONPATH": str(tmp_path)}
+
+    async def main() -> None:
+        master = Master(SimpleNamespace(processes=1), None, payload, [], env)  # type: ignore[arg-type]
+        frontend = master.frontends[0]
+        with pytest.raises(FrontEndFailed, match="exited with code 3 before reading"):
+            frontend.start()
+        assert frontend.sock is None
+        assert frontend.process is not None and frontend.process.returncode == 3  # reaped
+
+    asyncio.run(main())

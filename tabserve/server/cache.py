@@ -112,19 +112,47 @@ def cache_key(scope: str, target: str, digest: str) -> str:
     return hashlib.sha256(f"{scope}\0{target}\0{digest}".encode()).hexdigest()
 
 
-@dataclass(frozen=True)
 class Call:
-    """One /evaluate or /query call, as the cache decides it: what it runs and who asks."""
+    """One /evaluate or /query call, as the cache decides it: what it runs and who asks.
 
-    scope: str  # who may share its cached answer (permissions, endpoint restriction)
-    target: str  # what it runs: the script kind, or the endpoint's name and version
-    parts: Sequence[bytes]  # the body, as the chunks it arrived in (joined only if parsed)
-    encoding: str  # Content-Encoding
-    header_max_age: int | None  # Cache-Control: max-age
-    default_max_age: int | None  # the endpoint's, or TABSERVE_EVALUATE_MAX_AGE
-    asynchronous: bool  # Prefer: respond-async
-    run: Callable[[], Awaitable[JobResult]]
-    submit: Callable[[], Awaitable[JobRecord]]
+    Built once per request on the hot path: a plain class with slots, since a frozen
+    dataclass's ``__init__`` assigns each field through ``object.__setattr__``. Treat it as
+    read-only all the same.
+    """
+
+    __slots__ = (
+        "scope",
+        "target",
+        "parts",
+        "encoding",
+        "header_max_age",
+        "default_max_age",
+        "asynchronous",
+        "run",
+        "submit",
+    )
+
+    def __init__(
+        self,
+        scope: str,
+        target: str,
+        parts: Sequence[bytes],
+        encoding: str,
+        header_max_age: int | None,
+        default_max_age: int | None,
+        asynchronous: bool,
+        run: Callable[[], Awaitable[JobResult]],
+        submit: Callable[[], Awaitable[JobRecord]],
+    ) -> None:
+        self.scope = scope  # who may share its cached answer (permissions, endpoint restriction)
+        self.target = target  # what it runs: the script kind, or the endpoint's name and version
+        self.parts = parts  # the body, as the chunks it arrived in (joined only if parsed)
+        self.encoding = encoding  # Content-Encoding
+        self.header_max_age = header_max_age  # Cache-Control: max-age
+        self.default_max_age = default_max_age  # the endpoint's, or TABSERVE_EVALUATE_MAX_AGE
+        self.asynchronous = asynchronous  # Prefer: respond-async
+        self.run = run
+        self.submit = submit
 
     @property
     def body(self) -> bytes:

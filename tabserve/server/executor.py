@@ -27,7 +27,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +176,41 @@ def job_result(
         error.meta = dict(telemetry)
         raise error
     return JobResult(body, telemetry, list(fds))
+
+
+async def call_or_end(
+    worker: WorkerProcess,
+    header: JobHeader,
+    payload: bytes,
+    deadline: float,
+    timeout: float,
+    fds: Sequence[int],
+    context: bytes | None,
+    *,
+    timed_out: Callable[[], None],
+    died: Callable[[], Awaitable[str]],
+    cancelled: Callable[[], None],
+) -> tuple[ReplyHeader, bytes, list[int]]:
+    """``worker.call``, and what a job that ends without a reply means, for every pool that
+    runs jobs (``Executor.run``, and a front end's ``LeasedPool.run``), so they cannot drift.
+
+    Past ``deadline``: ``timed_out()`` (the worker must go), then ScriptTimeout for
+    ``timeout``. The worker lost (its socket failed or ended): ``await died()``, which ends
+    it and says why it died, then WorkerDied. Cancelled (or any other error) mid-job:
+    ``cancelled()``, since the worker's late reply would be read as the next job's, and the
+    error goes on.
+    """
+    try:
+        return await worker.call(header, payload, deadline, fds, context)
+    except asyncio.TimeoutError:
+        timed_out()
+        raise ScriptTimeout.after(timeout) from None
+    except (ProtocolError, ConnectionError) as exc:
+        reason = await died()
+        raise WorkerDied(info=f"The worker process running this request {reason}.") from exc
+    except BaseException:
+        cancelled()
+        raise
 
 
 def worker_environment(allow: Sequence[str], source: Mapping[str, str]) -> dict[str, str]:
@@ -608,26 +643,35 @@ class Executor:
             worker.context_generation = self._context_generation
         self._busy += 1
         worker.busy = True
-        try:
-            reply, body, returned = await worker.call(header, payload, deadline, fds, context)
-        except asyncio.TimeoutError:
+
+        def timed_out() -> None:
             self.stats.timeouts += 1
             self.stats.kills += 1
             log.warning("job timed out after %.1f s: killing worker %d", timeout, worker.pid)
             self._retire(worker)
-            raise ScriptTimeout.after(timeout) from None
-        except (ProtocolError, ConnectionError) as exc:
+
+        async def died() -> str:
             self.stats.crashes += 1
             self.stats.kills += 1
             code = await self._exit_code(worker)
             self._retire(worker)
             reason = describe_exit(code, self.launcher.wrapped)
             log.error("worker %d %s while running a job", worker.pid, reason)
-            raise WorkerDied(info=f"The worker process running this request {reason}.") from exc
-        except BaseException:
-            # Cancelled mid-job: its reply would be read as the next job's, so the worker goes.
-            self._retire(worker)
-            raise
+            return reason
+
+        try:
+            reply, body, returned = await call_or_end(
+                worker,
+                header,
+                payload,
+                deadline,
+                timeout,
+                fds,
+                context,
+                timed_out=timed_out,
+                died=died,
+                cancelled=lambda: self._retire(worker),
+            )
         finally:
             self._busy -= 1
             worker.busy = False

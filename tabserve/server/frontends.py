@@ -17,7 +17,9 @@ worker while another is idle), stops reading that worker's socket, and answers `
 with the worker's id and pid and, the first time this front end gets it, duplicates of the
 worker's two sockets. The front end then talks to the worker directly, with the frames of
 ``protocol.py``, and sends ``release`` (recycle asked? which endpoint table the worker now
-holds?) once the reply is in. A job that times out or loses its worker is ``kill``: the
+holds?) once the reply is in. A request given up on while it waits sends ``cancel``: the
+master drops its ``acquire`` from the queue at once (a worker leased for it meanwhile comes
+straight back with ``release``). A job that times out or loses its worker is ``kill``: the
 master retires the worker (its launcher kills everything the script started) and starts a
 replacement. A front end that dies with leases has those workers retired the same way.
 
@@ -49,13 +51,14 @@ import orjson
 from .. import fdpass, logs
 from ..config import Settings
 from ..errors import Overloaded, ScriptTimeout, TabserveError, WorkerDied
-from ..protocol import Context, JobKind, Payload, ProtocolError
+from ..protocol import Context, JobKind, Payload
 from .executor import (
     Executor,
     JobResult,
     PoolConfig,
     PoolStats,
     WorkerProcess,
+    call_or_end,
     describe_exit,
     job_header,
     job_result,
@@ -82,6 +85,17 @@ class FrontEndFailed(RuntimeError):
     """A front-end process could not start; what it printed says why."""
 
 
+def _exit_status(process: subprocess.Popen[bytes], within: float = 2.0) -> int | None:
+    """The exit status of a front end that stopped reading its stdin; None (and killed) if
+    it is still running after ``within`` seconds."""
+    try:
+        return process.wait(within)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
+
+
 def context_digest(encoded: bytes) -> str:
     """The name of an encoded endpoint table, as the master and every front end compute it."""
     return hashlib.blake2b(encoded, digest_size=16).hexdigest()
@@ -104,6 +118,7 @@ class _FrontEnd:
         self.leases: dict[int, WorkerProcess] = {}
         self.held: set[int] = set()  # workers whose sockets it has duplicates of
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acquiring: dict[int, asyncio.Task[None]] = {}  # acquire id -> its lease
         self._delay = _RESTART_DELAY
 
     @property
@@ -133,8 +148,18 @@ class _FrontEnd:
         assert self.process.stdin is not None
         # What it serves with: the settings and the self-check's verdict, from this process
         # (a pipe of our own: nothing else can write to it).
-        with self.process.stdin as pipe:
-            pipe.write(master.frontend_payload)
+        try:
+            with self.process.stdin as pipe:
+                pipe.write(master.frontend_payload)
+        except (BrokenPipeError, ConnectionResetError):
+            # Gone before it read them (an interpreter that could not start): a start that
+            # failed, said with its exit status, rather than a broken pipe.
+            ours.close()
+            code = _exit_status(self.process)
+            raise FrontEndFailed(
+                f"front-end process {self.index} {describe_exit(code)} before reading its "
+                "start-up data"
+            ) from None
         ours.setblocking(False)
         self.sock = ours
         self.ready = False
@@ -164,24 +189,20 @@ class _FrontEnd:
                 self.process.send_signal(sig)
 
     def _readable(self) -> None:
-        while self.sock is not None:
-            try:
-                received = fdpass.receive_message(self.sock)
-            except (BlockingIOError, InterruptedError):
-                return
-            except (OSError, fdpass.FdProtocolError) as exc:
-                log.error("front end %d sent something unreadable: %s", self.index, exc)
-                received = None
-            if received is None:
-                self._lost()
-                return
-            message, fds = received
-            fdpass.close_all(fds)  # front ends never send descriptors
-            try:
-                self._handle(message)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.error("front end %d sent a malformed message %r: %s", self.index,
-                          message, exc)  # fmt: skip
+        if self.sock is None:
+            return
+        try:
+            for message, fds in fdpass.receive_ready(self.sock):
+                fdpass.close_all(fds)  # front ends never send descriptors
+                try:
+                    self._handle(message)
+                except (KeyError, TypeError, ValueError) as exc:
+                    log.error("front end %d sent a malformed message %r: %s", self.index,
+                              message, exc)  # fmt: skip
+        except fdpass.ChannelClosed as closed:
+            if closed.error is not None:
+                log.error("front end %d sent something unreadable: %s", self.index, closed.error)
+            self._lost()
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -192,7 +213,16 @@ class _FrontEnd:
                 # The front end's own deadline (time.monotonic, one clock per host, which
                 # asyncio's loop time is): the master must not lease a worker after it.
                 remaining = min(timeout, float(message["deadline"]) - time.monotonic())
-            self._spawn(self._lease(int(message["id"]), timeout, remaining))
+            ident = int(message["id"])
+            task = self._spawn(self._lease(ident, timeout, remaining))
+            self._acquiring[ident] = task
+            task.add_done_callback(lambda _: self._acquired(ident, task))
+        elif op == "cancel":
+            # Its request was given up on: out of the queue now, not at its timeout. A worker
+            # already leased for it comes back with a release (the front end sees no waiter).
+            task = self._acquiring.pop(int(message["id"]), None)
+            if task is not None:
+                task.cancel()
         elif op == "release":
             worker = self.leases.pop(int(message["worker"]), None)
             if worker is not None:
@@ -207,10 +237,16 @@ class _FrontEnd:
             self._delay = _RESTART_DELAY
             self.master.check_started()
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _acquired(self, ident: int, task: asyncio.Task[None]) -> None:
+        # Only its own entry: a front end started again numbers its acquires from 1 anew.
+        if self._acquiring.get(ident) is task:
+            del self._acquiring[ident]
 
     async def _lease(self, ident: int, timeout: float, remaining: float) -> None:
         executor = self.master.executor
@@ -280,6 +316,7 @@ class _FrontEnd:
             sock.close()
         for task in list(self._tasks):
             task.cancel()
+        self._acquiring.clear()
         for worker in self.leases.values():
             # A job may still run in it, for nobody: it goes, with what its script started
             # (not counted as a crash: the worker did not die on its own).
@@ -313,7 +350,7 @@ class _FrontEnd:
         if not self.master.closing:
             try:
                 self.start()
-            except OSError as exc:
+            except (OSError, FrontEndFailed) as exc:
                 log.error("cannot start front end %d: %s; retrying", self.index, exc)
                 asyncio.get_running_loop().call_later(self._delay, self._restart)
 
@@ -594,6 +631,25 @@ class _Leased:
             self.exited.set_result(None)
 
 
+def _wrap_pair(fds: Sequence[int]) -> tuple[socket.socket, socket.socket] | None:
+    """A leased worker's two sockets, non-blocking, from the descriptors the master sent;
+    None (each descriptor closed once) if they are not sockets."""
+    wrapped: list[socket.socket] = []
+    try:
+        for fd in fds:
+            wrapped.append(socket.socket(fileno=fd))
+    except OSError as exc:
+        log.error("the master sent a leased worker's sockets that are not sockets: %s", exc)
+        for sock in wrapped:
+            sock.close()
+        fdpass.close_all(fds[len(wrapped) :])
+        return None
+    for sock in wrapped:
+        sock.setblocking(False)
+    channel, tables = wrapped
+    return channel, tables
+
+
 class MasterLink:
     """A front end's end of its lease channel."""
 
@@ -619,28 +675,24 @@ class MasterLink:
         return True
 
     def _readable(self) -> None:
-        while self.sock is not None:
-            try:
-                received = fdpass.receive_message(self.sock)
-            except (BlockingIOError, InterruptedError):
-                return
-            except (OSError, fdpass.FdProtocolError) as exc:
-                log.error("the master process sent something unreadable: %s", exc)
-                received = None
-            if received is None:
-                self.close()
-                self.on_lost()
-                return
-            message, fds = received
-            handler = self.handlers.get(str(message.get("op")))
-            if handler is None:
-                fdpass.close_all(fds)
-                continue
-            try:
-                handler(message, fds)
-            except (KeyError, TypeError, ValueError) as exc:
-                fdpass.close_all(fds)
-                log.error("the master sent a malformed message %r: %s", message, exc)
+        if self.sock is None:
+            return
+        try:
+            for message, fds in fdpass.receive_ready(self.sock):
+                handler = self.handlers.get(str(message.get("op")))
+                if handler is None:
+                    fdpass.close_all(fds)
+                    continue
+                try:
+                    handler(message, fds)
+                except (KeyError, TypeError, ValueError) as exc:
+                    fdpass.close_all(fds)
+                    log.error("the master sent a malformed message %r: %s", message, exc)
+        except fdpass.ChannelClosed as closed:
+            if closed.error is not None:
+                log.error("the master process sent something unreadable: %s", closed.error)
+            self.close()
+            self.on_lost()
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
@@ -708,18 +760,24 @@ class LeasedPool:
         digest = self._digest
         context = None if held == digest else self._context
         worker.resume()
-        try:
-            reply, body, returned = await worker.call(header, payload, deadline, fds, context)
-        except asyncio.TimeoutError:
+
+        def timed_out() -> None:
             log.warning("job timed out after %.1f s: worker %d is killed", timeout, worker.pid)
             self._end(wid, "timeout")
-            raise ScriptTimeout.after(timeout) from None
-        except (ProtocolError, ConnectionError) as exc:
-            reason = await self._died(wid)
-            raise WorkerDied(info=f"The worker process running this request {reason}.") from exc
-        except BaseException:
-            self._end(wid, "cancelled")  # its reply would be read as the next job's
-            raise
+
+        try:
+            reply, body, returned = await call_or_end(
+                worker,
+                header,
+                payload,
+                deadline,
+                timeout,
+                fds,
+                context,
+                timed_out=timed_out,
+                died=lambda: self._died(wid),
+                cancelled=lambda: self._end(wid, "cancelled"),
+            )
         finally:
             worker.pause()
         recycle = bool(reply.get("recycle"))
@@ -741,6 +799,15 @@ class LeasedPool:
             if not self.link.send(acquire):
                 raise Overloaded("Server is shutting down")
             return await waiter
+        except asyncio.CancelledError:
+            if not waiter.done() or waiter.cancelled():
+                # Its place in the master's queue goes now, not at its timeout. If the master
+                # leases a worker meanwhile, _on_leased finds no waiter and gives it back.
+                self.link.send({"op": "cancel", "id": ident})
+            elif waiter.exception() is None:
+                wid, _, held = waiter.result()  # leased just as it was cancelled: back
+                self.link.send({"op": "release", "worker": wid, "context": held})
+            raise
         finally:
             self._waiting.pop(ident, None)
 
@@ -780,30 +847,35 @@ class LeasedPool:
             self.known.set_result(None)
 
     def _on_leased(self, message: dict[str, Any], fds: list[int]) -> None:
+        # Everything read from the message before its descriptors become sockets: a malformed
+        # one is rejected (MasterLink closes the raw descriptors) while no socket object owns
+        # them, so each is closed once, not again when such an object is collected.
         wid = int(message["worker"])
+        ident = int(message["id"])
+        held = message.get("context")
         if len(fds) == 2:
+            pid = int(message["pid"])
             self._forget(wid)
-            channel, tables = (socket.socket(fileno=fd) for fd in fds)
-            channel.setblocking(False)
-            tables.setblocking(False)
-            self._workers[wid] = WorkerProcess(
-                _Leased(int(message["pid"]), channel, tables),  # type: ignore[arg-type]
-                reading=False,
-            )
+            pair = _wrap_pair(fds)
+            if pair is not None:
+                channel, tables = pair
+                self._workers[wid] = WorkerProcess(
+                    _Leased(pid, channel, tables),  # type: ignore[arg-type]
+                    reading=False,
+                )
         else:
             fdpass.close_all(fds)
         worker = self._workers.get(wid)
-        waiter = self._waiting.get(int(message["id"]))
+        waiter = self._waiting.get(ident)
         if waiter is None or waiter.done():
             # Given up on (cancelled) before the answer came: straight back, as it was.
-            back = {"op": "release", "worker": wid, "context": message.get("context")}
-            self.link.send(back)
+            self.link.send({"op": "release", "worker": wid, "context": held})
             return
         if worker is None:
-            self.link.send({"op": "release", "worker": wid, "context": message.get("context")})
+            self.link.send({"op": "release", "worker": wid, "context": held})
             waiter.set_exception(WorkerDied(info="The worker leased for this request is gone."))
             return
-        waiter.set_result((wid, worker, message.get("context")))
+        waiter.set_result((wid, worker, held))
 
     def _on_refused(self, message: dict[str, Any], fds: list[int]) -> None:
         fdpass.close_all(fds)

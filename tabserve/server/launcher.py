@@ -332,22 +332,20 @@ class ZygoteLauncher:
             raise
 
     def _on_message(self) -> None:
-        assert self._control is not None
+        if self._control is None:
+            return
         try:
-            received = fdpass.receive_message(self._control)
-        except (BlockingIOError, InterruptedError):
-            return
-        except (OSError, fdpass.FdProtocolError) as exc:
-            log.error("the worker zygote sent something unreadable: %s", exc)
-            received = None
-        if received is None:
-            if self._control is not None:
-                code = self._process.poll() if self._process else None
-                log.error("the worker zygote went away (exit status %s)", code)
+            for message, fds in fdpass.receive_ready(self._control):
+                fdpass.close_all(fds)  # the zygote never sends descriptors
+                self._handle(message)
+        except fdpass.ChannelClosed as closed:
+            if closed.error is not None:
+                log.error("the worker zygote sent something unreadable: %s", closed.error)
+            code = self._process.poll() if self._process else None
+            log.error("the worker zygote went away (exit status %s)", code)
             self._lost()
-            return
-        message, fds = received
-        fdpass.close_all(fds)  # the zygote never sends descriptors
+
+    def _handle(self, message: dict[str, Any]) -> None:
         if "exited" in message:
             child = self._children.pop(message["exited"], None)
             if child is not None and not child.exited.done():
