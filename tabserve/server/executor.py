@@ -181,7 +181,7 @@ def job_result(
 async def call_or_end(
     worker: WorkerProcess,
     header: JobHeader,
-    payload: bytes,
+    payload: Payload,
     deadline: float,
     timeout: float,
     fds: Sequence[int],
