@@ -291,5 +291,6 @@ def test_a_payload_of_more_parts_than_one_write_takes_arrives_whole() -> None:
         assert len(parts) > 3000
         result = await executor.run(JobKind.EVALUATE, parts, timeout=10)
         assert orjson.loads(result.body) == "".join(f"{i:04d}" for i in range(600))
+        assert parts == []  # handed over: its chunks were freed as they were sent
 
     run_with_pool(test)

@@ -246,7 +246,9 @@ class BaseHandler(RequestHandler):
     @property
     def body_parts(self) -> list[bytes]:
         """The body as the chunks it arrived in: what a worker is sent without a join, which
-        for a 40 MB body costs the event loop tens of milliseconds (a copy into fresh pages)."""
+        for a 40 MB body costs the event loop tens of milliseconds (a copy into fresh pages).
+        A job empties this list when it sends it (``WorkerProcess.call``): read ``body``
+        first if anything needs it later."""
         return self._chunks if self._chunks else [b""]
 
     async def json_body(self) -> dict[str, Any]:
