@@ -11,7 +11,13 @@ import pytest
 
 from tabserve.errors import BadRequest, Overloaded, ScriptError, ScriptTimeout, WorkerDied
 from tabserve.protocol import MAX_HEADER, JobKind
-from tabserve.server.executor import Executor, PoolConfig, describe_exit, worker_environment
+from tabserve.server.executor import (
+    DIRECT_PAYLOAD,
+    Executor,
+    PoolConfig,
+    describe_exit,
+    worker_environment,
+)
 from tabserve.server.launcher import FRESH, ZYGOTE
 
 
@@ -294,3 +300,18 @@ def test_a_payload_of_more_parts_than_one_write_takes_arrives_whole() -> None:
         assert parts == []  # handed over: its chunks were freed as they were sent
 
     run_with_pool(test)
+
+
+def test_a_large_reply_is_received_whole_into_its_own_buffer() -> None:
+    """Over DIRECT_PAYLOAD a reply is read straight into a buffer handed on as it is; the
+    frames after it are read as before."""
+
+    async def test(executor: Executor) -> None:
+        for size in (DIRECT_PAYLOAD - 10, DIRECT_PAYLOAD + 10, 5 * DIRECT_PAYLOAD):
+            big = await executor.run(JobKind.EVALUATE, job(f"return 'ab' * {size // 2}"), 10)
+            assert big.body == b'"' + b"ab" * (size // 2) + b'"'
+            assert isinstance(big.body, bytearray) == (len(big.body) >= DIRECT_PAYLOAD)
+            small = await executor.run(JobKind.EVALUATE, job("return 7"), 10)
+            assert small.body == b"7"
+
+    run_with_pool(test, workers=1)

@@ -75,6 +75,9 @@ _READ_SIZE = 256 * 1024
 # Buffers per sendmsg: a body arrives in 64 KiB chunks, and the kernel takes at most IOV_MAX
 # (1,024 on Linux) in one call.
 _IOV_PARTS = 512
+# A reply payload at least this large is received into a bytearray of its own and handed on
+# as it is (``JobResult.body`` is then a bytearray); smaller ones are copied out as bytes.
+DIRECT_PAYLOAD = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ class PoolConfig:
 class JobResult:
     """A worker's successful answer: the response body and what was measured about it."""
 
-    body: bytes
+    body: bytes | bytearray  # a bytearray when large (``DIRECT_PAYLOAD``): not to be changed
     meta: Telemetry = field(default_factory=lambda: Telemetry())
     fds: list[int] = field(default_factory=list)  # tables the worker handed back; caller closes
 
@@ -160,7 +163,11 @@ def job_header(kind: JobKind, options: Mapping[str, Any] | None) -> JobHeader:
 
 
 def job_result(
-    reply: ReplyHeader, body: bytes, worker_pid: int, queue_ms: float, fds: Sequence[int] = ()
+    reply: ReplyHeader,
+    body: bytes | bytearray,
+    worker_pid: int,
+    queue_ms: float,
+    fds: Sequence[int] = (),
 ) -> JobResult:
     """What a caller of ``run`` gets for a worker's reply: the result (with the descriptors
     the worker handed back), or the error raised (closing them; the error carries the
@@ -190,7 +197,7 @@ async def call_or_end(
     timed_out: Callable[[], None],
     died: Callable[[], Awaitable[str]],
     cancelled: Callable[[], None],
-) -> tuple[ReplyHeader, bytes, list[int]]:
+) -> tuple[ReplyHeader, bytes | bytearray, list[int]]:
     """``worker.call``, and what a job that ends without a reply means, for every pool that
     runs jobs (``Executor.run``, and a front end's ``LeasedPool.run``), so they cannot drift.
 
@@ -260,8 +267,10 @@ class WorkerProcess:
         self._fd_seq = 0
         self._loop = asyncio.get_running_loop()
         self._buffer = bytearray()
-        self._frames: deque[tuple[dict[str, Any], bytes]] = deque()
-        self._waiter: asyncio.Future[tuple[dict[str, Any], bytes]] | None = None
+        # A frame with a large payload, while it arrives: (header, its buffer, bytes filled).
+        self._large: tuple[dict[str, Any], bytearray, int] | None = None
+        self._frames: deque[tuple[dict[str, Any], bytes | bytearray]] = deque()
+        self._waiter: asyncio.Future[tuple[dict[str, Any], bytes | bytearray]] | None = None
         self._failure: Exception | None = None
         self._unsent: deque[memoryview] = deque()
         self._open = True
@@ -295,6 +304,8 @@ class WorkerProcess:
 
     def _readable(self) -> bool:
         """Read what the socket holds; False when there was nothing (or it ended)."""
+        if self._large is not None:
+            return self._read_large()
         try:
             data = self.channel.recv(_READ_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -309,8 +320,11 @@ class WorkerProcess:
         try:
             while len(self._buffer) >= PREFIX.size:
                 header_length, payload_length = decode_prefix(self._buffer[: PREFIX.size])
-                end = PREFIX.size + header_length + payload_length
+                start = PREFIX.size + header_length
+                end = start + payload_length
                 if len(self._buffer) < end:
+                    if payload_length >= DIRECT_PAYLOAD and len(self._buffer) >= start:
+                        self._start_large(decode_header(self._buffer[PREFIX.size : start]), start)
                     break
                 header = decode_header(self._buffer[PREFIX.size : PREFIX.size + header_length])
                 with memoryview(self._buffer) as view:  # one copy, not a slice and a copy
@@ -321,6 +335,41 @@ class WorkerProcess:
         except (ProtocolError, ValueError) as exc:
             self._fail(ProtocolError(f"worker sent a malformed frame: {exc}"))
             return False
+        return True
+
+    def _start_large(self, header: dict[str, Any], start: int) -> None:
+        """A large payload is read straight into a buffer of its own, which is handed on as
+        it is: no growing of the read buffer, and no copy out of it (18 MB for a 1M-row
+        answer). Everything buffered past ``start`` belongs to it (the frame is incomplete)."""
+        _, payload_length = decode_prefix(self._buffer[: PREFIX.size])
+        payload = bytearray(payload_length)
+        got = len(self._buffer) - start
+        with memoryview(self._buffer) as view:
+            payload[:got] = view[start:]
+        self._buffer.clear()
+        self._large = (header, payload, got)
+
+    def _read_large(self) -> bool:
+        assert self._large is not None
+        header, payload, filled = self._large
+        try:
+            with memoryview(payload) as view:
+                count = self.channel.recv_into(view[filled:])
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self._fail(ProtocolError(f"the worker's socket failed: {exc}"))
+            return False
+        if not count:
+            self._fail(ProtocolError("the worker closed its socket"))
+            return False
+        filled += count
+        if filled < len(payload):
+            self._large = (header, payload, filled)
+            return True
+        self._large = None
+        self._frames.append((header, payload))
+        self._wake()
         return True
 
     def _on_exit(self, _: object) -> None:
@@ -345,7 +394,7 @@ class WorkerProcess:
         elif self._failure is not None:
             waiter.set_exception(self._failure)
 
-    def next_frame(self) -> asyncio.Future[tuple[dict[str, Any], bytes]]:
+    def next_frame(self) -> asyncio.Future[tuple[dict[str, Any], bytes | bytearray]]:
         self._waiter = self._loop.create_future()
         self._wake()
         return self._waiter
@@ -419,7 +468,7 @@ class WorkerProcess:
         deadline: float,
         fds: Sequence[int] = (),
         context: bytes | None = None,
-    ) -> tuple[ReplyHeader, bytes, list[int]]:
+    ) -> tuple[ReplyHeader, bytes | bytearray, list[int]]:
         """Send one job (after ``context``, an encoded endpoint table, if given) and wait for
         its reply until ``deadline`` (loop time): TimeoutError.
 

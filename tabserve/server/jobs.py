@@ -395,7 +395,7 @@ class JobService:
             id=uuid.uuid4().hex,
             endpoint=job.endpoint,
             version=int(version) if version is not None else None,
-            body=result.body,
+            body=bytes(result.body),  # stored: a bytearray (a large answer) becomes bytes
             retrieved_at=time.time(),
         )
         return SUCCESS, None, record

@@ -285,15 +285,21 @@ class BaseHandler(RequestHandler):
             self._sent += len(chunk)
         super().write(chunk)
 
-    def finish_body(self, body: bytes) -> None:
-        """Finish with ``body`` as the answer. A large one goes out after the headers, as it
-        is: Tornado would otherwise copy it once more to put the headers in front of it."""
-        if len(body) <= SEPARATE_BODY or self.request.method == "HEAD":
-            self.finish(body)
+    def finish_body(self, body: bytes | bytearray) -> None:
+        """Finish with ``body`` as the answer. A large one (a bytearray, as the executor
+        receives large answers) goes out after the headers, as it is: Tornado would
+        otherwise copy it once more to put the headers in front of it."""
+        large = isinstance(body, bytearray) or len(body) > SEPARATE_BODY
+        if not large or self.request.method == "HEAD":
+            self.finish(bytes(body) if isinstance(body, bytearray) else body)
             return
         self.set_header("Content-Length", str(len(body)))  # or Tornado would send it chunked
         self.flush()
-        self.write(body)
+        connection = self.request.connection
+        assert connection is not None
+        # Past RequestHandler.write, which takes only bytes: the stream takes any buffer.
+        connection.write(body)  # type: ignore[arg-type]
+        self._sent += len(body)
         self.finish()
 
     def on_finish(self) -> None:
