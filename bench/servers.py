@@ -304,8 +304,8 @@ def tree_pss_bytes(pid: int) -> int:
     total = 0
     for proc in procs:
         try:
-            total += proc.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            total += proc.memory_full_info().pss  # AccessDenied is raised: no silent undercount
+        except psutil.NoSuchProcess:
             continue
     return total
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
 from enum import Enum
 from typing import Any, TypedDict
 
@@ -29,13 +28,13 @@ import orjson
 PREFIX = struct.Struct("!II")
 MAX_HEADER = 1 << 20
 
-# A job's payload: one bytes object, or the chunks a request body arrived in, written to the
-# worker one after another so that a 40 MB body is never joined into one copy first.
-Payload = bytes | Sequence[bytes]
+# A job's payload: one buffer, or (a list) the chunks a request body arrived in, written to
+# the worker one after another so that a 40 MB body is never joined into one copy first.
+Payload = bytes | bytearray | memoryview | list[bytes]
 
 
 def payload_length(payload: Payload) -> int:
-    return len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
+    return sum(map(len, payload)) if isinstance(payload, list) else len(payload)
 
 
 class JobKind(str, Enum):

@@ -259,7 +259,9 @@ class FakeExecutor:
     ) -> JobResult:
         header = job_header(kind, options)
         self.jobs.append(dict(header))
-        joined = payload if isinstance(payload, bytes) else b"".join(payload)
+        joined = b"".join(payload) if isinstance(payload, list) else bytes(payload)
+        if isinstance(payload, list):
+            payload.clear()  # handed over, as WorkerProcess.call does
         reply, body = self.worker.handle(header, joined, fds)
         self.worker.spent = None  # as the worker's loop does once the reply is out
         returned, self.worker.outgoing_fds = self.worker.outgoing_fds, []

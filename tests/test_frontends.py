@@ -564,7 +564,7 @@ def test_a_malformed_leased_message_has_its_descriptors_closed_exactly_once() ->
     asyncio.run(main())
 
 
-def test_leased_descriptors_that_are_not_sockets_are_closed_and_the_worker_given_back() -> None:
+def test_leased_descriptors_that_are_not_sockets_are_closed_and_the_worker_retired() -> None:
     async def main() -> None:
         pool, master = _leased_pool()
         waiter = asyncio.get_running_loop().create_future()
@@ -578,7 +578,7 @@ def test_leased_descriptors_that_are_not_sockets_are_closed_and_the_worker_given
                     os.fstat(fd)
             assert isinstance(waiter.exception(), WorkerDied)
             received = fdpass.receive_message(master)
-            assert received == ({"op": "release", "worker": 3, "context": None}, [])
+            assert received == ({"op": "kill", "worker": 3, "reason": "unusable lease"}, [])
         finally:
             pool.link.close()
             master.close()

@@ -337,11 +337,18 @@ class Authenticator:
         )  # fmt: skip
         raise _endpoint_only(user.endpoint)
 
-    def authorize_evaluate(self, user: User, body: Callable[[], bytes], encoding: str) -> None:
+    def authorize_evaluate(
+        self, user: User, size: int, body: Callable[[], bytes], encoding: str
+    ) -> None:
         """Like ``authorize(user, "evaluate")``, but Tableau's connection test is allowed to
         password-file users (a token needs the evaluate scope even for that, as in TabPy).
-        ``body`` gives the request body: only looked at (and joined) for that exemption."""
-        if user.can("evaluate") or (user.scopes is None and is_connection_test(body(), encoding)):
+        ``body`` gives the request body (``size`` bytes): only asked for (and joined) when
+        the exemption could apply, which a large body cannot."""
+        if user.can("evaluate") or (
+            user.scopes is None
+            and size <= _CONNECTION_TEST_MAX_BYTES
+            and is_connection_test(body(), encoding)
+        ):
             return
         self.authorize(user, "evaluate")
 

@@ -72,8 +72,8 @@ SINGLE_THREADED = {
 
 # How many bytes one read of a worker's socket takes at most.
 _READ_SIZE = 256 * 1024
-# Buffers per sendmsg: a body arrives in 64 KiB chunks, and the kernel takes at most IOV_MAX
-# (1,024 on Linux) in one call.
+# Buffers per sendmsg: a body arrives in chunks of up to 1 MiB (fewer when reads come short),
+# and the kernel takes at most IOV_MAX (1,024 on Linux) in one call.
 _IOV_PARTS = 512
 # A reply payload at least this large is received into a bytearray of its own and handed on
 # as it is (``JobResult.body`` is then a bytearray); smaller ones are copied out as bytes.
@@ -494,12 +494,11 @@ class WorkerProcess:
             if context is not None:
                 parts += [encode_prefix({"kind": JobKind.CONTEXT}, len(context)), context]
             parts.append(encode_prefix(header, payload_length(payload)))
-            if isinstance(payload, bytes):
-                parts.append(payload)
-            else:
+            if isinstance(payload, list):
                 parts.extend(payload)
-                if isinstance(payload, list):
-                    payload.clear()  # handed over: see the docstring
+                payload.clear()  # handed over: see the docstring
+            else:
+                parts.append(payload)
             self._write(parts)
             # What is not sent yet is held by the writer; each chunk goes once it is sent.
             parts.clear()

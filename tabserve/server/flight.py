@@ -61,7 +61,7 @@ _START_TIMEOUT = 60.0
 _CONTROL_TIMEOUT = 60.0
 # A body that can name a Flight table is small (a script and a path); larger bodies are
 # ordinary /evaluate calls and are never parsed here.
-_MAX_FLIGHT_BODY = 1024 * 1024
+MAX_FLIGHT_BODY = 1024 * 1024
 _NOT_FOUND_INFO = "KeyError : 'Flight not found.'"
 
 
@@ -99,15 +99,15 @@ def data_path(body: bytes, encoding: str) -> str | None:
     Only small bodies that mention ``dataPath`` at all are parsed, so ordinary /evaluate
     calls (up to hundreds of MB of JSON) cost one substring search here.
     """
-    if len(body) > _MAX_FLIGHT_BODY:
+    if len(body) > MAX_FLIGHT_BODY:
         return None
     if encoding == "gzip":
         try:
             inflater = zlib.decompressobj(wbits=31)
-            body = inflater.decompress(body, _MAX_FLIGHT_BODY + 1)
+            body = inflater.decompress(body, MAX_FLIGHT_BODY + 1)
         except zlib.error:
             return None  # the worker reports the bad body as usual
-        if len(body) > _MAX_FLIGHT_BODY:
+        if len(body) > MAX_FLIGHT_BODY:
             return None
     elif encoding not in ("", "identity"):
         return None

@@ -872,7 +872,9 @@ class LeasedPool:
             self.link.send({"op": "release", "worker": wid, "context": held})
             return
         if worker is None:
-            self.link.send({"op": "release", "worker": wid, "context": held})
+            # Its sockets never arrived whole: the master would lease it to us again without
+            # them (it believes we hold them), so it retires the worker instead.
+            self.link.send({"op": "kill", "worker": wid, "reason": "unusable lease"})
             waiter.set_exception(WorkerDied(info="The worker leased for this request is gone."))
             return
         waiter.set_result((wid, worker, held))

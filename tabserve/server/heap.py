@@ -4,11 +4,12 @@ glibc serves a large allocation with its own mapping and unmaps it when freed, b
 such free raises its threshold for the next ones (up to 32 MB), so the 1 MiB chunks of a
 40 MB body, its answer and Tornado's buffers soon come from the heap instead, and freed heap
 memory is kept: a front end that served one 1M-row call stayed about 115 MB larger for good
-(measured: 26 MB of its own before, 142 MB after; 62 MB after a trim). ``malloc_trim``
-returns the free pages. It runs in a thread (ctypes lets go of the GIL around the call), one
-at a time, ``TRIM_DELAY`` after the last request that moved more than ``TRIM_AFTER`` bytes:
-not at once, as its answer may still be on its way out and its handler not yet freed, and
-once for a burst of large calls rather than once each.
+(measured: 26 MB of its own before, 142 MB after; 63 MB after a trim). ``malloc_trim``
+returns the free pages. It runs in a thread (ctypes lets go of the GIL around the call; the
+loop's own allocations may still wait on the allocator's lock while it works), one at a
+time, ``TRIM_DELAY`` after a request that moved more than ``TRIM_AFTER`` bytes: not at once,
+as its answer may still be on its way out and its handler not yet freed, and once for a
+burst of large calls rather than once each (at most one trim per ``TRIM_DELAY``).
 """
 
 from __future__ import annotations
@@ -48,20 +49,23 @@ class HeapTrimmer:
 
     def after(self, size: int) -> None:
         """A request that moved ``size`` bytes has finished (called on the event loop)."""
-        if self._trim is None or size < TRIM_AFTER:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._trim is None or size < TRIM_AFTER or self._timer is not None:
+            return  # nothing to give back, or a trim is already due: it covers this one too
         self._timer = asyncio.get_running_loop().call_later(self._delay, self._start)
 
     def _start(self) -> None:
         assert self._trim is not None
         self._timer = None
-        if self._running is not None:
+        loop = asyncio.get_running_loop()
+        if self._running is not None and self._running.get_loop() is loop:
             self._again = True  # what was freed since may be behind the trim running now
             return
         self._again = False
-        self._running = asyncio.get_running_loop().run_in_executor(None, self._trim, 0)
+        try:
+            self._running = loop.run_in_executor(None, self._trim, 0)
+        except RuntimeError:  # the loop is shutting its executor down: nothing more to do
+            self._running = None
+            return
         self._running.add_done_callback(self._done)
 
     def _done(self, future: asyncio.Future[int]) -> None:

@@ -15,7 +15,7 @@ from ...store.records import JobRecord
 from .. import paging
 from ..cache import Call, check_max_age
 from ..executor import JobResult
-from ..flight import data_path
+from ..flight import MAX_FLIGHT_BODY, data_path
 from ..jobs import KIND_EVALUATE, KIND_EVALUATE_NO_QUERY, KIND_QUERY, job_document
 from .base import BaseHandler
 
@@ -162,7 +162,9 @@ class EvaluateHandler(CallHandler):
         if not settings.evaluate_enabled:
             raise EvaluateDisabled()
         flight = self.services.flight
-        path = None if flight is None else data_path(self.body, self.content_encoding)
+        # Only a small body can name a Flight table: a large one is not joined to find out.
+        small = self._received <= MAX_FLIGHT_BODY
+        path = data_path(self.body, self.content_encoding) if flight and small else None
         if flight is not None and path is not None:
             # Arrow Flight (Tableau Prep): the input is the caller's stored table.
             self.services.auth.authorize(self.user, "evaluate")
@@ -174,7 +176,7 @@ class EvaluateHandler(CallHandler):
             # The 'evaluate' permission, checked here: Tableau's connection test is exempt
             # (for password-file users; a token needs the evaluate scope even for that).
             self.services.auth.authorize_evaluate(
-                self.user, lambda: self.body, self.content_encoding
+                self.user, self._received, lambda: self.body, self.content_encoding
             )
             self.services.sandbox.require_evaluate()
             options: dict[str, Any] = {"encoding": self.content_encoding}

@@ -239,9 +239,16 @@ class BaseHandler(RequestHandler):
 
     @property
     def body(self) -> bytes:
+        self._check_not_handed_over()
         if len(self._chunks) != 1:
             self._chunks = [b"".join(self._chunks)]
         return self._chunks[0]
+
+    def _check_not_handed_over(self) -> None:
+        if self._received and not self._chunks:
+            # Its chunks went to a worker (WorkerProcess.call empties the list): an empty
+            # body now would be sent or stored in silence.
+            raise RuntimeError("the request body was handed to a worker and is gone")
 
     @property
     def body_parts(self) -> list[bytes]:
@@ -249,6 +256,7 @@ class BaseHandler(RequestHandler):
         for a 40 MB body costs the event loop tens of milliseconds (a copy into fresh pages).
         A job empties this list when it sends it (``WorkerProcess.call``): read ``body``
         first if anything needs it later."""
+        self._check_not_handed_over()
         return self._chunks if self._chunks else [b""]
 
     async def json_body(self) -> dict[str, Any]:
@@ -290,7 +298,7 @@ class BaseHandler(RequestHandler):
         receives large answers) goes out after the headers, as it is: Tornado would
         otherwise copy it once more to put the headers in front of it."""
         large = isinstance(body, bytearray) or len(body) > SEPARATE_BODY
-        if not large or self.request.method == "HEAD":
+        if not large or self.request.method in ("GET", "HEAD"):  # GET: Tornado's Etag
             self.finish(bytes(body) if isinstance(body, bytearray) else body)
             return
         self.set_header("Content-Length", str(len(body)))  # or Tornado would send it chunked
