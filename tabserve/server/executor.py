@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -78,6 +78,7 @@ _IOV_PARTS = 512
 # A reply payload at least this large is received into a bytearray of its own and handed on
 # as it is (``JobResult.body`` is then a bytearray); smaller ones are copied out as bytes.
 DIRECT_PAYLOAD = 1024 * 1024
+_Read = TypeVar("_Read", bytes, int)  # a read of a worker's socket: recv's bytes, recv_into's count
 
 
 @dataclass(frozen=True)
@@ -306,15 +307,8 @@ class WorkerProcess:
         """Read what the socket holds; False when there was nothing (or it ended)."""
         if self._large is not None:
             return self._read_large()
-        try:
-            data = self.channel.recv(_READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError as exc:
-            self._fail(ProtocolError(f"the worker's socket failed: {exc}"))
-            return False
-        if not data:
-            self._fail(ProtocolError("the worker closed its socket"))
+        data = self._read_socket(lambda: self.channel.recv(_READ_SIZE))
+        if data is None:
             return False
         self._buffer += data
         try:
@@ -337,6 +331,21 @@ class WorkerProcess:
             return False
         return True
 
+    def _read_socket(self, read: Callable[[], _Read]) -> _Read | None:
+        """One ``read`` of the worker's socket: what it gave, or None when there was nothing
+        yet, or the socket failed or ended (the worker is then failed)."""
+        try:
+            got = read()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            self._fail(ProtocolError(f"the worker's socket failed: {exc}"))
+            return None
+        if not got:
+            self._fail(ProtocolError("the worker closed its socket"))
+            return None
+        return got
+
     def _start_large(self, header: dict[str, Any], start: int) -> None:
         """A large payload is read straight into a buffer of its own, which is handed on as
         it is: no growing of the read buffer, and no copy out of it (18 MB for a 1M-row
@@ -352,16 +361,9 @@ class WorkerProcess:
     def _read_large(self) -> bool:
         assert self._large is not None
         header, payload, filled = self._large
-        try:
-            with memoryview(payload) as view:
-                count = self.channel.recv_into(view[filled:])
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError as exc:
-            self._fail(ProtocolError(f"the worker's socket failed: {exc}"))
-            return False
-        if not count:
-            self._fail(ProtocolError("the worker closed its socket"))
+        with memoryview(payload) as view:
+            count = self._read_socket(lambda: self.channel.recv_into(view[filled:]))
+        if count is None:
             return False
         filled += count
         if filled < len(payload):
