@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import requests
 
 from bench import servers
@@ -29,8 +28,7 @@ PANDAS_CALL = {
 
 
 def tree_pss_mb(pid: int) -> float:
-    root = psutil.Process(pid)
-    return sum(p.memory_full_info().pss for p in [root, *root.children(recursive=True)]) / 1e6
+    return servers.tree_pss_bytes(pid) / 1e6
 
 
 def main(argv: list[str] | None = None) -> int:

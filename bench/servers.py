@@ -13,8 +13,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HOST = "127.0.0.1"
 BENCH_USER = "bench"
@@ -272,8 +274,9 @@ def start_tabserve(python: str, opts: ServerOptions, root: Path) -> Server:
     return server
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (psutil)."""
+def _tree_sum(pid: int, measure: Callable[[Any], int]) -> int:
+    """``measure`` summed over a process and all its descendants (psutil); a process that
+    exits meanwhile counts 0, any other error (AccessDenied) is raised: no silent undercount."""
     import psutil  # bench-only dependency, imported lazily so --help works without it
 
     try:
@@ -284,30 +287,22 @@ def tree_rss_bytes(pid: int) -> int:
     total = 0
     for proc in procs:
         try:
-            total += proc.memory_info().rss
+            total += measure(proc)
         except psutil.NoSuchProcess:
             continue
     return total
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants."""
+    return _tree_sum(pid, lambda proc: proc.memory_info().rss)
 
 
 def tree_pss_bytes(pid: int) -> int:
     """Proportional memory of a process and its descendants: a page shared by n processes
     counts 1/n in each, so pages the zygote shares with its workers count once (RSS counts
     them in every process)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_full_info().pss  # AccessDenied is raised: no silent undercount
-        except psutil.NoSuchProcess:
-            continue
-    return total
+    return _tree_sum(pid, lambda proc: proc.memory_full_info().pss)
 
 
 def start_ceiling(python: str, opts: ServerOptions, root: Path) -> Server:
